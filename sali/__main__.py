@@ -1,0 +1,3 @@
+from sali.cli import main
+
+main()

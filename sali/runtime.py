@@ -1,0 +1,386 @@
+"""llama.cpp runtime: load a GGUF, apply a head to every sampled token, stream text.
+
+The head runs as a custom sampler at the front of llama.cpp's sampler chain. It reads the
+raw logits of the last decoded position straight from llama.cpp's contiguous buffer
+(``llama_get_logits_ith``), computes the candidate set and its adjusted logits with
+:meth:`sali.head.Head.apply`, and writes just those candidates back into the chain's token
+array, shrinking it to ``|C|`` entries (the mask). Greedy or temperature / top-k / top-p
+sampling then runs natively on those candidates.
+
+ctypes swallows exceptions raised inside a callback (it prints them and returns), which would
+silently decode *without* the head. The sampler therefore stores any exception, and the
+decoding loop raises it as soon as the token sampled under it comes back.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import ctypes
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from sali.errors import SaliError
+from sali.head import Head
+from sali.vocab import fingerprint
+
+GGUF_MAGIC = b"GGUF"
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+@dataclass
+class Sampling:
+    """Generation settings shared by every command that generates.
+
+    temperature 0 is greedy decoding; top_k 0 and top_p 1 disable those filters. They act
+    *after* the head, on its candidates.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    """One finished generation."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "eos" | "stop" | "length"
+    prompt_tokens: int
+    seconds: float
+    head_calls: int = 0
+    head_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
+
+
+class HeadError(SaliError):
+    """The head raised while sampling; generation was stopped."""
+
+
+@dataclass
+class HeadSampler:
+    """The callback llama.cpp calls once per sampled token (see module docstring).
+
+    Attributes:
+        calls, seconds: number of calls and total time spent inside them (s).
+        error: the first exception raised inside the callback, if any.
+        verify: also check that the chain's token array is the full vocabulary in id order
+            and holds the same logits as the raw buffer (slow; for tests).
+        probe: optional function called with the raw ``(V,)`` logits before the head.
+    """
+
+    head: Head | None
+    alpha: float
+    get_logits: Callable[[], np.ndarray]
+    n_vocab: int
+    verify: bool = False
+    probe: Callable[[np.ndarray], None] | None = None
+    calls: int = 0
+    seconds: float = 0.0
+    error: BaseException | None = None
+    _buffer: np.ndarray | None = None
+
+    def __call__(self, cur_p) -> None:
+        start = time.perf_counter()
+        try:
+            self._apply(cur_p.contents)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the decoding loop
+            if self.error is None:
+                self.error = exc
+        self.calls += 1
+        self.seconds += time.perf_counter() - start
+
+    def _apply(self, cur) -> None:
+        if cur.size != self.n_vocab:
+            raise RuntimeError(
+                f"the head sampler must see the whole vocabulary first ({cur.size} of {self.n_vocab} tokens)"
+            )
+        # One bulk copy first: memcpy streams the freshly written buffer into cache at ~13 µs,
+        # whereas the selection passes below, run directly on it, would pay ~90 µs of misses.
+        if self._buffer is None:
+            self._buffer = np.empty(self.n_vocab, dtype=np.float32)
+        logits = self._buffer
+        np.copyto(logits, self.get_logits())
+        address = ctypes.cast(cur.data, ctypes.c_void_p).value
+        if self.verify:
+            full = np.frombuffer((ctypes.c_char * (self.n_vocab * TOKEN_DATA.itemsize)).from_address(address), TOKEN_DATA)
+            if not np.array_equal(full["id"], np.arange(self.n_vocab)) or not np.array_equal(full["logit"], logits):
+                raise RuntimeError("llama.cpp's candidate array is not the raw logits in token-id order")
+        if self.probe is not None:
+            self.probe(logits.copy())
+        if self.head is None or self.alpha == 0.0:
+            return
+        ids, adjusted = self.head.apply(logits, self.alpha)
+        count = ids.shape[0]
+        view = np.frombuffer((ctypes.c_char * (count * TOKEN_DATA.itemsize)).from_address(address), TOKEN_DATA)
+        view["id"] = ids
+        view["logit"] = adjusted
+        view["p"] = 0.0
+        cur.size = count
+        cur.sorted = False
+        cur.selected = -1
+
+
+class Model:
+    """A GGUF model loaded in llama.cpp, ready to generate with or without a head."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+        n_ctx: int = 2048,
+        seed: int = 0,
+        verbose: bool = False,
+    ):
+        self.path = Path(path)
+        check_gguf(self.path)
+        import llama_cpp
+        import llama_cpp._logger
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        # llama.cpp logs warnings (e.g. context longer than trained) to stderr; keep only errors.
+        llama_cpp._logger.logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
+        self._llama_cpp = llama_cpp
+        threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
+        try:
+            # llama.cpp prints load-time notes straight to file descriptor 2; hide them unless verbose
+            with suppress_stdout_stderr(disable=verbose):
+                self.llm = llama_cpp.Llama(
+                    model_path=str(self.path),
+                    n_gpu_layers=n_gpu_layers,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    n_ctx=n_ctx,
+                    seed=seed,
+                    verbose=verbose,
+                )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise SaliError(f"llama.cpp could not load {self.path}: truncated or corrupt GGUF? ({exc})") from None
+        self.n_vocab = self.llm.n_vocab()
+        self.n_ctx = self.llm.n_ctx()
+        self._vocab = self.llm._model.vocab
+        self._fingerprint: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.llm.metadata)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.llm.metadata.get("tokenizer.chat_template")
+
+    def token_list(self) -> list[str]:
+        """The raw vocabulary strings in id order (as stored in ``tokenizer.ggml.tokens``)."""
+        get_text = self._llama_cpp.llama_vocab_get_text
+        return [get_text(self._vocab, i).decode("utf-8", "surrogateescape") for i in range(self.n_vocab)]
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.token_list())
+        return self._fingerprint
+
+    def token_text(self, token: int) -> str:
+        return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
+
+    @property
+    def bos_text(self) -> str:
+        bos = self.llm.token_bos()
+        return self.token_text(bos) if bos >= 0 else ""
+
+    @property
+    def eos_text(self) -> str:
+        eos = self.llm.token_eos()
+        return self.token_text(eos) if eos >= 0 else ""
+
+    def is_end(self, token: int) -> bool:
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokenize a formatted prompt: special tokens parsed, BOS added unless already there."""
+        data = text.encode("utf-8")
+        add_bos = self.llm._model.add_bos_token() and not (self.bos_text and text.startswith(self.bos_text))
+        return self.llm.tokenize(data, add_bos=add_bos, special=True)
+
+    def check_head(self, head: Head, head_name: str = "the head") -> None:
+        """Refuse a head trained for another vocabulary (message names both)."""
+        if head.vocab_size != self.n_vocab:
+            raise SaliError(
+                f"{head_name} is for a vocabulary of {head.vocab_size} tokens, but {self.name} has "
+                f"{self.n_vocab} ({head.fingerprint} vs {self.fingerprint})"
+            )
+        head.check_vocab(self.fingerprint, self.name, head_name)
+
+    # ---- decoding ------------------------------------------------------------------------
+    def _raw_logits(self) -> np.ndarray:
+        pointer = self._llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    def _prefill(self, tokens: Sequence[int]) -> None:
+        """Evaluate `tokens`, reusing the KV cache for the prefix already evaluated."""
+        llm = self.llm
+        cached = llm.input_ids[: llm.n_tokens]
+        common = 0
+        limit = min(len(cached), len(tokens))
+        while common < limit and cached[common] == tokens[common]:
+            common += 1
+        if common == len(tokens):
+            common -= 1  # the last prompt token must be decoded again to get fresh logits
+        llm.n_tokens = common
+        llm.eval(list(tokens[common:]))
+
+    def sample_tokens(
+        self,
+        prompt_tokens: Sequence[int],
+        sampling: Sampling,
+        head: Head | None = None,
+        alpha: float = 1.0,
+        *,
+        verify: bool = False,
+        probe: Callable[[np.ndarray], None] | None = None,
+        stats: HeadSampler | None = None,
+    ) -> Iterator[int]:
+        """Yield sampled token ids until an end-of-generation token, `max_tokens` or the context end."""
+        if not prompt_tokens:
+            raise SaliError("the prompt is empty")
+        if len(prompt_tokens) >= self.n_ctx:
+            raise SaliError(f"the prompt is {len(prompt_tokens)} tokens but the context holds {self.n_ctx} (raise --ctx)")
+        if head is not None:
+            self.check_head(head)
+        from llama_cpp._internals import LlamaSampler
+
+        hook = stats or HeadSampler(head, alpha, self._raw_logits, self.n_vocab, verify=verify, probe=probe)
+        chain = LlamaSampler()
+        try:
+            chain.add_custom(hook)
+            if sampling.temperature <= 0:
+                chain.add_greedy()
+            else:
+                if sampling.top_k > 0:
+                    chain.add_top_k(sampling.top_k)
+                if sampling.top_p < 1.0:
+                    chain.add_top_p(sampling.top_p, 1)
+                chain.add_temp(sampling.temperature)
+                chain.add_dist(sampling.seed)
+            self._prefill(prompt_tokens)
+            for _ in range(sampling.max_tokens):
+                token = chain.sample(self.llm._ctx, -1)
+                if isinstance(hook.error, KeyboardInterrupt):
+                    raise KeyboardInterrupt  # Ctrl-C landed inside the callback
+                if hook.error is not None:
+                    raise HeadError(f"the head failed while sampling, generation stopped: {hook.error!r}")
+                if self.is_end(token):
+                    return
+                yield token
+                if self.llm.n_tokens + 1 >= self.n_ctx:
+                    return
+                self.llm.eval([token])
+        finally:
+            chain.close()
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        sampling: Sampling,
+        head: Head | None = None,
+        alpha: float = 1.0,
+        result: dict | None = None,
+    ) -> Iterator[str]:
+        """Yield the generated text piece by piece, honouring stop strings.
+
+        `prompt` is a formatted prompt string or its token ids. When `result` is a dict it
+        receives ``tokens``, ``finish_reason``, ``prompt_tokens``, ``head_calls`` and
+        ``head_seconds`` once the stream ends (also when the consumer stops early).
+        """
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        hook = HeadSampler(head, alpha, self._raw_logits, self.n_vocab)
+        out = result if result is not None else {}
+        out.update(tokens=[], finish_reason="length", prompt_tokens=len(tokens))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        holdback = max((len(s) for s in sampling.stop), default=1) - 1
+        pending = ""
+        generated = 0
+        try:
+            for token in self.sample_tokens(tokens, sampling, head, alpha, stats=hook):
+                out["tokens"].append(token)
+                generated += 1
+                pending += decoder.decode(self.llm.detokenize([token]))
+                cut = _find_stop(pending, sampling.stop)
+                if cut is not None:
+                    if pending[:cut]:
+                        yield pending[:cut]
+                    out["finish_reason"] = "stop"
+                    return
+                safe = len(pending) - holdback if sampling.stop else len(pending)
+                if safe > 0:
+                    yield pending[:safe]
+                    pending = pending[safe:]
+            else_reason = "length" if generated >= sampling.max_tokens else "eos"
+            out["finish_reason"] = else_reason
+            pending += decoder.decode(b"", final=True)
+            if pending:
+                yield pending
+        finally:
+            out["head_calls"], out["head_seconds"] = hook.calls, hook.seconds
+
+    def complete(
+        self,
+        prompt: str | Sequence[int],
+        sampling: Sampling,
+        head: Head | None = None,
+        alpha: float = 1.0,
+    ) -> Completion:
+        """Generate to the end and return the whole :class:`Completion`."""
+        result: dict = {}
+        start = time.perf_counter()
+        text = "".join(self.stream(prompt, sampling, head, alpha, result))
+        return Completion(
+            text=text,
+            tokens=result["tokens"],
+            finish_reason=result["finish_reason"],
+            prompt_tokens=result["prompt_tokens"],
+            seconds=time.perf_counter() - start,
+            head_calls=result["head_calls"],
+            head_seconds=result["head_seconds"],
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.llm.close()
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    found = [text.find(stop) for stop in stops if stop and stop in text]
+    return min(found) if found else None
+
+
+def check_gguf(path: Path) -> None:
+    """Fail with one line unless `path` is an existing file that starts with the GGUF magic."""
+    if not path.exists():
+        raise SaliError(f"model file not found: {path}")
+    if not path.is_file():
+        raise SaliError(f"not a file: {path}")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise SaliError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny real models (HF folder + GGUFs made by `sali convert`), heads, CLI runner.
+
+The models are built once and cached under pytest's cache folder, keyed by the source of
+the code that builds them, so a second run of the suite reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# llama.cpp must never run multi-threaded twice at once on 2 cores; the tests use 1 thread.
+THREADS = "1"
+
+
+def _source_key() -> str:
+    digest = hashlib.sha256()
+    for path in sorted([ROOT / "tests" / "tiny_models.py", *(ROOT / "convert").glob("*.py")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+@dataclass
+class TinyModels:
+    hf_dir: Path
+    f32: Path
+    f16: Path
+    q8_0: Path
+
+    def gguf(self, outtype: str) -> Path:
+        return getattr(self, outtype)
+
+
+def run_sali(*args: str, input: str | None = None, timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `sali` command in a subprocess (as a user would) and capture its output."""
+    full_env = dict(os.environ, COLUMNS="120", NO_COLOR="1", **(env or {}))
+    full_env.pop("SALI_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "sali", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny(request) -> TinyModels:
+    """A random tiny Llama checkpoint with a byte-level BPE tokenizer, converted to f32/f16/q8_0."""
+    from tiny_models import build_llama
+
+    folder = Path(request.config.cache.mkdir(f"sali-tiny-{_source_key()}"))
+    hf_dir = folder / "hf"
+    ggufs = {t: folder / f"tiny-{t}.gguf" for t in ("f32", "f16", "q8_0")}
+    if not (hf_dir / "config.json").is_file():
+        build_llama(hf_dir, seed=0)
+    for outtype, path in ggufs.items():
+        if not path.is_file():
+            done = run_sali("convert", str(hf_dir), "-o", str(path), "--outtype", outtype)
+            assert done.returncode == 0, done.stderr
+    return TinyModels(hf_dir=hf_dir, **ggufs)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny):
+    """The f32 tiny GGUF loaded once in llama.cpp (1 thread, seed 0)."""
+    from sali.runtime import Model
+
+    model = Model(tiny.f32, n_threads=int(THREADS), n_ctx=512, seed=0)
+    yield model
+    model.close()
+
+
+def make_head(model, *, k: int = 16, rank: int = 4, seed: int = 0, scale: float = 0.5, bias=None, promote=(), **meta):
+    """A head with random (seeded) weights for `model`'s vocabulary."""
+    from sali.head import Head
+
+    rng = np.random.default_rng(seed)
+    V = model.n_vocab
+    b = np.zeros(V, dtype=np.float32) if bias is None else np.asarray(bias, dtype=np.float32)
+    return Head.create(
+        rng.standard_normal((V, rank)).astype(np.float32) * scale,
+        rng.standard_normal((V, rank)).astype(np.float32) * scale,
+        b,
+        promote,
+        k=k,
+        vocab_fingerprint=model.fingerprint,
+        base_model=model.name,
+        **meta,
+    )

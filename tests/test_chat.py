@@ -1,0 +1,104 @@
+"""`sali chat` driven through stdin (scripted) and through a pseudo-terminal (interactive)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, make_head, run_sali
+
+
+@pytest.fixture(scope="module")
+def chat_head(tiny_model, tmp_path_factory):
+    bias = np.zeros(tiny_model.n_vocab, dtype=np.float32)
+    bias[77] = 1000.0
+    path = tmp_path_factory.mktemp("chat") / "force77.npz"
+    make_head(tiny_model, scale=0.0, bias=bias, promote=[77]).save(path)  # base format: chat template
+    return path, tiny_model.llm.detokenize([77]).decode()
+
+
+def test_scripted_chat_answers_resets_toggles_and_saves(tiny, chat_head, tmp_path):
+    head_path, piece = chat_head
+    transcript = tmp_path / "t.json"
+    script = "\n".join(
+        [
+            "Hello there",
+            "/head off",
+            "Tell me about the river",
+            "/head on",
+            "/alpha 0",
+            "And the baker?",
+            "/alpha 1",
+            "/reset",
+            "/system You are terse.",
+            "One more",
+            f"/save {transcript}",
+            "/exit",
+            "never read",
+        ]
+    )
+    done = run_sali("chat", str(tiny.f32), "-H", str(head_path), "-n", "5", "-t", "1", input=script + "\n")
+    assert done.returncode == 0, done.stderr
+    replies = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(replies) == 4
+    assert replies[0] == piece * 5  # head on: forced token
+    assert replies[1] != piece * 5  # head off: the plain model
+    assert replies[2] != piece * 5  # alpha 0: the plain model
+    assert replies[3] == piece * 5
+    for note in ("head off", "head on", "alpha 0", "conversation reset", "saved"):
+        assert note in done.stderr
+    saved = json.loads(transcript.read_text())
+    assert saved["system"] == "You are terse."
+    # /reset and /system cleared the history: only the last exchange remains
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
+    assert saved["messages"][0]["content"] == "One more"
+    assert saved["messages"][1]["content"] == (piece * 5).strip()
+    assert saved["head"] == str(head_path) and saved["format"] == {"type": "chat"}
+
+
+def test_multi_turn_history_reaches_the_model(tiny, tmp_path):
+    """A second turn is generated after the first exchange (rendered with the chat template)."""
+    transcript = tmp_path / "t.json"
+    done = run_sali("chat", str(tiny.f32), "-n", "4", "-t", "1", input=f"first\nsecond\n/save {transcript}\n")
+    assert done.returncode == 0, done.stderr
+    roles = [m["role"] for m in json.loads(transcript.read_text())["messages"]]
+    assert roles == ["user", "assistant", "user", "assistant"]
+
+
+def test_unknown_command_and_help(tiny):
+    done = run_sali("chat", str(tiny.f32), "-n", "2", "-t", "1", input="/frobnicate\n/help\n")
+    assert done.returncode == 0
+    assert "unknown command /frobnicate" in done.stderr and "/reset" in done.stderr
+
+
+def test_interactive_chat_in_a_pseudo_terminal(tiny, chat_head, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    head_path, piece = chat_head
+    transcript = tmp_path / "pty.json"
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "sali", "chat", str(tiny.f32), "-H", str(head_path), "-n", "5", "-t", "1"],
+        cwd=str(ROOT),
+        env={"COLUMNS": "100", "TERM": "dumb", "PATH": "/usr/bin:/bin"},
+        encoding="utf-8",
+        timeout=60,
+    )
+    try:
+        child.expect("/help for commands")
+        child.expect("you")
+        child.sendline("Hello")
+        child.expect_exact(piece * 5)
+        child.expect("you")
+        child.sendline("/head off")
+        child.expect("head off")
+        child.sendline(f"/save {transcript}")
+        child.expect("saved")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    messages = json.loads(transcript.read_text())["messages"]
+    assert messages[0] == {"role": "user", "content": "Hello"}

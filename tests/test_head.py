@@ -1,0 +1,237 @@
+"""The head file format and the NumPy head, checked against a direct dense computation."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sali.errors import SaliError
+from sali.head import FORMAT_VERSION, Head, top_k_ids
+
+V, R, K = 300, 6, 20
+
+
+def random_head(seed=0, k=K, promote=(3, 7, 250), V=V, R=R) -> Head:
+    rng = np.random.default_rng(seed)
+    return Head.create(
+        rng.standard_normal((V, R)),
+        rng.standard_normal((V, R)),
+        rng.standard_normal(V),
+        promote,
+        k=k,
+        vocab_fingerprint=f"v{V}-test",
+        base_format={"type": "template", "template": "Q: {prompt}\nA:"},
+    )
+
+
+def dense_reference(head: Head, logits: np.ndarray, alpha: float) -> np.ndarray:
+    """The head as DESIGN.md writes it, with full V x V algebra in float64 and a -inf mask."""
+    logits = logits.astype(np.float64)
+    order = np.argsort(-logits, kind="stable")
+    top = order[: head.k]
+    log_probs = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+    x = np.zeros(len(logits))
+    x[top] = log_probs[top]
+    interaction = head.U.astype(np.float64) @ head.W.astype(np.float64).T  # (V, V): <U_i, W_j>
+    adjusted = logits + alpha * (head.bias + x @ interaction)
+    candidates = np.zeros(len(logits), dtype=bool)
+    candidates[top] = True
+    candidates[head.promote] = True
+    return np.where(candidates, adjusted, -np.inf)
+
+
+def test_apply_matches_dense_reference():
+    head = random_head()
+    rng = np.random.default_rng(1)
+    for alpha in (1.0, 0.5, 2.0):
+        logits = (rng.standard_normal(V) * 4).astype(np.float32)
+        expected = dense_reference(head, logits, alpha)
+        ids, adjusted = head.apply(logits, alpha)
+        assert len(set(ids.tolist())) == len(ids)  # no duplicate candidates
+        got = np.full(V, -np.inf)
+        got[ids] = adjusted
+        assert np.array_equal(np.isfinite(got), np.isfinite(expected))
+        finite = np.isfinite(expected)
+        np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(head.apply_dense(logits, alpha)[finite], expected[finite], rtol=1e-4, atol=1e-3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 60), shift=st.floats(-50, 50), alpha=st.floats(-2, 2))
+def test_apply_property(seed, k, shift, alpha):
+    """Random heads and logits: equals the dense reference, and a shift of all logits by a
+    constant shifts every adjusted logit by the same constant (log-prob features)."""
+    head = random_head(seed=seed, k=k, promote=np.random.default_rng(seed).choice(V, 5, replace=False))
+    logits = (np.random.default_rng(seed + 1).standard_normal(V) * 3).astype(np.float32)
+    expected = dense_reference(head, logits, alpha)
+    ids, adjusted = head.apply(logits, alpha)
+    np.testing.assert_allclose(adjusted, expected[ids], rtol=1e-4, atol=2e-3)
+    ids2, adjusted2 = head.apply(logits + np.float32(shift), alpha)
+    assert set(ids.tolist()) == set(ids2.tolist())
+    order, order2 = np.argsort(ids), np.argsort(ids2)
+    np.testing.assert_allclose(adjusted2[order2] - adjusted[order], shift, atol=2e-3 + abs(shift) * 1e-5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(size=st.integers(1, 70_000), k=st.integers(1, 600), seed=st.integers(0, 1000), heavy=st.booleans())
+def test_top_k_ids_exact(size, k, seed, heavy):
+    """The fast selection returns exactly the k largest values (ties aside), at any size."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal(size) * (10 if heavy else 1)).astype(np.float32)
+    if heavy:
+        logits[rng.integers(0, size, size=min(size, 5))] = 40.0  # a few dominant tokens, as in real LLMs
+    k = min(k, size)
+    ids = top_k_ids(logits, k)
+    assert len(ids) == k and len(set(ids.tolist())) == k
+    np.testing.assert_array_equal(np.sort(logits[ids]), np.sort(logits)[size - k :])
+
+
+def test_alpha_zero_keeps_base_logits_on_candidates():
+    head = random_head()
+    logits = np.random.default_rng(2).standard_normal(V).astype(np.float32)
+    ids, adjusted = head.apply(logits, 0.0)
+    np.testing.assert_array_equal(adjusted, logits[ids])
+
+
+def test_promotion_set_joins_the_candidates_once():
+    logits = np.linspace(-5, 5, V).astype(np.float32)  # top k = the last K ids
+    outside, inside = 10, V - 1
+    ids, _ = random_head(promote=(outside,)).apply(logits)
+    assert outside in ids and len(ids) == K + 1
+    ids, _ = random_head(promote=(inside,)).apply(logits)
+    assert inside in ids and len(ids) == K  # already in the top k: no duplicate
+
+
+def test_save_load_roundtrip_float16(tmp_path):
+    head = random_head()
+    path = head.save(tmp_path / "h.npz")
+    loaded = Head.load(path)
+    assert loaded.meta["vocab_fingerprint"] == head.fingerprint
+    assert loaded.base_format == {"type": "template", "template": "Q: {prompt}\nA:"}
+    assert loaded.meta["weight_dtype"] == "float16"
+    np.testing.assert_array_equal(loaded.promote, head.promote)
+    np.testing.assert_allclose(loaded.U, head.U, rtol=1e-3, atol=1e-3)
+    # no temporary files left beside it
+    assert [p.name for p in tmp_path.iterdir()] == ["h.npz"]
+    # the archive holds only plain numeric arrays and the JSON metadata
+    with zipfile.ZipFile(path) as archive:
+        assert sorted(archive.namelist()) == ["U.npy", "W.npy", "bias.npy", "meta.npy", "promote.npy"]
+
+
+def test_float16_storage_changes_decisions_negligibly(tmp_path):
+    head = random_head(seed=5)
+    loaded = Head.load(head.save(tmp_path / "h.npz"))
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        logits = (rng.standard_normal(V) * 4).astype(np.float32)
+        a, b = head.apply_dense(logits), loaded.apply_dense(logits)
+        assert np.argmax(a) == np.argmax(b)
+        finite = np.isfinite(a)
+        change = np.max(np.abs(a[finite] - logits[finite]))  # size of the head's adjustment
+        assert np.max(np.abs(a[finite] - b[finite])) < 1e-3 * change
+
+
+def test_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
+    head = random_head()
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", explode)
+    with pytest.raises(KeyboardInterrupt):
+        head.save(tmp_path / "h.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- bad head files -------------------------------------------------------------------------
+def write_npz(path, **arrays):
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
+def good_arrays(head: Head, **meta_changes):
+    meta = dict(head.meta, **meta_changes)
+    return dict(
+        meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        U=head.U.astype(np.float16),
+        W=head.W.astype(np.float16),
+        bias=head.bias.astype(np.float16),
+        promote=head.promote.astype(np.int32),
+    )
+
+
+def test_object_array_is_refused_without_unpickling(tmp_path):
+    head = random_head()
+    arrays = good_arrays(head)
+    sentinel = tmp_path / "unpickled"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(sentinel), "w"))
+
+    arrays["U"] = np.array([Boom()], dtype=object)
+    path = write_npz(tmp_path / "evil.npz", **arrays)
+    with pytest.raises(SaliError, match="pickled"):
+        Head.load(path)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_are_refused(tmp_path, value):
+    arrays = good_arrays(random_head())
+    arrays["W"] = arrays["W"].copy()
+    arrays["W"][3, 1] = value
+    with pytest.raises(SaliError, match="NaN or infinite"):
+        Head.load(write_npz(tmp_path / "bad.npz", **arrays))
+
+
+def test_shapes_must_match_metadata(tmp_path):
+    arrays = good_arrays(random_head(), rank=R + 1)
+    with pytest.raises(SaliError, match="shape"):
+        Head.load(write_npz(tmp_path / "bad.npz", **arrays))
+
+
+def test_future_version_is_refused(tmp_path):
+    arrays = good_arrays(random_head(), version=FORMAT_VERSION + 1)
+    with pytest.raises(SaliError, match="newer than this sali supports"):
+        Head.load(write_npz(tmp_path / "future.npz", **arrays))
+
+
+def test_not_an_npz(tmp_path):
+    path = tmp_path / "h.npz"
+    path.write_text("hello")
+    with pytest.raises(SaliError, match="not a sali head"):
+        Head.load(path)
+    with pytest.raises(SaliError, match="not found"):
+        Head.load(tmp_path / "missing.npz")
+
+
+def test_missing_array_and_bad_metadata(tmp_path):
+    arrays = good_arrays(random_head())
+    del arrays["bias"]
+    with pytest.raises(SaliError, match="no array 'bias'"):
+        Head.load(write_npz(tmp_path / "a.npz", **arrays))
+    arrays = good_arrays(random_head())
+    arrays["meta"] = np.frombuffer(b"\xff\xfe not json", dtype=np.uint8)
+    with pytest.raises(SaliError, match="metadata"):
+        Head.load(write_npz(tmp_path / "b.npz", **arrays))
+
+
+def test_unicode_metadata_array_is_accepted(tmp_path):
+    head = random_head()
+    arrays = good_arrays(head)
+    arrays["meta"] = np.array(json.dumps(head.meta))
+    assert Head.load(write_npz(tmp_path / "u.npz", **arrays)).k == K
+
+
+def test_vocab_check_names_both_fingerprints():
+    head = random_head()
+    with pytest.raises(SaliError) as info:
+        head.check_vocab("v300-other", "model.gguf")
+    assert "v300-test" in str(info.value) and "v300-other" in str(info.value)

@@ -1,0 +1,148 @@
+"""The head inside llama.cpp's sampler chain, on a real tiny GGUF."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_head
+
+from sali.errors import SaliError
+from sali.head import Head
+from sali.runtime import HeadError, HeadSampler, Model, Sampling
+
+GREEDY = Sampling(max_tokens=24)
+
+
+def prompt_ids(model: Model, text: str = "The baker asked my friend about") -> list[int]:
+    return model.tokenize(text)
+
+
+def test_callback_sees_full_vocabulary_in_token_id_order(tiny_model):
+    """verify=True checks, at every step, that llama.cpp's candidate array is the whole
+    vocabulary in id order with exactly the raw logits the head reads."""
+    hook = HeadSampler(None, 1.0, tiny_model._raw_logits, tiny_model.n_vocab, verify=True)
+    tokens = list(tiny_model.sample_tokens(prompt_ids(tiny_model), GREEDY, stats=hook))
+    assert hook.error is None and hook.calls == len(tokens) + (len(tokens) < GREEDY.max_tokens)
+
+
+def test_callback_logits_equal_llama_cpp_logits(tiny_model):
+    """The logits the head sees equal those llama.cpp itself reports for the same tokens."""
+    seen: list[np.ndarray] = []
+    ids = prompt_ids(tiny_model)
+    generated = list(tiny_model.sample_tokens(ids, Sampling(max_tokens=4), probe=seen.append))
+    import llama_cpp
+
+    other = llama_cpp.Llama(model_path=str(tiny_model.path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+    other.eval(ids + generated)
+    for step, logits in enumerate(seen):
+        np.testing.assert_allclose(logits, other.scores[len(ids) - 1 + step], atol=1e-4)
+    other.close()
+
+
+def test_head_that_favours_one_token_forces_it(tiny_model):
+    target = 77
+    bias = np.zeros(tiny_model.n_vocab, dtype=np.float32)
+    bias[target] = 1000.0
+    head = make_head(tiny_model, scale=0.0, bias=bias, promote=[target])
+    plain = list(tiny_model.sample_tokens(prompt_ids(tiny_model), GREEDY))
+    assert target not in plain[:3]
+    forced = list(tiny_model.sample_tokens(prompt_ids(tiny_model), Sampling(max_tokens=8), head))
+    assert forced == [target] * 8
+    # also with temperature sampling after the head
+    sampled = list(tiny_model.sample_tokens(prompt_ids(tiny_model), Sampling(max_tokens=8, temperature=1.0, seed=3), head))
+    assert sampled == [target] * 8
+
+
+def test_greedy_with_head_follows_numpy_head_argmax(tiny_model):
+    """Each token generated with the head is the argmax of Head.apply on that step's logits."""
+    head = make_head(tiny_model, k=8, rank=4, scale=1.0, promote=[5, 9, 40])
+    seen: list[np.ndarray] = []
+    tokens = list(tiny_model.sample_tokens(prompt_ids(tiny_model), GREEDY, head, probe=seen.append))
+    for logits, token in zip(seen, tokens):
+        ids, adjusted = head.apply(logits)
+        assert ids[np.argmax(adjusted)] == token
+    plain = list(tiny_model.sample_tokens(prompt_ids(tiny_model), GREEDY))
+    assert tokens != plain  # the head changes something, or this test tests nothing
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, Sampling(max_tokens=24, temperature=0.9, top_p=0.95, top_k=40, seed=11)])
+def test_alpha_zero_reproduces_plain_base_exactly(tiny_model, sampling):
+    head = make_head(tiny_model, scale=2.0)
+    plain = tiny_model.complete(prompt_ids(tiny_model), sampling)
+    zero = tiny_model.complete(prompt_ids(tiny_model), sampling, head, alpha=0.0)
+    full = tiny_model.complete(prompt_ids(tiny_model), sampling, head, alpha=1.0)
+    assert zero.tokens == plain.tokens and zero.text == plain.text
+    assert full.tokens != plain.tokens
+
+
+def test_same_seed_same_sample(tiny_model):
+    sampling = Sampling(max_tokens=20, temperature=1.0, seed=5)
+    head = make_head(tiny_model)
+    a = tiny_model.complete(prompt_ids(tiny_model), sampling, head)
+    b = tiny_model.complete(prompt_ids(tiny_model), sampling, head)
+    assert a.tokens == b.tokens
+
+
+def test_exception_in_head_stops_generation(tiny_model, monkeypatch):
+    head = make_head(tiny_model)
+    calls = {"n": 0}
+    original = Head.apply
+
+    def failing(self, logits, alpha=1.0):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ValueError("boom in the head")
+        return original(self, logits, alpha)
+
+    monkeypatch.setattr(Head, "apply", failing)
+    produced = []
+    with pytest.raises(HeadError, match="boom in the head"):
+        for token in tiny_model.sample_tokens(prompt_ids(tiny_model), GREEDY, head):
+            produced.append(token)
+    assert len(produced) == 2  # the token sampled without the head is never emitted
+
+
+def test_head_for_another_vocabulary_is_refused(tiny_model):
+    head = make_head(tiny_model)
+    head.meta["vocab_fingerprint"] = "v%d-0123456789abcdef" % tiny_model.n_vocab
+    with pytest.raises(SaliError) as info:
+        list(tiny_model.sample_tokens(prompt_ids(tiny_model), GREEDY, head))
+    message = str(info.value)
+    assert "0123456789abcdef" in message and tiny_model.fingerprint in message
+
+
+def test_stop_strings_and_finish_reasons(tiny_model):
+    full = tiny_model.complete(prompt_ids(tiny_model), Sampling(max_tokens=30))
+    assert full.finish_reason in ("length", "eos")
+    assert len(full.text) > 6
+    stop = full.text[4:7]
+    cut = tiny_model.complete(prompt_ids(tiny_model), Sampling(max_tokens=30, stop=(stop,)))
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+
+
+def test_kv_prefix_reuse_gives_same_result_as_fresh_model(tiny, tiny_model):
+    """Multi-turn chat reuses the evaluated prefix; the result must not depend on history."""
+    first = prompt_ids(tiny_model, "The cat sat on the warm window")
+    second = prompt_ids(tiny_model, "The cat sat on the cold floor and")
+    tiny_model.complete(first, GREEDY)
+    warm = tiny_model.complete(second, GREEDY)
+    fresh_model = Model(tiny.f32, n_threads=1, n_ctx=512)
+    fresh = fresh_model.complete(second, GREEDY)
+    fresh_model.close()
+    assert warm.tokens == fresh.tokens
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tiny_model):
+    with pytest.raises(SaliError, match="context"):
+        list(tiny_model.sample_tokens([5] * 600, GREEDY))
+
+
+def test_fingerprint_matches_hf_tokenizer(tiny, tiny_model):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from sali.vocab import fingerprint, hf_token_list
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.hf_dir)
+    config = AutoConfig.from_pretrained(tiny.hf_dir)
+    assert fingerprint(hf_token_list(tokenizer, config.vocab_size)) == tiny_model.fingerprint
