@@ -83,8 +83,11 @@ def convert_model(model, tokenizer, out_path, outtype: str = "f16", *, name: str
     _architecture(config)
     tensors = [_Source(key, tuple(value.shape), lambda value=value: value)
                for key, value in model.state_dict().items()]
-    loaded_from = Path(getattr(tokenizer, "name_or_path", "") or ".")
-    spm_model = Path(spm_model) if spm_model else loaded_from / "tokenizer.model"
+    loaded_from = getattr(tokenizer, "name_or_path", "")
+    if spm_model is not None:
+        spm_model = Path(spm_model)
+    elif loaded_from:
+        spm_model = Path(loaded_from) / "tokenizer.model"
     name = name or Path(config.get("_name_or_path") or "model").name
     return _write(config, tensors, tokenizer, out_path, outtype, name=name,
                   spm_model=spm_model, pre=pre, progress=progress)
@@ -125,7 +128,8 @@ def _checkpoint_tensors(folder: Path) -> list[_Source]:
             files = [folder / single]
         else:
             continue
-        return [t for f in files for t in (_safetensors(f) if f.suffix == ".safetensors" else _pickle(f))]
+        read = _safetensors if single.endswith(".safetensors") else _pickle
+        return [tensor for path in files for tensor in read(path)]
     raise SaliError(f"{folder} has no weights (model.safetensors or pytorch_model.bin)")
 
 
@@ -140,7 +144,13 @@ def _safetensors(path: Path) -> list[_Source]:
 def _pickle(path: Path) -> list[_Source]:
     import torch
 
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses pickles that run code, among others
+        raise SaliError(f"cannot read the weights in {path}: {exc}") from exc
     return [_Source(key, tuple(value.shape), lambda value=value: value)
             for key, value in state.items()]
 
@@ -191,26 +201,31 @@ def _write(config: dict, sources: list[_Source], tokenizer, out_path, outtype: s
     if outtype not in OUTTYPES:
         raise SaliError(f"unknown output type {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     arch = _architecture(config)
-    hp = _HParams.from_config(config)
+    try:
+        hp = _HParams.from_config(config)
+    except KeyError as exc:
+        raise SaliError(f"the model config lacks {exc.args[0]!r}") from exc
     tensors = _plan_tensors(sources, arch, hp, outtype)
     out_path = Path(out_path)
     with atomic_path(out_path, suffix=".gguf") as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-        _add_metadata(writer, hp, name, outtype)
-        add_vocab(writer, tokenizer, hp.n_vocab, spm_model=spm_model, pre=pre)
-        for gguf_name, shape, qtype, _ in tensors:
-            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), _nbytes(shape, qtype),
-                                   raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        if progress:
-            progress(0, len(tensors))
-        for done, (_, _, qtype, load) in enumerate(tensors, start=1):
-            writer.write_tensor_data(_encode(load(), qtype))
+        try:
+            _add_metadata(writer, hp, name, outtype)
+            add_vocab(writer, tokenizer, hp.n_vocab, spm_model=spm_model, pre=pre)
+            for gguf_name, shape, qtype, _ in tensors:
+                writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32),
+                                       _nbytes(shape, qtype), raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
             if progress:
-                progress(done, len(tensors))
-        writer.close()
+                progress(0, len(tensors))
+            for done, (_, _, qtype, load) in enumerate(tensors, start=1):
+                writer.write_tensor_data(_encode(load(), qtype))
+                if progress:
+                    progress(done, len(tensors))
+        finally:
+            writer.close()
     return out_path
 
 
@@ -279,10 +294,10 @@ def _loader(source: _Source, permute_heads: int | None) -> Callable[[], np.ndarr
     def load() -> np.ndarray:
         import torch
 
-        data = source.load().detach().to(torch.float32).numpy()
+        data = source.load().detach().to("cpu", torch.float32).numpy()
         if permute_heads:
             rest = data.shape[1:]
-            data = (data.reshape(permute_heads, 2, -1, *rest).swapaxes(1, 2).reshape(data.shape))
+            data = data.reshape(permute_heads, 2, -1, *rest).swapaxes(1, 2).reshape(data.shape)
         return data
 
     return load
@@ -315,7 +330,9 @@ def _rope_freqs(hp: _HParams):
     """Llama-3 rope scaling as llama.cpp wants it: a per-frequency divisor tensor (head_dim/2)."""
     scaling = hp.rope_scaling
     if scaling["rope_type"] != "llama3":
-        raise SaliError(f"unsupported rope scaling {scaling['rope_type']!r} (sali handles linear, llama3)")
+        raise SaliError(
+            f"unsupported rope scaling {scaling['rope_type']!r}; sali handles linear and llama3"
+        )
     factor = scaling["factor"]
     low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
     old_ctx = scaling.get("original_max_position_embeddings", 8192)

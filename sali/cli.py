@@ -195,13 +195,31 @@ def chat(
 
 @app.command()
 def convert(
-    hf_dir: Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder (config.json, weights, tokenizer).")],
+    source: Annotated[
+        Path, typer.Argument(help="Hugging Face checkpoint folder; with --merge-head, the base GGUF.", show_default=False)
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="GGUF file to write.")],
     outtype: Annotated[str, typer.Option("--outtype", help="Tensor type: f32, f16 or q8_0.")] = "f16",
+    merge_head: Annotated[
+        Optional[Path],
+        typer.Option("--merge-head", help="A white-box (lmhead) head to merge into the base GGUF's output matrix.", show_default=False),
+    ] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="Strength of the merged head.")] = 1.0,
 ) -> None:
-    """Convert a Hugging Face causal LM (Llama family, Qwen2) to GGUF, tokenizer included."""
+    """Convert a Hugging Face causal LM (Llama family, Qwen2) to GGUF, or merge a white-box head into one.
+
+    [dim]sali convert ./my-llama -o my-llama.f16.gguf --outtype q8_0
+    sali convert base.gguf --merge-head lmhead.npz -o base-aligned.gguf[/]
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    if merge_head is not None:
+        from sali.convert.merge_head import merge_lmhead
+
+        with err.status("merging the head into the output matrix"):
+            path = merge_lmhead(source, merge_head, out, alpha)
+        err.print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
+        return
     from sali.convert.hf_to_gguf import convert_checkpoint
 
     if outtype not in ("f32", "f16", "q8_0"):
@@ -212,31 +230,114 @@ def convert(
         def report(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        path = convert_checkpoint(hf_dir, out, outtype, progress=report)
+        path = convert_checkpoint(source, out, outtype, progress=report)
     size = Path(path).stat().st_size
     err.print(f"wrote {path} ({size / 1e6:.1f} MB, {outtype})")
+
+
+@app.command()
+def train(
+    base: Annotated[str, typer.Option("--base", help="Base model: HF folder, cached model id, or .gguf file.", show_default=False)],
+    aligned: Annotated[str, typer.Option("--aligned", help="Aligned (chat) model, same forms.", show_default=False)],
+    prompts: Annotated[
+        list[Path], typer.Option("--prompts", "-P", help="Training prompt file: .txt, .jsonl or .csv (repeatable).", show_default=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Head file to write (.npz).", show_default=False)],
+    base_format: Annotated[
+        str, typer.Option("--base-format", help="How the base sees prompts: plain, chat, or a template with {prompt}.")
+    ] = "chat",
+    kind: Annotated[str, typer.Option("--kind", help="topk (portable) or lmhead (white-box, model-specific).")] = "topk",
+    k: Annotated[int, typer.Option("--k", help="Base top-k logits the head reads.", min=1, rich_help_panel="Head")] = 64,
+    rank: Annotated[int, typer.Option("--rank", help="Rank r of U and W.", min=1, rich_help_panel="Head")] = 32,
+    promote: Annotated[int, typer.Option("--promote", help="Largest promotion set |A|.", min=0, rich_help_panel="Head")] = 64,
+    target_k: Annotated[
+        int, typer.Option("--target-k", help="Aligned top-K logits kept per position.", min=1, rich_help_panel="Extraction")
+    ] = 256,
+    k_store: Annotated[
+        int, typer.Option("--k-store", help="Base top tokens kept per position (≥ k; lets later runs try larger k).", min=1, rich_help_panel="Extraction")
+    ] = 256,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Longest aligned response.", min=1, rich_help_panel="Extraction")
+    ] = 128,
+    extract_batch: Annotated[
+        int, typer.Option("--extract-batch", help="Prompts per extraction batch.", min=1, rich_help_panel="Extraction")
+    ] = 8,
+    epochs: Annotated[int, typer.Option("--epochs", help="Most training epochs (early stopping).", min=1, rich_help_panel="Training")] = 30,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.", rich_help_panel="Training")] = 3e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Positions per training step.", min=1, rich_help_panel="Training")] = 512,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Share of prompts held out for validation.", min=0.0, max=0.9, rich_help_panel="Training")
+    ] = 0.1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the split, initialisation and order.", rich_help_panel="Training")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.", rich_help_panel="Hardware")] = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Model dtype for extraction: auto, float32, float16, bfloat16.", rich_help_panel="Hardware")
+    ] = "auto",
+    device_map: Annotated[
+        Optional[str], typer.Option("--device-map", help="'auto' spreads large models over all devices (accelerate).", rich_help_panel="Hardware", show_default=False)
+    ] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads for torch.", min=1, rich_help_panel="Hardware", show_default=False)] = None,
+    cache: Annotated[
+        Optional[Path], typer.Option("--cache", help="Extraction cache folder (default ~/.cache/sali/extract).", show_default=False)
+    ] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow code shipped in a model folder to run.")
+    ] = False,
+) -> None:
+    """Distill a head from a base/aligned pair of Hugging Face models.
+
+    The aligned model answers the prompts greedily in its chat format; the base reads the same
+    answers teacher-forced; the head learns to turn the base's top-k into the aligned choices.
+    Extraction is cached, so an interrupted run resumes and later runs with other training
+    options reuse it.
+
+    [dim]sali train --base ./llama-base --aligned ./llama-chat -P harmful.csv -P benign.jsonl -o safety.npz[/]
+    """
+    from sali.training import TrainJob, run
+
+    if dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise SaliError(f"--dtype must be auto, float32, float16 or bfloat16, not {dtype!r}")
+    if device not in ("auto", "cpu", "cuda", "mps"):
+        raise SaliError(f"--device must be auto, cpu, cuda or mps, not {device!r}")
+    job = TrainJob(
+        base=base, aligned=aligned, prompt_files=list(prompts), out=out, base_format=base_format, kind=kind, k=k,
+        rank=rank, promote=promote, k_store=k_store, target_k=target_k, max_new_tokens=max_new_tokens,
+        epochs=epochs, lr=lr, batch_size=batch_size, extract_batch=extract_batch, val_fraction=val_fraction,
+        seed=seed, device=device, dtype=dtype, device_map=device_map, cache=cache,
+        trust_remote_code=trust_remote_code, threads=threads,
+    )
+    run(job, err)
 
 
 @head_app.command("info")
 def head_info(path: Annotated[Path, typer.Argument(help="Head file (.npz).")]) -> None:
     """Show a head's metadata and sizes."""
-    from sali.head import Head
+    from sali.head import LMHead, load_any
 
-    head = Head.load(path)
+    head = load_any(path)
     table = Table(title=str(path), show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     meta = dict(head.meta)
     for key in ("kind", "k", "rank", "vocab_size", "vocab_fingerprint", "base_model", "aligned_model"):
+        if key == "kind" and meta.get("kind") == "lmhead":
+            meta.pop(key)
+            continue
         if key in meta:
             table.add_row(key, str(meta.pop(key)))
     from sali.prompts import describe_format
 
     table.add_row("base prompt format", describe_format(head.base_format))
     meta.pop("base_format", None)
-    table.add_row("promotion set |A|", str(head.promote.size))
-    sizes = head.size_report()
-    table.add_row("parameters", f"{sizes['total']:,} (U {sizes['U']:,} · W {sizes['W']:,} · bias {sizes['bias']:,})")
+    if isinstance(head, LMHead):
+        table.add_row("kind", "lmhead (white-box: merge into the base GGUF with sali convert --merge-head)")
+        table.add_row("parameters", f"{head.P.size + head.Q.size:,} (P {head.P.size:,} · Q {head.Q.size:,})")
+        meta.pop("hidden_size", None)
+        table.add_row("hidden size", str(head.Q.shape[0]))
+    else:
+        table.add_row("promotion set |A|", str(head.promote.size))
+        sizes = head.size_report()
+        table.add_row("parameters", f"{sizes['total']:,} (U {sizes['U']:,} · W {sizes['W']:,} · bias {sizes['bias']:,})")
     table.add_row("file size", f"{path.stat().st_size / 1e6:.2f} MB")
     training = meta.pop("training", None)
     for key, value in sorted(meta.items()):

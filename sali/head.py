@@ -163,43 +163,18 @@ class Head:
     # ---- files --------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path) -> "Head":
-        """Load and validate a head file. Never unpickles anything."""
-        path = Path(path)
-        if not path.is_file():
-            raise SaliError(f"head file not found: {path}")
-        try:
-            archive = np.load(path, allow_pickle=False)
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise SaliError(f"{path}: not a sali head file (not a readable .npz archive: {exc})") from None
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise SaliError(f"{path}: not a sali head file (a bare .npy array, not an .npz archive)")
-        with archive:
-            arrays = {}
-            for name in ("meta",) + ARRAYS:
-                if name not in archive.files:
-                    raise SaliError(f"{path}: not a sali head file (no array {name!r})")
-                try:
-                    arrays[name] = archive[name]
-                except ValueError as exc:
-                    if "allow_pickle" in str(exc):
-                        raise SaliError(
-                            f"{path}: array {name!r} holds pickled Python objects; sali never "
-                            "unpickles head files — refusing to load it"
-                        ) from None
-                    raise SaliError(f"{path}: array {name!r} is unreadable ({exc})") from None
-                except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                    raise SaliError(f"{path}: array {name!r} is unreadable ({exc})") from None
-        meta = _decode_meta(arrays["meta"], path)
-        numeric = {name: arrays[name] for name in ARRAYS}
-        for name, array in numeric.items():
-            wanted = np.integer if name == "promote" else np.floating
-            if not np.issubdtype(array.dtype, wanted):
-                raise SaliError(f"{path}: array {name!r} has dtype {array.dtype}, expected {wanted.__name__}")
+        """Load and validate a top-k head file. Never unpickles anything."""
+        meta, arrays = read_archive(path, ARRAYS)
+        if meta.get("kind") == "lmhead":
+            raise SaliError(
+                f"{path} is a white-box (lmhead) head: merge it into the base GGUF with "
+                "`sali convert --merge-head` and run the merged model instead"
+            )
         head = cls(
-            U=numeric["U"].astype(np.float32),
-            W=numeric["W"].astype(np.float32),
-            bias=numeric["bias"].astype(np.float32),
-            promote=np.asarray(numeric["promote"], dtype=np.int64),
+            U=arrays["U"].astype(np.float32),
+            W=arrays["W"].astype(np.float32),
+            bias=arrays["bias"].astype(np.float32),
+            promote=np.asarray(arrays["promote"], dtype=np.int64),
             meta=meta,
         )
         head.validate(str(path))
@@ -309,6 +284,52 @@ def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(logits, size - k)[size - k :]
 
 
+def read_archive(path: str | Path, names: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read the metadata and the named arrays of a head file, refusing pickles and junk.
+
+    Integer arrays are expected for ``promote``, floating-point arrays for everything else.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SaliError(f"head file not found: {path}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise SaliError(f"{path}: not a sali head file (not a readable .npz archive: {exc})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise SaliError(f"{path}: not a sali head file (a bare .npy array, not an .npz archive)")
+    with archive:
+        if "meta" not in archive.files:
+            raise SaliError(f"{path}: not a sali head file (no array 'meta')")
+        meta = _decode_meta(_read_member(archive, "meta", path), path)
+        if meta.get("kind") == "lmhead" and names == ARRAYS:
+            return meta, {}
+        arrays = {}
+        for name in names:
+            if name not in archive.files:
+                raise SaliError(f"{path}: not a sali head file (no array {name!r})")
+            array = _read_member(archive, name, path)
+            wanted = np.integer if name == "promote" else np.floating
+            if not np.issubdtype(array.dtype, wanted):
+                raise SaliError(f"{path}: array {name!r} has dtype {array.dtype}, expected {wanted.__name__}")
+            arrays[name] = array
+    return meta, arrays
+
+
+def _read_member(archive, name: str, path: Path) -> np.ndarray:
+    try:
+        return archive[name]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise SaliError(
+                f"{path}: array {name!r} holds pickled Python objects; sali never "
+                "unpickles head files — refusing to load it"
+            ) from None
+        raise SaliError(f"{path}: array {name!r} is unreadable ({exc})") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise SaliError(f"{path}: array {name!r} is unreadable ({exc})") from None
+
+
 def _decode_meta(array: np.ndarray, path: Path) -> dict[str, Any]:
     try:
         if array.dtype == np.uint8:
@@ -323,3 +344,62 @@ def _decode_meta(array: np.ndarray, path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise SaliError(f"{path}: head metadata is not a JSON object")
     return meta
+
+
+LM_ARRAYS = ("P", "Q")
+
+
+@dataclass
+class LMHead:
+    """A white-box head file (``kind = "lmhead"``): ``P``: ``(V, r)``, ``Q``: ``(H, r)``, float32 in
+    memory; the merged output projection is ``W_out + P Q^T`` (see :mod:`sali.lmhead`)."""
+
+    P: np.ndarray
+    Q: np.ndarray
+    meta: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["vocab_fingerprint"])
+
+    def delta(self) -> np.ndarray:
+        """The ``(V, H)`` float32 change of the output projection."""
+        return self.P @ self.Q.T
+
+    def validate(self, source: str) -> None:
+        meta = self.meta
+        for key in ("format", "version", "kind", "rank", "vocab_size", "hidden_size", "vocab_fingerprint"):
+            if key not in meta:
+                raise SaliError(f"{source}: head metadata lacks {key}")
+        if meta["format"] != FORMAT_NAME or meta["kind"] != "lmhead":
+            raise SaliError(f"{source}: not a sali white-box head")
+        if not isinstance(meta["version"], int) or meta["version"] > FORMAT_VERSION:
+            raise SaliError(f"{source}: head format version {meta['version']} is newer than this sali supports ({FORMAT_VERSION}); upgrade sali")
+        V, H, r = int(meta["vocab_size"]), int(meta["hidden_size"]), int(meta["rank"])
+        for name, shape in (("P", (V, r)), ("Q", (H, r))):
+            if getattr(self, name).shape != shape:
+                raise SaliError(f"{source}: array {name} has shape {getattr(self, name).shape}, but the metadata says {shape}")
+            if not np.isfinite(getattr(self, name)).all():
+                raise SaliError(f"{source}: array {name} holds NaN or infinite values")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LMHead":
+        meta, arrays = read_archive(path, LM_ARRAYS)
+        head = cls(P=arrays["P"].astype(np.float32), Q=arrays["Q"].astype(np.float32), meta=meta)
+        head.validate(str(path))
+        return head
+
+    def save(self, path: str | Path, dtype: str = "float16") -> Path:
+        self.validate("<head being saved>")
+        meta = dict(self.meta, weight_dtype=dtype)
+        blob = np.frombuffer(json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, meta=blob, P=self.P.astype(dtype), Q=self.Q.astype(dtype))
+        return Path(path)
+
+
+def load_any(path: str | Path) -> Head | LMHead:
+    """Load a head file of either kind."""
+    meta, _ = read_archive(path, ())
+    return LMHead.load(path) if meta.get("kind") == "lmhead" else Head.load(path)

@@ -106,7 +106,8 @@ def zoo(tmp_path_factory) -> Zoo:
 @contextlib.contextmanager
 def llama(path: Path, *, f32_cache: bool = False):
     """A llama.cpp model on one thread; an f32 KV cache when asked (see TOLERANCE)."""
-    cache = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_cache else {}
+    f32 = llama_cpp.GGML_TYPE_F32
+    cache = dict(type_k=f32, type_v=f32) if f32_cache else {}
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True,
                           verbose=False, seed=0, **cache)
     try:
@@ -165,8 +166,9 @@ def test_greedy_continuation_matches_generate(zoo, kind):
     ids = prompt_ids(zoo, kind, 12)
     model = zoo.hf(kind)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=32, do_sample=False)
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        out = model.generate(torch.tensor([ids]), attention_mask=mask, max_new_tokens=32,
+                             do_sample=False)
     expected = out[0, len(ids):].tolist()
     got = []
     with llama(zoo.gguf(kind, "f32"), f32_cache=True) as llm:
@@ -189,7 +191,8 @@ def test_vocab_fingerprint_same_in_hf_gguf_and_llama_cpp(zoo, kind):
     assert fingerprint(gguf_tokens(path)) == expected
     with llama(path) as llm:
         vocab = llm._model.vocab
-        texts = [llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8") for i in range(llm.n_vocab())]
+        texts = [llama_cpp.llama_vocab_get_text(vocab, i).decode("utf-8")
+                 for i in range(llm.n_vocab())]
     assert fingerprint(texts) == expected
     assert expected.startswith(f"v{vocab_size}-")
 
@@ -246,14 +249,31 @@ def test_spm_metadata(zoo):
     assert fields["tokenizer.chat_template"].contents() == tiny_models.CHATML_TEMPLATE
 
 
-def test_convert_model_in_memory(zoo, tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "spm"])
+def test_convert_model_in_memory(zoo, tmp_path, kind):
     """A model held in memory (e.g. fine-tuned) converts without save_pretrained."""
-    model, tokenizer = zoo.hf("llama"), zoo.hf_tokenizer("llama")
+    model, tokenizer = zoo.hf(kind), zoo.hf_tokenizer(kind)
     path = convert_model(model, tokenizer, tmp_path / "mem.gguf", "f32", name="tuned")
+    ids = prompt_ids(zoo, kind)
+    got = llama_logits(path, ids, f32_cache=True)
+    assert np.abs(got - hf_logits(zoo, kind, ids)).max() <= TOLERANCE["f32"]
+    assert gguf.GGUFReader(path).fields["sali.source"].contents() == "tuned"
+
+
+@pytest.mark.parametrize("layout", ["pytorch_bin", "sharded_safetensors"])
+def test_other_checkpoint_layouts(zoo, tmp_path, layout):
+    folder = copy_checkpoint(zoo, tmp_path)
+    (folder / "model.safetensors").unlink()
+    model = zoo.hf("llama")
+    if layout == "pytorch_bin":
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    else:
+        model.save_pretrained(folder, max_shard_size="200KB")
+        assert (folder / "model.safetensors.index.json").is_file()
+    path = convert_checkpoint(folder, tmp_path / "m.gguf", "f32")
     ids = prompt_ids(zoo, "llama")
     got = llama_logits(path, ids, f32_cache=True)
     assert np.abs(got - hf_logits(zoo, "llama", ids)).max() <= TOLERANCE["f32"]
-    assert gguf.GGUFReader(path).fields["sali.source"].contents() == "tuned"
 
 
 def test_progress_reports_every_tensor(zoo, tmp_path):

@@ -1,0 +1,301 @@
+"""Training data for a head, extracted fast and cached in resumable shards.
+
+For each batch of prompts:
+
+1. ALIGNED generates greedy responses to the prompts in *its* chat format (batched, KV cache).
+2. ALIGNED reads prompt + response teacher-forced in one forward pass: its top-K logits at every
+   response position (the distillation target).
+3. BASE reads the same response tokens after the prompt in *the base's* format, also in one
+   teacher-forced pass: its full-vocabulary log-probs, of which only the top ``k_store``
+   (ids + values), the values at ALIGNED's top-K ids, and the final hidden state (the input of
+   the output projection, for the white-box head) are kept.
+
+Prompts are left-padded and responses right-padded so every row's response starts in the same
+column; ``logits_to_keep`` then computes logits only at response positions.
+
+A shard holds one batch (float16 values, int32 ids) and is written atomically, so an
+interrupted extraction resumes at the first missing shard, and a second ``sali train`` with
+other training options reuses all of them. The cache folder name is a hash of everything that
+determines the data (models, formats, prompts, lengths, batch size, dtype).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from sali.atomic import atomic_path, write_text
+from sali.errors import SaliError
+from sali.hfmodels import Source
+from sali.prompts import render
+
+EXTRACT_VERSION = 1
+SHARD_ARRAYS = ("row", "step", "token", "base_ids", "base_lp", "al_ids", "al_logits", "base_at_al", "hidden")
+
+
+@dataclass
+class ExtractSettings:
+    """Everything that determines the extracted data (hashed into the cache key)."""
+
+    base: str
+    aligned: str
+    base_identity: str
+    aligned_identity: str
+    base_format: dict[str, Any]
+    prompts_sha: str
+    n_prompts: int
+    max_new_tokens: int
+    k_store: int
+    target_k: int
+    batch_prompts: int
+    dtype: str
+    version: int = EXTRACT_VERSION
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def model_identity(source: Source) -> str:
+    """A cheap identity for a model: its files' names, sizes and modification times."""
+    folder = Path(source.folder)
+    files = [folder / source.gguf_file] if source.gguf_file else sorted(p for p in folder.iterdir() if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def prompts_sha(prompts: list[str]) -> str:
+    return hashlib.sha256("\x00".join(prompts).encode("utf-8")).hexdigest()[:16]
+
+
+# ---- prompt tokens ---------------------------------------------------------------------------
+def format_ids(tokenizer, fmt: dict[str, Any], prompt: str) -> list[int]:
+    """Token ids of `prompt` in format `fmt`, as llama.cpp's runtime produces them:
+    rendered by :func:`sali.prompts.render`, special tokens parsed, BOS added when the tokenizer
+    adds one and the text does not already start with it."""
+    text = render(
+        fmt,
+        [{"role": "user", "content": prompt}],
+        chat_template=tokenizer.chat_template,
+        bos_token=tokenizer.bos_token or "",
+        eos_token=tokenizer.eos_token or "",
+    )
+    starts_with_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+    return tokenizer(text, add_special_tokens=not starts_with_bos)["input_ids"]
+
+
+def end_ids(tokenizer, model) -> set[int]:
+    """Token ids that end a response (EOS and the generation config's extra stop ids)."""
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+# ---- the extraction itself -------------------------------------------------------------------
+def _left_pad(rows: list[list[int]], pad: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def generate_responses(model, prompt_rows: list[list[int]], pad: int, stop: set[int], max_new_tokens: int) -> list[list[int]]:
+    """Greedy responses (ids, ending with the stop token when one was produced)."""
+    import torch
+
+    ids, mask = _left_pad(prompt_rows, pad)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=sorted(stop) or None,
+        )
+    responses = []
+    for row in out[:, ids.shape[1] :].tolist():
+        cut = next((i + 1 for i, token in enumerate(row) if token in stop), len(row))
+        responses.append(row[:cut])
+    return responses
+
+
+def teacher_forced(model, prompt_rows: list[list[int]], responses: list[list[int]], pad: int):
+    """One forward pass over left-padded prompts + right-padded responses.
+
+    Returns ``(logits, hidden)``: ``(B, T, V)`` float32 logits and ``(B, T, H)`` final hidden
+    states at the positions that predict response tokens ``0..T-1`` (T = longest response).
+    """
+    import torch
+
+    width = max(len(r) for r in prompt_rows)
+    longest = max(len(r) for r in responses)
+    batch = len(prompt_rows)
+    ids = torch.full((batch, width + longest), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (prompt, response) in enumerate(zip(prompt_rows, responses)):
+        row = prompt + response
+        ids[i, width - len(prompt) : width - len(prompt) + len(row)] = torch.tensor(row)
+        mask[i, width - len(prompt) : width - len(prompt) + len(row)] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = torch.arange(width - 1, width - 1 + longest)
+    captured: dict[str, Any] = {}
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda module, args: captured.__setitem__("hidden", args[0]))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            out = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                logits_to_keep=keep.to(device),
+                use_cache=False,
+            )
+    finally:
+        hook.remove()
+    logits = out.logits.float()
+    hidden = captured["hidden"]
+    if logits.shape[1] != longest:  # a model that ignores logits_to_keep: cut the columns here
+        logits, hidden = logits[:, keep], hidden[:, keep]
+    return logits, hidden.float()
+
+
+def extract_batch(base, aligned, base_rows, aligned_rows, pad, stop, settings: ExtractSettings) -> dict[str, np.ndarray]:
+    """All arrays of one shard (see :data:`SHARD_ARRAYS`); one row per response position."""
+    import torch
+
+    responses = generate_responses(aligned, aligned_rows, pad, stop, settings.max_new_tokens)
+    keep_rows = [i for i, r in enumerate(responses) if r]
+    if not keep_rows:
+        return {name: np.zeros((0,)) for name in SHARD_ARRAYS} | {"responses": responses}
+    al_logits, _ = teacher_forced(aligned, [aligned_rows[i] for i in keep_rows], [responses[i] for i in keep_rows], pad)
+    base_logits, hidden = teacher_forced(base, [base_rows[i] for i in keep_rows], [responses[i] for i in keep_rows], pad)
+    select = torch.zeros(al_logits.shape[:2], dtype=torch.bool)
+    for j, i in enumerate(keep_rows):
+        select[j, : len(responses[i])] = True
+    al_logits = al_logits[select.to(al_logits.device)]
+    base_lp = torch.log_softmax(base_logits[select.to(base_logits.device)], dim=-1)
+    hidden = hidden[select.to(hidden.device)]
+    al_values, al_ids = al_logits.topk(settings.target_k, dim=-1)
+    base_values, base_ids = base_lp.topk(settings.k_store, dim=-1)
+    rows = np.concatenate([np.full(len(responses[i]), i, dtype=np.int32) for i in keep_rows])
+    steps = np.concatenate([np.arange(len(responses[i]), dtype=np.int32) for i in keep_rows])
+    tokens = np.concatenate([np.asarray(responses[i], dtype=np.int32) for i in keep_rows])
+    return {
+        "row": rows,
+        "step": steps,
+        "token": tokens,
+        "base_ids": base_ids.cpu().numpy().astype(np.int32),
+        "base_lp": base_values.cpu().numpy().astype(np.float16),
+        "al_ids": al_ids.cpu().numpy().astype(np.int32),
+        "al_logits": al_values.cpu().numpy().astype(np.float16),
+        "base_at_al": base_lp.gather(-1, al_ids).cpu().numpy().astype(np.float16),
+        "hidden": hidden.cpu().numpy().astype(np.float16),
+        "responses": responses,
+    }
+
+
+def run_extraction(
+    settings: ExtractSettings,
+    cache_root: Path,
+    prompts: list[str],
+    load: Callable[[], tuple[Any, Any, Any, Any]],
+    progress: Callable[[int, int, int], None] | None = None,
+) -> Path:
+    """Extract every missing shard into ``cache_root/<key>`` and return that folder.
+
+    `load` returns ``(base_model, aligned_model, base_tokenizer, aligned_tokenizer)``; it is only
+    called when some shard is missing. `progress(prompts_done, prompts_total, positions)` is
+    called after each shard.
+    """
+    folder = Path(cache_root) / settings.key()
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".shard-*.part"):  # left by a run killed mid-write
+        stale.unlink(missing_ok=True)
+    write_text(folder / "settings.json", json.dumps(asdict(settings), indent=2) + "\n")
+    batches = [list(range(i, min(i + settings.batch_prompts, len(prompts)))) for i in range(0, len(prompts), settings.batch_prompts)]
+    missing = [b for b, _ in enumerate(batches) if not (folder / shard_name(b)).is_file()]
+    positions = sum(_shard_positions(folder / shard_name(b)) for b in range(len(batches)) if b not in missing)
+    done_prompts = len(prompts) - sum(len(batches[b]) for b in missing)
+    if progress:
+        progress(done_prompts, len(prompts), positions)
+    if not missing:
+        return folder
+    base, aligned, base_tok, aligned_tok = load()
+    pad = aligned_tok.pad_token_id if aligned_tok.pad_token_id is not None else aligned_tok.eos_token_id
+    if pad is None:
+        pad = 0
+    stop = end_ids(aligned_tok, aligned)
+    for b in missing:
+        indices = batches[b]
+        base_rows = [format_ids(base_tok, settings.base_format, prompts[i]) for i in indices]
+        aligned_rows = [format_ids(aligned_tok, {"type": "chat"}, prompts[i]) for i in indices]
+        arrays = extract_batch(base, aligned, base_rows, aligned_rows, pad, stop, settings)
+        responses = arrays.pop("responses")
+        arrays["row"] = np.asarray([indices[r] for r in arrays["row"]], dtype=np.int32) if len(arrays["row"]) else arrays["row"]
+        arrays["responses_json"] = np.frombuffer(
+            json.dumps({str(indices[j]): aligned_tok.decode(r, skip_special_tokens=True) for j, r in enumerate(responses)}).encode(),
+            dtype=np.uint8,
+        )
+        with atomic_path(folder / shard_name(b), suffix=".npz") as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+        positions += len(arrays["token"])
+        done_prompts += len(indices)
+        if progress:
+            progress(done_prompts, len(prompts), positions)
+    return folder
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.npz"
+
+
+def _shard_positions(path: Path) -> int:
+    with np.load(path, allow_pickle=False) as shard:
+        return int(shard["token"].shape[0])
+
+
+def load_shards(folder: Path) -> dict[str, np.ndarray]:
+    """Concatenate every shard of an extraction folder (one row per response position)."""
+    paths = sorted(folder.glob("shard-*.npz"))
+    if not paths:
+        raise SaliError(f"{folder}: no extracted data")
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SHARD_ARRAYS}
+    responses: dict[str, str] = {}
+    for path in paths:
+        with np.load(path, allow_pickle=False) as shard:
+            if shard["token"].shape[0]:
+                for name in SHARD_ARRAYS:
+                    parts[name].append(shard[name])
+            responses.update(json.loads(shard["responses_json"].tobytes().decode("utf-8")))
+    if not parts["token"]:
+        raise SaliError("the aligned model produced no response tokens for any prompt")
+    data = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    data["responses"] = responses  # type: ignore[assignment]
+    return data
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    return fn(), time.perf_counter() - start

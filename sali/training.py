@@ -1,0 +1,242 @@
+"""`sali train`: extraction (cached) -> distillation -> export, with rich progress and a summary."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sali import __version__
+from sali.errors import SaliError
+from sali.prompts import parse_format, read_prompts
+
+
+@dataclass
+class TrainJob:
+    base: str
+    aligned: str
+    prompt_files: list[Path]
+    out: Path
+    base_format: str = "chat"
+    kind: str = "topk"
+    k: int = 64
+    rank: int = 32
+    promote: int = 64
+    k_store: int = 256
+    target_k: int = 256
+    max_new_tokens: int = 128
+    epochs: int = 30
+    lr: float = 3e-3
+    batch_size: int = 512
+    extract_batch: int = 8
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    cache: Path | None = None
+    trust_remote_code: bool = False
+    threads: int | None = None
+
+
+def default_cache() -> Path:
+    import os
+
+    root = os.environ.get("SALI_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "sali")
+    return Path(root) / "extract"
+
+
+def run(job: TrainJob, console: Console) -> dict[str, Any]:
+    """Run a whole training job; returns the head's metadata."""
+    import torch
+
+    from sali import extract, hfmodels
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    if job.kind not in ("topk", "lmhead"):
+        raise SaliError(f"--kind must be topk or lmhead, not {job.kind!r}")
+    if job.k > job.k_store:
+        job.k_store = job.k
+    fmt = parse_format(job.base_format)
+    prompts = [p.text for path in job.prompt_files for p in read_prompts(path)]
+    base_src, aligned_src = hfmodels.resolve(job.base), hfmodels.resolve(job.aligned)
+    base_tok = hfmodels.load_tokenizer(base_src, job.trust_remote_code)
+    aligned_tok = hfmodels.load_tokenizer(aligned_src, job.trust_remote_code)
+    base_cfg = hfmodels.load_config(base_src, job.trust_remote_code)
+    aligned_cfg = hfmodels.load_config(aligned_src, job.trust_remote_code)
+    base_fp = hfmodels.vocab_fingerprint(base_tok, base_cfg)
+    aligned_fp = hfmodels.vocab_fingerprint(aligned_tok, aligned_cfg)
+    if base_fp != aligned_fp:
+        raise SaliError(
+            f"the base and aligned tokenizers differ ({base_src.name}: {base_fp}, {aligned_src.name}: {aligned_fp}); "
+            "a head needs both models to share one token list"
+        )
+    if not aligned_tok.chat_template:
+        raise SaliError(f"{aligned_src.name} has no chat template; the aligned model must be a chat model")
+    if fmt["type"] == "chat" and not base_tok.chat_template:
+        raise SaliError(f"{base_src.name} has no chat template; use --base-format plain or a template with {{prompt}}")
+    device = hfmodels.pick_device(job.device)
+    dtype = job.dtype if job.dtype != "auto" else ("float32" if device == "cpu" else "bfloat16" if device == "cuda" else "float16")
+    settings = extract.ExtractSettings(
+        base=base_src.name,
+        aligned=aligned_src.name,
+        base_identity=extract.model_identity(base_src),
+        aligned_identity=extract.model_identity(aligned_src),
+        base_format=fmt,
+        prompts_sha=extract.prompts_sha(prompts),
+        n_prompts=len(prompts),
+        max_new_tokens=job.max_new_tokens,
+        k_store=max(job.k_store, job.k),
+        target_k=job.target_k,
+        batch_prompts=job.extract_batch,
+        dtype=dtype,
+    )
+    cache_root = job.cache or default_cache()
+    console.print(f"[dim]extraction cache: {cache_root / settings.key()}[/]")
+
+    def load():
+        kwargs = dict(dtype=dtype, device=device, device_map=job.device_map, trust_remote_code=job.trust_remote_code)
+        return (hfmodels.load_model(base_src, **kwargs), hfmodels.load_model(aligned_src, **kwargs), base_tok, aligned_tok)
+
+    start = time.perf_counter()
+    with Progress(
+        TextColumn("extracting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("prompts · {task.fields[positions]:,} positions · {task.fields[rate]:.0f} pos/s"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("extract", total=len(prompts), positions=0, rate=0.0)
+        first: dict[str, float] = {}
+
+        def report(done: int, total: int, positions: int) -> None:
+            now = time.perf_counter()
+            first.setdefault("t", now)
+            first.setdefault("p", positions)
+            elapsed = now - first["t"]
+            rate = (positions - first["p"]) / elapsed if elapsed > 0 else 0.0
+            progress.update(task, completed=done, positions=positions, rate=rate)
+
+        folder = extract.run_extraction(settings, cache_root, prompts, load, report)
+    extract_seconds = time.perf_counter() - start
+    data = extract.load_shards(folder)
+    vocab_size = int(getattr(base_cfg, "vocab_size", 0) or len(base_tok))
+
+    meta: dict[str, Any] = {
+        "vocab_fingerprint": base_fp,
+        "base_model": base_src.name,
+        "aligned_model": aligned_src.name,
+        "base_format": fmt,
+        "sali_version": __version__,
+    }
+    if job.kind == "topk":
+        from sali.convert.head_to_npz import export_topk
+        from sali.distill import TrainSettings, train_topk
+
+        train_settings = TrainSettings(
+            k=job.k, rank=job.rank, promote=job.promote, epochs=job.epochs, lr=job.lr, batch_size=job.batch_size,
+            val_fraction=job.val_fraction, seed=job.seed, device=device if device != "mps" else "cpu",
+        )
+        result = _train_with_progress(console, job.epochs, lambda cb: train_topk(data, vocab_size, train_settings, cb))
+        meta["training"] = _figures(result, data, extract_seconds, len(prompts), job)
+        path, written = export_topk(result.head, job.k, meta, job.out, result.val_positions)
+    else:
+        from sali.convert.head_to_npz import export_lmhead
+        from sali.lmhead import LMTrainSettings, train_lmhead
+
+        output = load_output_matrix(base_src, job.trust_remote_code)
+        lm_settings = LMTrainSettings(
+            rank=job.rank, epochs=job.epochs, lr=job.lr, batch_size=min(job.batch_size, 256),
+            val_fraction=job.val_fraction, seed=job.seed, device=device if device != "mps" else "cpu",
+        )
+        result = _train_with_progress(console, job.epochs, lambda cb: train_lmhead(data, output, lm_settings, cb))
+        meta["training"] = _figures(result, data, extract_seconds, len(prompts), job)
+        path, written = export_lmhead(result.head, meta, job.out)
+    _print_summary(console, written["training"], path)
+    return written
+
+
+def load_output_matrix(source, trust_remote_code: bool):
+    """The base's output projection ``(V, H)`` as float32 (for the white-box head)."""
+    from sali import hfmodels
+
+    model = hfmodels.load_model(source, dtype="float32", device="cpu", trust_remote_code=trust_remote_code)
+    weight = model.get_output_embeddings().weight.detach().clone()
+    del model
+    return weight
+
+
+def _train_with_progress(console: Console, epochs: int, train):
+    with Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("epochs · held-out loss {task.fields[loss]:.4f} · top-1 {task.fields[top1]:.3f}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("train", total=epochs, loss=float("nan"), top1=float("nan"))
+
+        def on_epoch(epoch: int, figures: dict[str, float]) -> None:
+            progress.update(task, completed=epoch, loss=figures["loss"], top1=figures.get("top1_head", float("nan")))
+
+        result = train(on_epoch)
+        progress.update(task, total=len(result.history) or epochs, completed=len(result.history) or epochs)
+    return result
+
+
+def _figures(result, data, extract_seconds: float, n_prompts: int, job: TrainJob) -> dict[str, Any]:
+    before, after = result.before, result.after
+    figures = {
+        "kind": job.kind,
+        "prompts": n_prompts,
+        "positions": int(len(data["token"])),
+        "heldout_positions": int(after.get("positions", 0)),
+        "val_fraction": job.val_fraction,
+        "top1_agreement_base": round(before.get("top1_base", float("nan")), 4),
+        "top1_agreement_head": round(after.get("top1_head", float("nan")), 4),
+        "kl_base": round(after.get("kl_base", float("nan")), 4),
+        "kl_head": round(after.get("kl_head", after.get("kl_head_c", float("nan"))), 4),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "extract_seconds": round(extract_seconds, 1),
+        "train_seconds": round(result.seconds, 1),
+        "max_new_tokens": job.max_new_tokens,
+        "lr": job.lr,
+        "seed": job.seed,
+    }
+    if job.kind == "topk":
+        figures.update(
+            cover_rate=round(after.get("cover_top1", float("nan")), 4),
+            cover_mass=round(after.get("cover_mass", float("nan")), 4),
+            kl_base_on_candidates=round(after.get("kl_base_c", float("nan")), 4),
+            promotion_set=int(len(result.promote)),
+        )
+    return figures
+
+
+def _print_summary(console: Console, figures: dict[str, Any], path: Path) -> None:
+    table = Table(title=f"head written to {path}", title_justify="left")
+    table.add_column("held-out figure")
+    table.add_column("base", justify="right")
+    table.add_column("base + head", justify="right")
+    table.add_row("top-1 agreement with aligned", f"{figures['top1_agreement_base']:.3f}", f"{figures['top1_agreement_head']:.3f}")
+    if "kl_base_on_candidates" in figures:
+        table.add_row("KL(aligned ‖ ·), full vocabulary", f"{figures['kl_base']:.3f}", "—")
+        table.add_row("KL(aligned ‖ ·), on the head's candidates", f"{figures['kl_base_on_candidates']:.3f}", f"{figures['kl_head']:.3f}")
+        table.add_row("cover rate (aligned top-1 in base top-k)", f"{figures['cover_rate']:.3f}", "")
+    else:
+        table.add_row("KL(aligned ‖ ·)", f"{figures['kl_base']:.3f}", f"{figures['kl_head']:.3f}")
+    console.print(table)
+    console.print(
+        f"[dim]{figures['prompts']} prompts · {figures['positions']:,} positions ({figures['heldout_positions']:,} held out) · "
+        f"extraction {figures['extract_seconds']} s · training {figures['train_seconds']} s (best epoch {figures['best_epoch']})[/]"
+    )

@@ -1,0 +1,104 @@
+"""The torch head equals the NumPy head; extraction tokenizes prompts as llama.cpp does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sali.distill import build_positions, choose_promotions, make_torch_head, split_prompts
+from sali.head import Head
+
+
+def test_torch_head_equals_numpy_head_on_the_same_logits():
+    V, r, k = 400, 8, 24
+    rng = np.random.default_rng(0)
+    promote = np.array([3, 50, 399])
+    torch_head = make_torch_head(V, r, promote, seed=0)
+    with torch.no_grad():
+        torch_head.U.copy_(torch.from_numpy(rng.standard_normal((V, r)).astype(np.float32)))
+        torch_head.W.copy_(torch.from_numpy(rng.standard_normal((V, r)).astype(np.float32)))
+        torch_head.bias.copy_(torch.from_numpy(rng.standard_normal(V).astype(np.float32)))
+    numpy_head = Head.create(
+        torch_head.U.detach().numpy(), torch_head.W.detach().numpy(), torch_head.bias.detach().numpy(), promote,
+        k=k, vocab_fingerprint="t",
+    )
+    for trial in range(10):
+        logits = (rng.standard_normal(V) * 3).astype(np.float32)
+        if trial == 0:
+            logits[3] = 50.0  # a promotion token inside the top k: must not count twice
+        ids, adjusted = numpy_head.apply(logits)
+        # the torch side gets what extraction stores: top-k ids and full-vocabulary log-probs
+        log_probs = torch.log_softmax(torch.from_numpy(logits), -1)
+        top_lp, top_ids = log_probs.topk(k)
+        promo_lp = log_probs[torch.from_numpy(promote)].clone()
+        promo_lp[torch.isin(torch.from_numpy(promote), top_ids)] = -1e9
+        cand, torch_adjusted = torch_head(top_ids[None], top_lp[None], promo_lp[None])
+        cand, torch_adjusted = cand[0].numpy(), torch_adjusted[0].detach().numpy()
+        valid = torch_adjusted > -1e8
+        assert sorted(cand[valid].tolist()) == sorted(ids.tolist())
+        # equal up to the log-sum-exp shift between logits and log-probs
+        by_id = dict(zip(cand[valid].tolist(), torch_adjusted[valid].tolist()))
+        shift = float(torch.logsumexp(torch.from_numpy(logits), -1))
+        np.testing.assert_allclose([by_id[i] + shift for i in ids.tolist()], adjusted, rtol=1e-4, atol=1e-3)
+        # so both heads choose the same token and give the same distribution over candidates
+        q_numpy = np.exp(adjusted - adjusted.max()) / np.exp(adjusted - adjusted.max()).sum()
+        q_torch = torch.softmax(torch.tensor([by_id[i] for i in ids.tolist()]), 0).numpy()
+        np.testing.assert_allclose(q_numpy, q_torch, atol=1e-5)
+
+
+def synthetic_data(n=300, V=100, k_store=20, K=10, seed=0):
+    rng = np.random.default_rng(seed)
+    base_lp = np.sort(rng.standard_normal((n, k_store)) - 3, axis=1)[:, ::-1]
+    base_ids = np.stack([rng.choice(V, k_store, replace=False) for _ in range(n)])
+    al_ids = np.stack([rng.choice(V, K, replace=False) for _ in range(n)])
+    return {
+        "row": np.repeat(np.arange(n // 10), 10).astype(np.int32),
+        "base_ids": base_ids.astype(np.int32),
+        "base_lp": base_lp.astype(np.float16),
+        "al_ids": al_ids.astype(np.int32),
+        "al_logits": np.sort(rng.standard_normal((n, K)), axis=1)[:, ::-1].astype(np.float16),
+        "base_at_al": (rng.standard_normal((n, K)) - 4).astype(np.float16),
+    }
+
+
+def test_validation_split_holds_out_whole_prompts():
+    rows = np.repeat(np.arange(50), 7)
+    held = split_prompts(rows, 0.2, seed=1)
+    assert len(np.unique(rows[held])) == 10
+    assert not set(rows[held]) & set(rows[~held])
+    np.testing.assert_array_equal(held, split_prompts(rows, 0.2, seed=1))
+
+
+def test_positions_targets_and_promotions():
+    data = synthetic_data()
+    k = 8
+    train = np.ones(len(data["row"]), dtype=bool)
+    promote = choose_promotions(data, train, k, limit=5, min_count=1)
+    assert 0 < len(promote) <= 5
+    pos = build_positions(data, k, promote)
+    # targets are aligned probabilities of the candidates: never more than 1 in total
+    assert torch.all(pos.target.sum(-1) <= 1 + 1e-5)
+    # check one position by hand
+    i = 7
+    p = torch.softmax(torch.tensor(data["al_logits"][i].astype(np.float32)), 0)
+    cand = list(data["base_ids"][i, :k]) + list(promote)
+    for c, expected in zip(cand, pos.target[i].tolist()):
+        hit = np.flatnonzero(data["al_ids"][i] == c)
+        duplicate = c in data["base_ids"][i, :k] and cand.index(c) >= k
+        want = 0.0 if duplicate or not len(hit) else float(p[hit[0]])
+        assert expected == pytest.approx(want, abs=1e-6)
+
+
+def test_format_ids_match_llama_cpp_tokenization(tiny, tiny_model):
+    from transformers import AutoTokenizer
+
+    from sali.extract import format_ids
+    from sali.prompts import render
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.hf_dir)
+    for fmt in ({"type": "chat"}, {"type": "plain"}, {"type": "template", "template": "Question: {prompt}\nAnswer:"}):
+        for prompt in ("How do I bake bread?", "The river is 12 km long, isn't it?", "  spaces  and\ttabs "):
+            text = render(fmt, [{"role": "user", "content": prompt}], chat_template=tiny_model.chat_template,
+                          bos_token=tiny_model.bos_text, eos_token=tiny_model.eos_text)
+            assert format_ids(tokenizer, fmt, prompt) == tiny_model.tokenize(text), (fmt, prompt)
