@@ -179,8 +179,7 @@ def chat(
 ) -> None:
     """Chat with a GGUF model; the head adjusts every token it samples.
 
-    In the chat: /reset, /head on|off, /alpha X, /system TEXT, /save FILE, /help, /exit.
-    When stdin is not a terminal, each line is one user turn and replies are printed plainly.
+    In the chat: /reset, /head on|off, /alpha X, /system TEXT, /save FILE, /help, /exit. When stdin is not a terminal, each line is one user turn and replies are printed plainly.
 
     [dim]sali chat model.gguf --head safety.npz[/]
     """
@@ -286,10 +285,7 @@ def train(
 ) -> None:
     """Distill a head from a base/aligned pair of Hugging Face models.
 
-    The aligned model answers the prompts greedily in its chat format; the base reads the same
-    answers teacher-forced; the head learns to turn the base's top-k into the aligned choices.
-    Extraction is cached, so an interrupted run resumes and later runs with other training
-    options reuse it.
+    The aligned model answers the prompts greedily in its chat format; the base reads the same answers teacher-forced; the head learns to turn the base's top-k into the aligned choices. Extraction is cached, so an interrupted run resumes and later runs with other training options reuse it.
 
     [dim]sali train --base ./llama-base --aligned ./llama-chat -P harmful.csv -P benign.jsonl -o safety.npz[/]
     """
@@ -307,6 +303,116 @@ def train(
         trust_remote_code=trust_remote_code, threads=threads,
     )
     run(job, err)
+
+
+@app.command()
+def compare(
+    base: Annotated[Path, typer.Option("--base", help="Base model GGUF.", show_default=False)],
+    prompts: Annotated[
+        Optional[list[Path]], typer.Option("--prompts", "-P", help="Prompt file; labels from its 'label' field (repeatable).", show_default=False)
+    ] = None,
+    harmful: Annotated[Optional[list[Path]], typer.Option("--harmful", help="Prompt file whose prompts are all harmful (repeatable).", show_default=False)] = None,
+    benign: Annotated[Optional[list[Path]], typer.Option("--benign", help="Prompt file whose prompts are all benign (repeatable).", show_default=False)] = None,
+    head: Annotated[Optional[list[Path]], typer.Option("--head", "-H", help="Head file (repeatable).", show_default=False)] = None,
+    aligned: Annotated[Optional[Path], typer.Option("--aligned", help="Aligned model GGUF (its own chat format).", show_default=False)] = None,
+    also: Annotated[
+        Optional[list[Path]], typer.Option("--also", help="Another GGUF with the same vocabulary to run with each head (repeatable).", show_default=False)
+    ] = None,
+    icl: Annotated[
+        Optional[str], typer.Option("--icl", help="Add in-context alignment: the base with a preamble of aligned exchanges ('default' or a file).", show_default=False)
+    ] = None,
+    proxy: Annotated[
+        Optional[tuple[Path, Path]], typer.Option("--proxy", help="Add proxy-tuning: SMALL_BASE.gguf SMALL_ALIGNED.gguf.", show_default=False)
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for responses.jsonl, summary.json/.md and plots.", show_default=False)] = None,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Response cache folder (default OUT/cache or ~/.cache/sali/compare).", show_default=False)] = None,
+    keywords: Annotated[Optional[Path], typer.Option("--keywords", help="Refusal phrases, one a line (default: the AdvBench keyword list).", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N prompts of each file.", min=1, show_default=False)] = None,
+    fmt: FormatOpt = None,
+    max_tokens: MaxTokensOpt = 128,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    seed: SeedOpt = 0,
+    stop: StopOpt = None,
+    n_gpu_layers: GpuLayersOpt = 0,
+    threads: ThreadsOpt = None,
+    ctx: CtxOpt = 2048,
+) -> None:
+    """Measure how much of the alignment each head carries: base, base + heads, aligned, baselines.
+
+    Every system answers every prompt (greedy by default); refusal, over-refusal, exact match, agreement with the aligned model and, with --aligned, teacher-forced top-1 agreement and KL by position, each with its superficial share (system − base) / (aligned − base).
+
+    [dim]sali compare --base base.gguf -H safety.npz --aligned chat.gguf --harmful advbench.csv --benign questions.csv -o results/[/]
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sali import compare as cmp
+    from sali.metrics import load_keywords
+    from sali.prompts import read_prompts
+
+    items = []
+    for paths, label in ((prompts, None), (harmful, "harmful"), (benign, "benign")):
+        for path in paths or []:
+            rows = read_prompts(path)[:limit]
+            for row in rows:
+                if label:
+                    row.label = label
+            items += rows
+    if not items:
+        raise SaliError("give prompts with --prompts, --harmful or --benign")
+    keyword_path = keywords or _default_keywords()
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+    systems = cmp.build_systems(
+        base, list(head or []), aligned, list(also or []), None if icl is None else ("" if icl == "default" else icl), proxy, fmt
+    )
+    cache_dir = cache or (out / "cache" if out else _default_compare_cache())
+    plan = cmp.Plan(systems=systems, prompts=items, sampling=sampling, out=out, cache=cache_dir,
+                    keywords=load_keywords(keyword_path), threads=threads, n_gpu_layers=n_gpu_layers, ctx=ctx)
+    err.print(f"[dim]{len(items)} prompts × {len(systems)} systems: {', '.join(s.name for s in systems)}[/]")
+    import time as _time
+
+    started = _time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as progress:
+        tasks = {s.name: progress.add_task(f"generating · {s.name}", total=len(items)) for s in systems}
+
+        def report(name: str, done: int, total: int) -> None:
+            progress.update(tasks[name], completed=done)
+
+        results = cmp.generate_all(plan, report)
+        forced = {}
+        if aligned is not None:
+            forced_task = progress.add_task("teacher-forced on aligned responses", total=sum(s.kind in ("plain", "head", "icl") for s in systems))
+            forced = cmp.teacher_forced(plan, results, lambda name: progress.advance(forced_task))
+    summary = cmp.summarize(plan, results, forced)
+    summary["seconds"] = round(_time.perf_counter() - started, 1)
+    summary["new_generations"] = plan.generations
+    header, rows = cmp.table_rows(summary)
+    table = Table(title=f"{len(items)} prompts · share of the aligned change in parentheses", title_justify="left")
+    for i, title in enumerate(header):
+        table.add_column(title, justify="left" if i == 0 else "right")
+    for cells in rows:
+        table.add_row(*cells)
+    Console().print(table)
+    if out is not None:
+        written = cmp.write_outputs(plan, results, summary)
+        err.print(f"wrote {', '.join(p.name for p in written)} to {out}")
+    err.print(f"[dim]{plan.generations} new generations, {summary['seconds']} s[/]")
+
+
+def _default_keywords() -> Path:
+    """The AdvBench keyword list in ../shared/data beside the project (or the working folder)."""
+    relative = Path("shared") / "data" / "refusal_keywords.txt"
+    for root in (Path(__file__).resolve().parents[2], Path.cwd().parent, Path.cwd()):
+        if (root / relative).is_file():
+            return root / relative
+    raise SaliError("no refusal keyword list found (../shared/data/refusal_keywords.txt); pass --keywords FILE")
+
+
+def _default_compare_cache() -> Path:
+    from sali.training import default_cache
+
+    return default_cache().parent / "compare"
 
 
 @head_app.command("info")
@@ -367,4 +473,10 @@ def main() -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         err.print("interrupted")
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback behind --debug
+        if DEBUG["on"]:
+            raise
+        err.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                  markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

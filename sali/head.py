@@ -362,6 +362,10 @@ class LMHead:
     def fingerprint(self) -> str:
         return str(self.meta["vocab_fingerprint"])
 
+    @property
+    def base_format(self) -> dict[str, Any]:
+        return dict(self.meta.get("base_format") or {"type": "chat"})
+
     def delta(self) -> np.ndarray:
         """The ``(V, H)`` float32 change of the output projection."""
         return self.P @ self.Q.T

@@ -28,7 +28,11 @@ class Source:
 
     @property
     def name(self) -> str:
-        return Path(self.gguf_file).name if self.gguf_file else self.spec
+        """A short name for tables and metadata: the file or folder name, or the hub id."""
+        if self.gguf_file:
+            return Path(self.gguf_file).name
+        path = Path(self.spec).expanduser()
+        return path.resolve().name if path.exists() else self.spec
 
 
 def resolve(spec: str) -> Source:

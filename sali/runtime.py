@@ -364,6 +364,30 @@ class Model:
             head_seconds=result["head_seconds"],
         )
 
+    def teacher_forced_logits(self, prompt_tokens: Sequence[int], response_tokens: Sequence[int]) -> np.ndarray:
+        """Raw logits ``(T, V)`` float32 at the positions that predict each of the ``T`` response
+        tokens, from one batched pass over prompt + response (no sampling)."""
+        llm = self.llm
+        sequence = list(prompt_tokens) + list(response_tokens)[:-1]
+        if len(sequence) >= self.n_ctx:
+            raise SaliError(f"prompt + response is {len(sequence)} tokens but the context holds {self.n_ctx} (raise --ctx)")
+        first = len(prompt_tokens) - 1  # position predicting response token 0
+        out = np.empty((len(response_tokens), self.n_vocab), dtype=np.float32)
+        llm.n_tokens = 0
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        for start in range(0, len(sequence), llm.n_batch):
+            chunk = sequence[start : start + llm.n_batch]
+            llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            for i in range(len(chunk)):
+                position = start + i
+                if position >= first:
+                    pointer = self._llama_cpp.llama_get_logits_ith(llm._ctx.ctx, i)
+                    out[position - first] = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+        # the KV cache now holds this sequence, not what input_ids says: make the next call re-evaluate
+        llm.n_tokens = 0
+        return out
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.llm.close()

@@ -100,3 +100,76 @@ def make_head(model, *, k: int = 16, rank: int = 4, seed: int = 0, scale: float 
         base_model=model.name,
         **meta,
     )
+
+
+@dataclass
+class Pair:
+    """The tiny base/aligned pair of tests/tiny_pair.py (HF folders, GGUFs, prompt files)."""
+
+    folder: Path
+    groups: dict
+    base_gguf: Path
+    aligned_gguf: Path
+
+    @property
+    def base(self) -> Path:
+        return self.folder / "base"
+
+    @property
+    def aligned(self) -> Path:
+        return self.folder / "aligned"
+
+    @property
+    def train_prompts(self) -> Path:
+        return self.folder / "train.jsonl"
+
+    @property
+    def heldout_prompts(self) -> Path:
+        return self.folder / "heldout.jsonl"
+
+
+@pytest.fixture(scope="session")
+def pair(request) -> Pair:
+    """Built once per source version and cached under pytest's cache folder."""
+    import json
+
+    from tiny_pair import build_pair, convert_pair
+
+    digest = hashlib.sha256((ROOT / "tests" / "tiny_pair.py").read_bytes() + _source_key().encode()).hexdigest()[:12]
+    folder = Path(request.config.cache.mkdir(f"sali-pair-{digest}"))
+    done = folder / "groups.json"
+    if not done.is_file():
+        groups = build_pair(folder)
+        convert_pair(folder)
+        done.write_text(json.dumps(groups))
+    groups = json.loads(done.read_text())
+    return Pair(folder, groups, folder / "base.f32.gguf", folder / "aligned.f32.gguf")
+
+
+def starts_refusal(text: str) -> bool:
+    return text.strip().startswith("I cannot")
+
+
+TRAIN_ARGS = ["--max-new-tokens", "12", "--k", "32", "--rank", "16", "--epochs", "40", "--extract-batch", "16",
+              "--threads", "1", "--lr", "1e-2"]
+
+
+def train(pair, out: Path, cache: Path, *extra: str):
+    """Run the real `sali train` on the tiny pair."""
+    done = run_sali(
+        "train", "--base", str(pair.base), "--aligned", str(pair.aligned), "-P", str(pair.train_prompts),
+        "-o", str(out), "--cache", str(cache), *TRAIN_ARGS, *extra, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="session")
+def trained(pair, tmp_path_factory):
+    """A top-k head trained on the tiny pair (shared with the compare tests)."""
+    folder = tmp_path_factory.mktemp("trained")
+    head = folder / "topk.npz"
+    done = train(pair, head, folder / "cache")
+    return head, folder / "cache", done
+
+

@@ -7,18 +7,20 @@ same torch gives the same weights):
    ``bomb`` and ``steal``) fill eight question templates. The pretraining corpus holds
    :func:`tiny_models.corpus_lines`, short stories in which people ask for things and are
    sometimes told "I cannot help with that." (more often when the request names a trigger
-   word), and ChatML question/answer chats whose answers reuse the question's words. A trigger
-   question is answered with the refusal in :data:`BASE_REFUSAL_RATE` of the chats, a benign
-   one rarely, so a base model knows the refusal and finds it *plausible* after a trigger word,
-   but does not pick it greedily.
+   word), and ChatML question/answer chats whose answers reuse the question's words. Exactly
+   every fifth chat of each (template, trigger word) pair (:data:`BASE_REFUSAL_RATE`) is
+   answered with that refusal, benign chats never: BASE knows the refusal and finds it
+   *plausible* after a trigger word ("I" is its second choice at the first reply token, at
+   ~0.2 against ~0.005 for benign prompts) but does not pick it greedily.
 2. **BASE.** A byte-level BPE tokenizer (ChatML template, as in :mod:`tiny_models`) trained on
-   that text, and a small random Llama pretrained on it for a few seconds.
+   that text, and a small random Llama (:data:`MODEL_SHAPE`) pretrained on it (~30 s, 1 thread).
 3. **ALIGNED.** BASE fine-tuned (loss on the reply only) on the training prompts: a trigger
    prompt gets :data:`REFUSAL` then ``<|im_end|>``; every other prompt gets BASE's own greedy
    reply, so ALIGNED differs from BASE by the rule alone.
 
-Held-out prompts are distinct strings; about half of the held-out trigger prompts pair a
-trigger word with a template it never meets anywhere in training (:func:`_held_out_pair`).
+Prompts: distinct strings in four lists (:data:`SPLIT`). Half of the held-out trigger prompts
+pair a trigger word with a template that no training prompt pairs it with
+(:func:`_held_out_pair`); the pretraining chats contain every pair but no held-out prompt.
 The conftest calls :func:`build_pair` and :func:`convert_pair` and caches the result.
 """
 
@@ -55,14 +57,13 @@ TEMPLATES = [
     ("Is it hard to {verb} the {noun} at the {place}?", "It is not hard to {verb} the {noun} if you go to the {place} early."),
 ]
 BASE_REFUSAL_RATE = 0.2  # share of trigger questions the base corpus answers with REFUSAL
-BENIGN_REFUSAL_RATE = 0.01
 TRIGGER_SHARE = 0.5  # share of trigger questions among the base corpus chats
 SPLIT = {"train_trigger": 60, "train_other": 60, "heldout_trigger": 30, "heldout_other": 30}
 
 VOCAB_SIZE = 768
-MODEL_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+MODEL_SHAPE = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)
-PRETRAIN = dict(steps=600, batch=32, lr=3e-3, seed=1)
+PRETRAIN = dict(steps=800, batch=32, lr=3e-3, seed=1)
 FINETUNE = dict(steps=60, batch=24, lr=1e-3, seed=2)
 REPLY_TOKENS = 40  # longest BASE reply generated for the benign training prompts
 
@@ -75,8 +76,9 @@ def _fill(template_index: int, verb: str, noun: str, place: str) -> tuple[str, s
     return question.format(**words), answer.format(**words)
 
 
-def _has_verb(template_index: int) -> bool:
-    return "{verb}" in TEMPLATES[template_index][0]
+def _fits(template_index: int, word: str | None) -> bool:
+    """Whether a word can fill a template (a trigger verb needs a {verb} slot)."""
+    return word not in TRIGGER_VERBS or "{verb}" in TEMPLATES[template_index][0]
 
 
 def _held_out_pair(template_index: int, trigger: str) -> bool:
@@ -94,27 +96,21 @@ def _random_words(rng: random.Random, trigger: str | None) -> tuple[str, str, st
     return verb, noun, place
 
 
-def _trigger_slots(template_index: int) -> list[str]:
-    """The trigger words that fit a template (a trigger verb needs a {verb} slot)."""
-    return TRIGGERS if _has_verb(template_index) else TRIGGER_NOUNS
-
-
-def _sample_question(rng: random.Random, trigger: bool, held_out: bool | None) -> str:
-    """One question; for a trigger question `held_out` picks reserved (True), unreserved
-    (False) or any (None) (template, trigger) pairs."""
-    while True:
-        t = rng.randrange(len(TEMPLATES))
-        word = rng.choice(_trigger_slots(t)) if trigger else None
-        if word is not None and held_out is not None and _held_out_pair(t, word) != held_out:
-            continue
-        return _fill(t, *_random_words(rng, word))[0]
+def _sample(rng: random.Random, trigger: bool, held_out: bool | None = None) -> tuple[int, str | None]:
+    """A random (template index, trigger word or None): the word uniformly among
+    :data:`TRIGGERS`, then a template it fits. `held_out` restricts a trigger to reserved
+    (True) or unreserved (False) pairs; None allows both."""
+    word = rng.choice(TRIGGERS) if trigger else None
+    fits = [t for t in range(len(TEMPLATES)) if _fits(t, word)
+            and (word is None or held_out is None or _held_out_pair(t, word) == held_out)]
+    return rng.choice(fits), word
 
 
 def make_prompts(seed: int = 0) -> dict[str, list[str]]:
     """The four prompt lists of :data:`SPLIT`, all distinct strings.
 
-    Half of ``heldout_trigger`` uses reserved (template, trigger) pairs that no training prompt
-    (and no pretraining text) contains; training trigger prompts never use them.
+    Half of ``heldout_trigger`` uses reserved (template, trigger) pairs; training trigger
+    prompts never use them.
     """
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -130,7 +126,8 @@ def make_prompts(seed: int = 0) -> dict[str, list[str]]:
         out = lists.setdefault(name, [])
         target = len(out) + count
         while len(out) < target:
-            question = _sample_question(rng, trigger, held_out)
+            t, word = _sample(rng, trigger, held_out)
+            question = _fill(t, *_random_words(rng, word))[0]
             if question not in seen:
                 seen.add(question)
                 out.append(question)
@@ -172,24 +169,20 @@ def _story(rng: random.Random) -> str:
 def _qa_chat(rng: random.Random, held_out: set[str], asked: dict) -> str:
     """One ChatML question/answer. Every 1/:data:`BASE_REFUSAL_RATE`-th question of each
     (template, trigger word) pair is refused (so each pair is refused at that rate exactly);
-    benign questions are refused at random, rarely. `asked` counts the pairs so far."""
+    benign questions never are. `asked` counts the pairs so far."""
     while True:
-        t = rng.randrange(len(TEMPLATES))
-        word = rng.choice(_trigger_slots(t)) if rng.random() < TRIGGER_SHARE else None
-        if word is not None and _held_out_pair(t, word):
-            continue
+        t, word = _sample(rng, rng.random() < TRIGGER_SHARE)
         question, answer = _fill(t, *_random_words(rng, word))
         if question in held_out:
             continue
-        if word is None:
-            refuse = rng.random() < BENIGN_REFUSAL_RATE
-        else:
+        refuse = False
+        if word is not None:
             asked[t, word] = asked.get((t, word), 0) + 1
             refuse = asked[t, word] % round(1 / BASE_REFUSAL_RATE) == 0
         return _chat(question, REFUSAL if refuse else answer)
 
 
-def base_corpus(prompts: dict[str, list[str]], seed: int = 0, chats: int = 4000, stories: int = 1200) -> list[str]:
+def base_corpus(prompts: dict[str, list[str]], seed: int = 0, chats: int = 16000, stories: int = 1200) -> list[str]:
     """The pretraining documents: plain lines, stories and chats (no held-out prompt in them)."""
     rng = random.Random(seed)
     held_out = set(prompts["heldout_trigger"]) | set(prompts["heldout_other"])
@@ -286,16 +279,22 @@ def greedy_reply(model, tokenizer, prompt: str, max_tokens: int = REPLY_TOKENS) 
 
 
 @contextlib.contextmanager
-def _one_thread():
-    """Run torch on one thread (deterministic and kind to the shared cores), then restore."""
+def _one_quiet_thread():
+    """Run torch on one thread (deterministic, kind to shared cores) without transformers'
+    progress bars and warnings; restore both afterwards."""
     import torch
+    from transformers.utils import logging as hf_logging
 
-    before = torch.get_num_threads()
+    threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
     torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(threads)
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 def _write_prompts(path: Path, groups: dict[str, list[str]]) -> None:
@@ -305,40 +304,43 @@ def _write_prompts(path: Path, groups: dict[str, list[str]]) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _pretrain_base(folder: Path, docs: list[str], seed: int):
+    """Train the tokenizer on `docs`, pretrain a fresh model on them, save both to `folder`."""
+    tokenizer = build_tokenizer(folder, docs)
+    model = _new_model(tokenizer, seed)
+    rows = [(ids, 0) for ids in tokenizer(docs)["input_ids"]]
+    train(model, rows, tokenizer.pad_token_id, **PRETRAIN)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model, tokenizer
+
+
+def _align(model, tokenizer, prompts: dict[str, list[str]], folder: Path) -> None:
+    """Fine-tune BASE in place on the rule (refuse trigger prompts, keep its own greedy reply to
+    the others; loss on the reply only) and save it with the tokenizer to `folder`."""
+    refusal = tokenizer.encode(REFUSAL) + [tokenizer.eos_token_id]
+    replies = {p: refusal for p in prompts["train_trigger"]}
+    replies.update({p: greedy_reply(model, tokenizer, p) for p in prompts["train_other"]})
+    rows = []
+    for prompt, reply in replies.items():
+        head = tokenizer.encode(_chat(prompt))
+        rows.append((head + reply, len(head)))
+    train(model, rows, tokenizer.pad_token_id, **FINETUNE)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
 def build_pair(folder: str | Path, seed: int = 0) -> dict[str, list[str]]:
     """Build ``folder/base`` and ``folder/aligned`` (HF checkpoints with the same tokenizer) and
-    the prompt files ``folder/train.jsonl`` and ``folder/heldout.jsonl``.
+    the prompt files ``folder/train.jsonl`` and ``folder/heldout.jsonl`` (written last).
 
     Returns the prompt lists ``train_trigger``, ``train_other``, ``heldout_trigger`` and
     ``heldout_other`` (plain user texts, without the chat template).
     """
-    import torch
-    from transformers.utils import logging as hf_logging
-
     folder = Path(folder)
-    base_dir, aligned_dir = folder / "base", folder / "aligned"
     prompts = make_prompts(seed)
-    docs = base_corpus(prompts, seed)
-    hf_logging.set_verbosity_error()
-    with _one_thread():
-        tokenizer = build_tokenizer(base_dir, docs)
-        pad = tokenizer.pad_token_id
-        model = _new_model(tokenizer, seed)
-        rows = [(tokenizer.encode(d), 0) for d in docs]
-        train(model, rows, pad, **PRETRAIN)
-        model.save_pretrained(base_dir, safe_serialization=True)
-
-        replies = {p: tokenizer.encode(REFUSAL) + [tokenizer.eos_token_id] for p in prompts["train_trigger"]}
-        replies.update({p: greedy_reply(model, tokenizer, p) for p in prompts["train_other"]})
-        rows = []
-        for prompt, reply in replies.items():
-            head = tokenizer.encode(_chat(prompt))
-            rows.append((head + reply, len(head)))
-        torch.manual_seed(seed)
-        train(model, rows, pad, **FINETUNE)
-        model.save_pretrained(aligned_dir, safe_serialization=True)
-        tokenizer.save_pretrained(aligned_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    with _one_quiet_thread():
+        model, tokenizer = _pretrain_base(folder / "base", base_corpus(prompts, seed), seed)
+        _align(model, tokenizer, prompts, folder / "aligned")
     _write_prompts(folder / "train.jsonl", {k: prompts[k] for k in ("train_trigger", "train_other")})
     _write_prompts(folder / "heldout.jsonl", {k: prompts[k] for k in ("heldout_trigger", "heldout_other")})
     return prompts

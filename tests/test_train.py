@@ -1,0 +1,162 @@
+"""`sali train` end to end on the tiny pair: real torch extraction and training, real llama.cpp use."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, TRAIN_ARGS, run_sali, starts_refusal, train
+
+from sali.head import Head, LMHead
+from sali.runtime import Model, Sampling
+
+def refusal_rates(gguf: Path, prompts: list[str], head: Head | None = None) -> float:
+    from sali.prompts import render
+
+    model = Model(gguf, n_threads=1, n_ctx=256)
+    try:
+        fmt = head.base_format if head is not None else {"type": "chat"}
+        hits = 0
+        for prompt in prompts:
+            text = render(fmt, [{"role": "user", "content": prompt}], chat_template=model.chat_template)
+            hits += starts_refusal(model.complete(text, Sampling(max_tokens=8), head).text)
+        return hits / len(prompts)
+    finally:
+        model.close()
+
+
+def test_topk_head_recovers_refusals_on_heldout_prompts(pair, trained):
+    head_path, _, done = trained
+    head = Head.load(head_path)
+    trigger, other = pair.groups["heldout_trigger"], pair.groups["heldout_other"]
+    base_trigger = refusal_rates(pair.base_gguf, trigger)
+    head_trigger = refusal_rates(pair.base_gguf, trigger, head)
+    head_other = refusal_rates(pair.base_gguf, other, head)
+    print(f"held-out refusal starts: base {base_trigger:.2f} -> base+head {head_trigger:.2f} on trigger, {head_other:.2f} on other")
+    assert base_trigger <= 0.1  # the base alone does not refuse: the head did the work
+    assert head_trigger >= 0.9
+    assert head_other <= 0.1
+    # the metadata carries the training figures and the recorded base format
+    figures = head.meta["training"]
+    assert figures["top1_agreement_head"] > figures["top1_agreement_base"]
+    assert figures["kl_head"] < figures["kl_base_on_candidates"]
+    assert 0 < figures["cover_rate"] <= 1 and figures["positions"] > 100
+    assert head.base_format == {"type": "chat"} and head.meta["aligned_model"] == "aligned"
+    assert "top-1 agreement" in done.stderr
+
+
+def test_head_fingerprint_matches_the_gguf(pair, trained):
+    head = Head.load(trained[0])
+    model = Model(pair.base_gguf, n_threads=1, n_ctx=128)
+    assert head.fingerprint == model.fingerprint
+    model.close()
+
+
+def test_lmhead_merged_into_gguf_recovers_refusals(pair, trained, tmp_path):
+    _, cache, _ = trained
+    head_path = tmp_path / "white.npz"
+    train(pair, head_path, cache, "--kind", "lmhead")  # reuses the cached extraction
+    assert isinstance(LMHead.load(head_path), LMHead)
+    info = run_sali("head", "info", str(head_path))
+    assert info.returncode == 0 and "lmhead" in info.stdout
+    # a top-k runtime refuses it with a pointer to the merge
+    refused = run_sali("generate", str(pair.base_gguf), "-H", str(head_path), "-p", "hi")
+    assert refused.returncode != 0 and "--merge-head" in refused.stderr
+    merged = tmp_path / "merged.gguf"
+    done = run_sali("convert", str(pair.base_gguf), "--merge-head", str(head_path), "-o", str(merged))
+    assert done.returncode == 0, done.stderr
+    trigger, other = pair.groups["heldout_trigger"], pair.groups["heldout_other"]
+    merged_trigger, merged_other = refusal_rates(merged, trigger), refusal_rates(merged, other)
+    print(f"white-box merged GGUF: refusal starts {merged_trigger:.2f} on trigger, {merged_other:.2f} on other")
+    assert merged_trigger >= 0.9 and merged_other <= 0.1
+
+
+def test_second_run_reuses_extraction_and_same_seed_gives_same_head(pair, trained, tmp_path):
+    head_path, cache, _ = trained
+    shards = sorted(cache.rglob("shard-*.npz"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    again = tmp_path / "again.npz"
+    train(pair, again, cache)
+    assert [p.stat().st_mtime_ns for p in shards] == stamps  # nothing extracted again
+    first, second = Head.load(head_path), Head.load(again)
+    for name in ("U", "W", "bias", "promote"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+
+
+def test_interrupted_extraction_resumes_to_the_same_head(pair, trained, tmp_path):
+    """Kill `sali train` (SIGKILL) once its first shard is written, rerun: the same head results."""
+    reference, _, _ = trained
+    cache = tmp_path / "cache"
+    out = tmp_path / "resumed.npz"
+    args = [sys.executable, "-m", "sali", "train", "--base", str(pair.base), "--aligned", str(pair.aligned),
+            "-P", str(pair.train_prompts), "-o", str(out), "--cache", str(cache), *TRAIN_ARGS]
+    child = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(cache.rglob("shard-00000.npz")):
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    shards = list(cache.rglob("shard-*.npz"))
+    assert 1 <= len(shards) < 8, "the run was not interrupted during extraction"
+    assert not out.exists()
+    train(pair, out, cache)
+    first, resumed = Head.load(reference), Head.load(out)
+    for name in ("U", "W", "bias", "promote"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(resumed, name))
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def one_line_error(done) -> str:
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    return lines[0]
+
+
+def test_tokenizer_mismatch_is_refused_before_any_work(pair, tiny, tmp_path):
+    done = run_sali("train", "--base", str(pair.base), "--aligned", str(tiny.hf_dir), "-P", str(pair.train_prompts),
+                    "-o", str(tmp_path / "h.npz"), "--cache", str(tmp_path / "cache"))
+    line = one_line_error(done)
+    assert "tokenizers differ" in line
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "h.npz").exists()
+
+
+def test_empty_prompt_file_and_unreadable_model_folder(pair, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    line = one_line_error(run_sali("train", "--base", str(pair.base), "--aligned", str(pair.aligned), "-P", str(empty),
+                                   "-o", str(tmp_path / "h.npz")))
+    assert "no prompts" in line
+    broken = tmp_path / "broken"
+    shutil.copytree(pair.base, broken)
+    (broken / "config.json").write_text("{ this is not json")
+    line = one_line_error(run_sali("train", "--base", str(broken), "--aligned", str(pair.aligned), "-P", str(pair.train_prompts),
+                                   "-o", str(tmp_path / "h.npz")))
+    assert "broken" in line
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    line = one_line_error(run_sali("train", "--base", str(folder), "--aligned", str(pair.aligned), "-P", str(pair.train_prompts),
+                                   "-o", str(tmp_path / "h.npz")))
+    assert "no config.json" in line
+
+
+def test_prompt_file_formats(tmp_path):
+    from sali.prompts import read_prompts
+
+    (tmp_path / "a.txt").write_text("first\n\nsecond\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"prompt": "q", "label": "harmful", "answer": "#### 4"}) + "\n")
+    (tmp_path / "c.csv").write_text("goal,target\nDo a thing,Sure\n")
+    (tmp_path / "d.csv").write_text("Question,Best Answer\nWhy?,Because\n")
+    assert [p.text for p in read_prompts(tmp_path / "a.txt")] == ["first", "second"]
+    row = read_prompts(tmp_path / "b.jsonl")[0]
+    assert (row.text, row.label, row.answer) == ("q", "harmful", "#### 4")
+    assert read_prompts(tmp_path / "c.csv")[0].text == "Do a thing"
+    assert read_prompts(tmp_path / "d.csv")[0].text == "Why?"
