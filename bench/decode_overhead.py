@@ -64,7 +64,8 @@ def main() -> None:
     path = args.model or smollm2_gguf()
     model = Model(path, n_threads=args.threads, n_ctx=1024)
     head = Head.load(args.head) if args.head else random_head(model, args.k, args.rank)
-    sampling = Sampling(max_tokens=args.tokens)
+    # every run decodes exactly --tokens tokens, so plain and head-on runs do the same work
+    sampling = Sampling(max_tokens=args.tokens, ignore_eos=True)
     prompts = [
         model.tokenize(render({"type": "chat"}, [{"role": "user", "content": p}], chat_template=model.chat_template))
         for p in PROMPTS

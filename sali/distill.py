@@ -1,9 +1,10 @@
 """Distilling a head from extracted data (torch): datasets, the torch head, training, metrics.
 
-The torch head computes exactly what :meth:`sali.head.Head.apply` computes, on batches of
+The torch head computes exactly what :meth:`sali.head.Head.adjust` computes, on batches of
 positions, from what extraction stored: the base's top-k token ids and full-vocabulary
-log-probs ``x`` (features *and* candidate base values — a softmax over the candidates is
-unchanged by the log-sum-exp shift between logits and log-probs).
+log-probs. Features are those log-probs renormalised within the top k (as at run time); the
+candidates' base values are the log-probs themselves (a softmax over the candidates is unchanged
+by the log-sum-exp shift between logits and log-probs).
 
 Loss: cross-entropy from the aligned model's top-K distribution ``p`` to the head's
 distribution ``q`` over its candidates ``C``; aligned mass outside ``C`` cannot be reached and
@@ -162,7 +163,8 @@ def make_torch_head(vocab_size: int, rank: int, promote: np.ndarray, seed: int):
             n = top_ids.shape[0]
             cand = torch.cat([top_ids, self.promote.expand(n, -1)], dim=1)
             base = torch.cat([top_lp, promo_lp], dim=1)
-            mixed = torch.einsum("nk,nkr->nr", top_lp, self.U[top_ids])
+            features = top_lp - torch.logsumexp(top_lp, dim=-1, keepdim=True)  # renormalised in the top k
+            mixed = torch.einsum("nk,nkr->nr", features, self.U[top_ids])
             delta = torch.einsum("nr,ncr->nc", mixed, self.W[cand]) + self.bias[cand]
             adjusted = base + alpha * delta
             return cand, torch.where(base <= NEG / 2, torch.full_like(adjusted, NEG), adjusted)

@@ -3,12 +3,14 @@
 A head reads only the base model's next-token logits ``l`` (shape ``(V,)``) and returns the
 adjusted logits of a small candidate set ``C = S ∪ A``:
 
-* ``S``: ids of the ``k`` largest logits; features ``x_i = log_softmax(l)_i`` for ``i ∈ S``;
+* ``S``: ids of the ``k`` largest logits; features ``x_i = l_i - logsumexp_{j∈S} l_j`` for
+  ``i ∈ S`` (log-probs renormalised within the top k: invariant to logit shifts, and computable
+  from the k values llama.cpp's native top-k sampler hands over, with no pass over the vocabulary);
 * ``A``: a stored promotion set of tokens the aligned model likes but the base rarely ranks high;
 * ``l'_j = l_j + α · (b_j + Σ_{i∈S} x_i ⟨U_i, W_j⟩)`` for ``j ∈ C``; every other token is masked.
 
 ``U, W`` have shape ``(V, r)``, ``b`` shape ``(V,)``. One call costs ``O((k + |A|) · r)`` plus one
-top-k selection and one log-sum-exp over the vocabulary. α = 0 turns the head off entirely
+top-k selection. α = 0 turns the head off entirely
 (no masking either), so it reproduces the plain base model exactly.
 
 File format (``format = "sali-head"``, version 1), always loaded with ``allow_pickle=False``:
@@ -27,6 +29,7 @@ promote    i32 (m,)      the promotion set ``A``
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +44,7 @@ from sali.errors import SaliError
 FORMAT_NAME = "sali-head"
 FORMAT_VERSION = 1
 KINDS = ("topk",)
-FEATURES = ("logsoftmax",)
+FEATURES = ("topk_logsoftmax",)
 REQUIRED_META = ("format", "version", "kind", "k", "rank", "vocab_size", "vocab_fingerprint")
 ARRAYS = ("U", "W", "bias", "promote")
 
@@ -63,8 +66,9 @@ class Head:
     bias: np.ndarray
     promote: np.ndarray
     meta: dict[str, Any]
-    _scratch: np.ndarray | None = field(default=None, repr=False)
     _in_top: np.ndarray | None = field(default=None, repr=False)
+    _mixed_buffer: np.ndarray | None = field(default=None, repr=False)
+    _w_bias_cache: np.ndarray | None = field(default=None, repr=False)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -85,7 +89,7 @@ class Head:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "kind": "topk",
-            "features": "logsoftmax",
+            "features": "topk_logsoftmax",
             "k": int(k),
             "rank": int(U.shape[1]),
             "vocab_size": int(U.shape[0]),
@@ -141,7 +145,7 @@ class Head:
             )
         if meta["kind"] not in KINDS:
             raise SaliError(f"{source}: unknown head kind {meta['kind']!r} (known: {', '.join(KINDS)})")
-        if meta.get("features", "logsoftmax") not in FEATURES:
+        if meta.get("features") not in FEATURES:
             raise SaliError(f"{source}: unknown head features {meta['features']!r}")
         V, r, k = int(meta["vocab_size"]), int(meta["rank"]), int(meta["k"])
         expected = {"U": (V, r), "W": (V, r), "bias": (V,)}
@@ -208,32 +212,47 @@ class Head:
                 f"{model_fingerprint}; a head only works on models with the same token list"
             )
 
-    def apply(self, logits: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-        """Apply the head to one logits vector.
+    def adjust(
+        self, top_ids: np.ndarray, top_logits: np.ndarray, promote_logits: np.ndarray, alpha: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The head itself, given the base's top k: the one implementation every path uses.
 
         Args:
-            logits: ``(V,)`` float32 base logits in token-id order (contiguous is fastest).
-            alpha: head strength; 0 keeps the base logits of ``C`` unchanged.
+            top_ids: ``(k,)`` ids of the base's k largest logits (any order, any integer dtype).
+            top_logits: ``(k,)`` float32 their logits.
+            promote_logits: ``(m,)`` float32 base logits of the promotion set ``self.promote``.
+            alpha: head strength.
 
         Returns:
-            ``(ids, adjusted)``: ``(m,)`` int64 candidate ids ``C = S ∪ A`` and their ``(m,)``
-            float32 adjusted logits. Tokens not in ``ids`` are masked out.
+            ``(ids, adjusted)``: ``(c,)`` candidate ids ``C = S ∪ A`` (no duplicates) and their
+            ``(c,)`` float32 adjusted logits; every other token is masked.
         """
-        top = top_k_ids(logits, self.k)
-        top_logits = logits[top]
-        features = top_logits - self._log_sum_exp(logits, float(top_logits.max()))
+        # Called once per generated token right after a forward pass has flushed the caches,
+        # where every NumPy call costs several µs: hence few calls, bias folded into W, no copies.
+        shifted = top_logits - top_logits.max()
+        features = shifted - np.float32(math.log(float(np.exp(shifted).sum())))
+        mixed = self._mixed()
+        np.matmul(features, self.U[top_ids], out=mixed[:-1])
         if self.promote.size:
             in_top = self._membership()
-            in_top[top] = True
-            extra = self.promote[~in_top[self.promote]]
-            in_top[top] = False
-            ids = np.concatenate((top, extra))
+            in_top[top_ids] = True
+            fresh = ~in_top[self.promote]
+            in_top[top_ids] = False
+            ids = np.concatenate((top_ids, self.promote[fresh]))
+            base = np.concatenate((top_logits, promote_logits[fresh]))
         else:
-            ids = top
-        mixed = features @ self.U[top]  # (r,)
-        delta = self.W[ids] @ mixed + self.bias[ids]
-        adjusted = logits[ids] + np.float32(alpha) * delta
-        return ids, adjusted.astype(np.float32, copy=False)
+            ids, base = top_ids, top_logits
+        delta = self._w_bias()[ids] @ mixed  # W_j · mixed + b_j
+        if alpha != 1.0:
+            delta *= np.float32(alpha)
+        delta += base
+        return ids, delta
+
+    def apply(self, logits: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """Apply the head to one full logits vector ``(V,)`` (token-id order): selects the top k,
+        then :meth:`adjust`. Returns ``(ids, adjusted)`` as :meth:`adjust` does."""
+        top = top_k_ids(logits, self.k)
+        return self.adjust(top, logits[top], logits[self.promote], alpha)
 
     def apply_dense(self, logits: np.ndarray, alpha: float = 1.0) -> np.ndarray:
         """:meth:`apply` as a ``(V,)`` vector with ``-inf`` outside the candidate set."""
@@ -242,17 +261,22 @@ class Head:
         out[ids] = adjusted
         return out
 
-    def _log_sum_exp(self, logits: np.ndarray, maximum: float) -> float:
-        if self._scratch is None or self._scratch.shape != logits.shape:
-            self._scratch = np.empty(logits.shape, dtype=np.float32)
-        np.subtract(logits, np.float32(maximum), out=self._scratch)
-        np.exp(self._scratch, out=self._scratch)
-        return maximum + float(np.log(self._scratch.sum(dtype=np.float64)))
-
     def _membership(self) -> np.ndarray:
         if self._in_top is None:
             self._in_top = np.zeros(self.vocab_size, dtype=bool)
         return self._in_top
+
+    def _mixed(self) -> np.ndarray:
+        """Scratch ``(r + 1,)``: the mixed features, then a constant 1 that picks up the bias."""
+        if self._mixed_buffer is None:
+            self._mixed_buffer = np.ones(self.rank + 1, dtype=np.float32)
+        return self._mixed_buffer
+
+    def _w_bias(self) -> np.ndarray:
+        """``(V, r + 1)``: W with the bias as its last column (built once)."""
+        if self._w_bias_cache is None:
+            self._w_bias_cache = np.ascontiguousarray(np.concatenate((self.W, self.bias[:, None]), axis=1), dtype=np.float32)
+        return self._w_bias_cache
 
     def size_report(self) -> dict[str, int]:
         """Parameter counts: ``U``, ``W``, ``bias``, ``promote``, ``total``."""

@@ -23,6 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 THREADS = "1"
 
 
+def _cache_folder(request, name: str) -> Path:
+    """A folder that survives between runs (pytest's cache), or a temporary one without it."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir(name))
+    return request.getfixturevalue("tmp_path_factory").mktemp(name)
+
+
 def _source_key() -> str:
     digest = hashlib.sha256()
     for path in sorted([ROOT / "tests" / "tiny_models.py", *(ROOT / "convert").glob("*.py")]):
@@ -61,7 +69,7 @@ def tiny(request) -> TinyModels:
     """A random tiny Llama checkpoint with a byte-level BPE tokenizer, converted to f32/f16/q8_0."""
     from tiny_models import build_llama
 
-    folder = Path(request.config.cache.mkdir(f"sali-tiny-{_source_key()}"))
+    folder = _cache_folder(request, f"sali-tiny-{_source_key()}")
     hf_dir = folder / "hf"
     ggufs = {t: folder / f"tiny-{t}.gguf" for t in ("f32", "f16", "q8_0")}
     if not (hf_dir / "config.json").is_file():
@@ -136,7 +144,7 @@ def pair(request) -> Pair:
     from tiny_pair import build_pair, convert_pair
 
     digest = hashlib.sha256((ROOT / "tests" / "tiny_pair.py").read_bytes() + _source_key().encode()).hexdigest()[:12]
-    folder = Path(request.config.cache.mkdir(f"sali-pair-{digest}"))
+    folder = _cache_folder(request, f"sali-pair-{digest}")
     done = folder / "groups.json"
     if not done.is_file():
         groups = build_pair(folder)

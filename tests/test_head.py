@@ -34,9 +34,9 @@ def dense_reference(head: Head, logits: np.ndarray, alpha: float) -> np.ndarray:
     logits = logits.astype(np.float64)
     order = np.argsort(-logits, kind="stable")
     top = order[: head.k]
-    log_probs = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+    # log-probs renormalised within the top k
     x = np.zeros(len(logits))
-    x[top] = log_probs[top]
+    x[top] = logits[top] - np.log(np.sum(np.exp(logits[top])))
     interaction = head.U.astype(np.float64) @ head.W.astype(np.float64).T  # (V, V): <U_i, W_j>
     adjusted = logits + alpha * (head.bias + x @ interaction)
     candidates = np.zeros(len(logits), dtype=bool)

@@ -25,6 +25,15 @@ def test_callback_sees_full_vocabulary_in_token_id_order(tiny_model):
     assert hook.error is None and hook.calls == len(tokens) + (len(tokens) < GREEDY.max_tokens)
 
 
+def test_with_a_head_the_callback_gets_exactly_the_top_k(tiny_model):
+    """With a head, llama.cpp's native top-k runs first: verify=True checks at every step that
+    the callback receives exactly the k largest raw logits with their ids."""
+    head = make_head(tiny_model, k=12, promote=[3, 4])
+    hook = HeadSampler(head, 1.0, tiny_model._raw_logits, tiny_model.n_vocab, verify=True)
+    tokens = list(tiny_model.sample_tokens(prompt_ids(tiny_model), GREEDY, head, stats=hook))
+    assert hook.error is None and len(tokens) > 0
+
+
 def test_callback_logits_equal_llama_cpp_logits(tiny_model):
     """The logits the head sees equal those llama.cpp itself reports for the same tokens."""
     seen: list[np.ndarray] = []
@@ -86,15 +95,15 @@ def test_same_seed_same_sample(tiny_model):
 def test_exception_in_head_stops_generation(tiny_model, monkeypatch):
     head = make_head(tiny_model)
     calls = {"n": 0}
-    original = Head.apply
+    original = Head.adjust
 
-    def failing(self, logits, alpha=1.0):
+    def failing(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise ValueError("boom in the head")
-        return original(self, logits, alpha)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Head, "apply", failing)
+    monkeypatch.setattr(Head, "adjust", failing)
     produced = []
     with pytest.raises(HeadError, match="boom in the head"):
         for token in tiny_model.sample_tokens(prompt_ids(tiny_model), GREEDY, head):
