@@ -382,7 +382,7 @@ def compare(
         results = cmp.generate_all(plan, report)
         forced = {}
         if aligned is not None:
-            forced_task = progress.add_task("teacher-forced on aligned responses", total=sum(s.kind in ("plain", "head", "icl") for s in systems))
+            forced_task = progress.add_task("teacher-forced on aligned responses", total=sum(s.kind in ("plain", "head", "icl", "proxy") for s in systems))
             forced = cmp.teacher_forced(plan, results, lambda name: progress.advance(forced_task))
     summary = cmp.summarize(plan, results, forced)
     summary["seconds"] = round(_time.perf_counter() - started, 1)
