@@ -38,7 +38,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-head_app = typer.Typer(help="Inspect head files.", no_args_is_help=True)
+head_app = typer.Typer(help="Inspect head files and list the shipped ones.", no_args_is_help=True)
 app.add_typer(head_app, name="head")
 
 err = Console(stderr=True, highlight=False)
@@ -313,7 +313,7 @@ def compare(
     ] = None,
     harmful: Annotated[Optional[list[Path]], typer.Option("--harmful", help="Prompt file whose prompts are all harmful (repeatable).", show_default=False)] = None,
     benign: Annotated[Optional[list[Path]], typer.Option("--benign", help="Prompt file whose prompts are all benign (repeatable).", show_default=False)] = None,
-    head: Annotated[Optional[list[Path]], typer.Option("--head", "-H", help="Head file (repeatable).", show_default=False)] = None,
+    head: Annotated[Optional[list[str]], typer.Option("--head", "-H", help="Head file or shipped head name (repeatable).", show_default=False)] = None,
     aligned: Annotated[Optional[Path], typer.Option("--aligned", help="Aligned model GGUF (its own chat format).", show_default=False)] = None,
     also: Annotated[
         Optional[list[Path]], typer.Option("--also", help="Another GGUF with the same vocabulary to run with each head (repeatable).", show_default=False)
@@ -363,8 +363,10 @@ def compare(
         raise SaliError("give prompts with --prompts, --harmful or --benign")
     keyword_path = keywords or _default_keywords()
     sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+    from sali.session import resolve_head_path
+
     systems = cmp.build_systems(
-        base, list(head or []), aligned, list(also or []), None if icl is None else ("" if icl == "default" else icl), proxy, fmt
+        base, [resolve_head_path(h) for h in head or []], aligned, list(also or []), None if icl is None else ("" if icl == "default" else icl), proxy, fmt
     )
     cache_dir = cache or (out / "cache" if out else _default_compare_cache())
     plan = cmp.Plan(systems=systems, prompts=items, sampling=sampling, out=out, cache=cache_dir,
@@ -415,11 +417,34 @@ def _default_compare_cache() -> Path:
     return default_cache().parent / "compare"
 
 
+@head_app.command("list")
+def head_list() -> None:
+    """List the heads shipped with sali (usable by name: --head NAME)."""
+    from sali.head import load_any
+    from sali.session import shipped_heads
+
+    heads = shipped_heads()
+    if not heads:
+        err.print("no shipped heads are installed")
+        return
+    table = Table(title="shipped heads", title_justify="left")
+    for column in ("name", "kind", "base model", "k", "rank", "size"):
+        table.add_column(column)
+    for name, path in heads.items():
+        head = load_any(path)
+        meta = head.meta
+        table.add_row(name, meta.get("kind", "?"), str(meta.get("base_model", "?")), str(meta.get("k", "—")),
+                      str(meta.get("rank", "?")), f"{path.stat().st_size / 1e6:.1f} MB")
+    Console().print(table)
+
+
 @head_app.command("info")
-def head_info(path: Annotated[Path, typer.Argument(help="Head file (.npz).")]) -> None:
+def head_info(path: Annotated[str, typer.Argument(help="Head file (.npz) or shipped head name.")]) -> None:
     """Show a head's metadata and sizes."""
     from sali.head import LMHead, load_any
+    from sali.session import resolve_head_path
 
+    path = resolve_head_path(path)
     head = load_any(path)
     table = Table(title=str(path), show_header=False, title_justify="left")
     table.add_column("field", style="bold")

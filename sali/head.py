@@ -49,8 +49,33 @@ REQUIRED_META = ("format", "version", "kind", "k", "rank", "vocab_size", "vocab_
 ARRAYS = ("U", "W", "bias", "promote")
 
 
+class _HeadMeta:
+    """What both head kinds read from their metadata, and how they are written."""
+
+    meta: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["vocab_fingerprint"])
+
+    @property
+    def base_format(self) -> dict[str, Any]:
+        """How the base saw prompts in training: ``{"type": "plain"|"chat"|"template", ...}``."""
+        return dict(self.meta.get("base_format") or {"type": "chat"})
+
+    def _write(self, path: str | Path, arrays: dict[str, np.ndarray], dtype: str) -> Path:
+        """Write metadata + `arrays` (floating ones cast to `dtype`) atomically as a compressed .npz."""
+        meta = dict(self.meta, weight_dtype=dtype)
+        blob = np.frombuffer(json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+        cast = {name: a.astype(dtype) if np.issubdtype(a.dtype, np.floating) else a for name, a in arrays.items()}
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, meta=blob, **cast)
+        return Path(path)
+
+
 @dataclass
-class Head:
+class Head(_HeadMeta):
     """A loaded head: float32 weights in memory plus its metadata dict.
 
     Attributes:
@@ -120,15 +145,6 @@ class Head:
     def vocab_size(self) -> int:
         return int(self.meta["vocab_size"])
 
-    @property
-    def fingerprint(self) -> str:
-        return str(self.meta["vocab_fingerprint"])
-
-    @property
-    def base_format(self) -> dict[str, Any]:
-        """How the base saw prompts in training: ``{"type": "plain"|"chat"|"template", ...}``."""
-        return dict(self.meta.get("base_format") or {"type": "chat"})
-
     # ---- validation ---------------------------------------------------------------------
     def validate(self, source: str) -> None:
         """Raise :class:`SaliError` unless shapes, dtypes and values agree with the metadata."""
@@ -187,20 +203,8 @@ class Head:
     def save(self, path: str | Path, dtype: str = "float16") -> Path:
         """Write the head atomically as a compressed `.npz` (weights in `dtype`)."""
         self.validate("<head being saved>")
-        path = Path(path)
-        meta = dict(self.meta, weight_dtype=dtype)
-        blob = np.frombuffer(json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"), dtype=np.uint8)
-        with atomic_path(path, suffix=".npz") as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez_compressed(
-                    handle,
-                    meta=blob,
-                    U=self.U.astype(dtype),
-                    W=self.W.astype(dtype),
-                    bias=self.bias.astype(dtype),
-                    promote=self.promote.astype(np.int32),
-                )
-        return path
+        arrays = {"U": self.U, "W": self.W, "bias": self.bias, "promote": self.promote.astype(np.int32)}
+        return self._write(path, arrays, dtype)
 
     # ---- application --------------------------------------------------------------------
     def check_vocab(self, model_fingerprint: str, model_name: str, head_name: str = "the head") -> None:
@@ -374,21 +378,13 @@ LM_ARRAYS = ("P", "Q")
 
 
 @dataclass
-class LMHead:
+class LMHead(_HeadMeta):
     """A white-box head file (``kind = "lmhead"``): ``P``: ``(V, r)``, ``Q``: ``(H, r)``, float32 in
     memory; the merged output projection is ``W_out + P Q^T`` (see :mod:`sali.lmhead`)."""
 
     P: np.ndarray
     Q: np.ndarray
     meta: dict[str, Any]
-
-    @property
-    def fingerprint(self) -> str:
-        return str(self.meta["vocab_fingerprint"])
-
-    @property
-    def base_format(self) -> dict[str, Any]:
-        return dict(self.meta.get("base_format") or {"type": "chat"})
 
     def delta(self) -> np.ndarray:
         """The ``(V, H)`` float32 change of the output projection."""
@@ -419,12 +415,7 @@ class LMHead:
 
     def save(self, path: str | Path, dtype: str = "float16") -> Path:
         self.validate("<head being saved>")
-        meta = dict(self.meta, weight_dtype=dtype)
-        blob = np.frombuffer(json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"), dtype=np.uint8)
-        with atomic_path(path, suffix=".npz") as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez_compressed(handle, meta=blob, P=self.P.astype(dtype), Q=self.Q.astype(dtype))
-        return Path(path)
+        return self._write(path, {"P": self.P, "Q": self.Q}, dtype)
 
 
 def load_any(path: str | Path) -> Head | LMHead:

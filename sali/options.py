@@ -15,8 +15,8 @@ ModelArg = Annotated[
     ),
 ]
 HeadOpt = Annotated[
-    Optional[Path],
-    typer.Option("--head", "-H", help="Head file (.npz) applied to every sampled token.", show_default=False),
+    Optional[str],
+    typer.Option("--head", "-H", help="Head file (.npz) or shipped head name (sali head list), applied to every sampled token.", show_default=False),
 ]
 GpuLayersOpt = Annotated[
     int,

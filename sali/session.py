@@ -20,11 +20,27 @@ def resolve_model_path(model: Path | None) -> Path:
     return default_model_path()
 
 
+def shipped_heads() -> dict[str, Path]:
+    """Heads installed with sali (the ``heads/`` folder, package ``sali.heads``): name -> path."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sali.heads")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    return {path.stem: path for folder in folders for path in sorted(Path(folder).glob("*.npz"))}
+
+
 def resolve_head_path(head: Path | str | None) -> Path | None:
-    """A head file path (shipped heads by name come with the heads issue)."""
+    """A head file path, or the name of a shipped head (``--head smollm2-135m-safety``)."""
     if head is None:
         return None
-    return Path(head)
+    path = Path(head)
+    if path.exists() or path.suffix == ".npz" or len(path.parts) > 1:
+        return path
+    shipped = shipped_heads()
+    if str(head) in shipped:
+        return shipped[str(head)]
+    names = ", ".join(shipped) or "none installed"
+    raise SaliError(f"no head file or shipped head named {head!r} (shipped heads: {names})")
 
 
 @dataclass

@@ -177,3 +177,15 @@ def test_generate_writes_output_atomically_on_failure(tiny, bad_files, tmp_path)
     done = run_sali("generate", str(tiny.f32), "-H", str(heads["vocab"][0]), "-p", "x", "-o", str(out))
     assert done.returncode != 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shipped_heads_resolve_by_name(monkeypatch, forcing_head, tmp_path):
+    from sali import session
+    from sali.errors import SaliError
+
+    monkeypatch.setattr(session, "shipped_heads", lambda: {"force77": forcing_head})
+    assert session.resolve_head_path("force77") == forcing_head
+    assert session.resolve_head_path(str(forcing_head)) == forcing_head  # a path stays a path
+    with pytest.raises(SaliError, match="shipped heads: force77"):
+        session.resolve_head_path("nonexistent-head")
+    assert session.resolve_head_path(str(tmp_path / "missing.npz")) == tmp_path / "missing.npz"  # Head.load reports it
