@@ -301,6 +301,7 @@ def teacher_forced(plan: Plan, results: dict[str, dict[str, Result]], progress=N
                 offset = _ProxyOffset(system, plan, model) if system.kind == "proxy" else None
                 agree: list[list[float]] = []
                 kls: list[list[float]] = []
+                labels: list[str] = []
                 for prompt in plan.prompts:
                     key = prompt_key(prompt)
                     if key not in aligned_logits:
@@ -316,14 +317,23 @@ def teacher_forced(plan: Plan, results: dict[str, dict[str, Result]], progress=N
                         row_kl.append(metrics.kl_from_logits(target_logits, own, floor=1e-6))
                     agree.append(row_agree)
                     kls.append(row_kl)
+                    labels.append(prompt.label or "unlabelled")
                 figures[system.name] = _position_summary(agree, kls)
+                figures[system.name]["by_label"] = {
+                    label: {
+                        "top1": metrics.mean(v for row, lab in zip(agree, labels) if lab == label for v in row),
+                        "kl": metrics.mean(v for row, lab in zip(kls, labels) if lab == label for v in row),
+                    }
+                    for label in sorted(set(labels))
+                }
                 if offset is not None:
                     offset.close()
                 if progress:
                     progress(system.name)
         finally:
             model.close()
-    figures[aligned.name] = {"top1": 1.0, "kl": 0.0, "by_position": {}}
+    present = sorted({p.label or "unlabelled" for p in plan.prompts if prompt_key(p) in aligned_logits})
+    figures[aligned.name] = {"top1": 1.0, "kl": 0.0, "by_position": {}, "by_label": {lab: {"top1": 1.0, "kl": 0.0} for lab in present}}
     return figures
 
 
@@ -386,6 +396,9 @@ def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[st
         if system.name in forced:
             row["top1_vs_aligned"] = forced[system.name]["top1"]
             row["kl_vs_aligned"] = forced[system.name]["kl"]
+            for label, values in forced[system.name].get("by_label", {}).items():
+                row[f"top1_vs_aligned_{label}"] = values["top1"]
+                row[f"kl_vs_aligned_{label}"] = values["kl"]
         rows[system.name] = row
     shares = {}
     if aligned is not None:
