@@ -444,7 +444,11 @@ NOTES = (
 def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the comparison table (shared by the terminal and Markdown output)."""
     systems = summary["systems"]
-    present = [(key, title) for key, title in COLUMNS if any(key in row for row in systems.values())]
+    columns = list(COLUMNS)
+    known = {key for key, _ in COLUMNS}
+    extra = sorted({k for row in systems.values() for k in row if k.startswith("refusal_") and k not in known})
+    columns[2:2] = [(key, "refusal " + key.removeprefix("refusal_")) for key in extra]
+    present = [(key, title) for key, title in columns if any(key in row for row in systems.values())]
     header = ["system"] + [title for _, title in present]
     rows = []
     for name, row in systems.items():

@@ -79,6 +79,16 @@ def write_report(main: dict, design: dict, head: Path, design_heads: list[Path],
              "Produced by `python bench/smollm2/run.py` (every figure below comes from that run).", "",
              "## Targets", "", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {_check(ok)} |" for name, value, ok in checks]
+    missed = [(name, value) for name, value, ok in checks if ok is False]
+    if missed:
+        lines += ["", "### Missed targets", ""]
+        lines += [f"- {name}: measured {value}." for name, value in missed]
+        lines += ["", "Tried so far: only the head design study below (k and rank); no change of loss, features or training "
+                  "data was tried for these yet. Open questions: whether the KL objective over all positions trades benign "
+                  "agreement for refusals (a benign-weighted loss or a top-k ≥ 256 might not), and whether COMPROMISED's "
+                  "fine-tune moved its top-k distribution so far from BASE's that a head trained on (BASE, ALIGNED) no "
+                  "longer sees the refusal cue (training on COMPROMISED's own logits, as the paper's recovery setting "
+                  "allows, is the next thing to measure)."]
     lines += ["", "## Main comparison (AdvBench test, GSM8K/TruthfulQA test, held-out alarming-but-benign prompts)", ""]
     lines += [_table(main, ["refusal_harmful", "refusal_benign", "refusal_alarming", "exact_match", "f1_vs_aligned",
                             "top1_vs_aligned_benign", "top1_vs_aligned_harmful", "loops", "tokens_per_second"])]
@@ -102,9 +112,8 @@ def write_report(main: dict, design: dict, head: Path, design_heads: list[Path],
     lines.append(f"| (BASE alone) | {_pct(base_row.get('refusal_harmful'))} | {_pct(base_row.get('refusal_benign'))} | "
                  f"{_pct(base_row.get('refusal_alarming'))} | {_num(base_row.get('top1_vs_aligned_benign'))} | |")
     lines += ["", "## Decode overhead of the shipped head", "", "```", overhead.strip(), "```", "",
-              "## Stage times", "", "| stage | started at |", "|---|---|"]
-    first = min(timings.values()) if timings else 0
-    lines += [f"| {name} | {t - first:.0f} s |" for name, t in timings.items()]
+              "## Stage times (the run that computed each stage)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()]
     lines += ["", f"Whole run: {total_seconds / 60:.1f} min.", "", "![refusal](refusal.png)", "", "![KL by position](kl_by_position.png)", ""]
     for name in ("refusal.png", "kl_by_position.png"):
         source = Path(main.get("_folder", "")) / name
