@@ -298,7 +298,7 @@ def teacher_forced(plan: Plan, results: dict[str, dict[str, Result]], progress=N
         try:
             for system in systems:
                 head = Head.load(system.head) if system.head else None
-                offset = _ProxyOffset(system, plan, model) if system.kind == "proxy" else None
+                offset = _ProxyOffset(system, plan) if system.kind == "proxy" else None
                 agree: list[list[float]] = []
                 kls: list[list[float]] = []
                 labels: list[str] = []
@@ -340,7 +340,7 @@ def teacher_forced(plan: Plan, results: dict[str, dict[str, Result]], progress=N
 class _ProxyOffset:
     """Teacher-forced ``small aligned - small base`` logits for proxy-tuning."""
 
-    def __init__(self, system: System, plan: Plan, base: Model):
+    def __init__(self, system: System, plan: Plan):
         self.small_base, self.small_aligned = (_open(path, plan) for path in system.proxy)
         self.fmt = system.fmt
 

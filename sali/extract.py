@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -294,8 +293,3 @@ def load_shards(folder: Path) -> dict[str, np.ndarray]:
     data = {name: np.concatenate(chunks) for name, chunks in parts.items()}
     data["responses"] = responses  # type: ignore[assignment]
     return data
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    return fn(), time.perf_counter() - start

@@ -181,3 +181,12 @@ def trained(pair, tmp_path_factory):
     return head, folder / "cache", done
 
 
+
+
+def one_error_line(done) -> str:
+    """The command failed with exactly one line on stderr, an `error:` line, and no traceback."""
+    assert done.returncode != 0, done.stdout
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr and lines[0].startswith("error: ")
+    return lines[0]

@@ -83,7 +83,7 @@ def test_interactive_chat_in_a_pseudo_terminal(tiny, chat_head, tmp_path):
         cwd=str(ROOT),
         env={"COLUMNS": "100", "TERM": "dumb", "PATH": "/usr/bin:/bin"},
         encoding="utf-8",
-        timeout=60,
+        timeout=120,  # generous: a loaded 2-core CI machine can be slow to start Python and llama.cpp
     )
     try:
         child.expect("/help for commands")

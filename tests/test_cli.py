@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_head, run_sali
+from conftest import make_head, one_error_line, run_sali
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +17,6 @@ def forcing_head(tiny_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("heads") / "force77.npz"
     make_head(tiny_model, scale=0.0, bias=bias, promote=[77], base_format={"type": "plain"}).save(path)
     return path
-
-
-def one_error_line(done) -> str:
-    """The command failed with exactly one line on stderr and no traceback."""
-    assert done.returncode != 0, done.stdout
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, done.stderr
-    assert "Traceback" not in done.stderr and lines[0].startswith("error: ")
-    return lines[0]
 
 
 def test_generate_text_and_head(tiny, tiny_model, forcing_head):

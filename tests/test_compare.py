@@ -9,9 +9,6 @@ import shutil
 import pytest
 from conftest import run_sali
 
-KEYWORDS_ARGS = []  # the default keyword list (../shared/data) is used
-
-
 @pytest.fixture(scope="module")
 def compared(pair, trained, tmp_path_factory):
     head_path, _, _ = trained

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, TRAIN_ARGS, run_sali, starts_refusal, train
+from conftest import ROOT, TRAIN_ARGS, one_error_line, run_sali, starts_refusal, train
 
 from sali.head import Head, LMHead
 from sali.runtime import Model, Sampling
@@ -114,17 +114,10 @@ def test_interrupted_extraction_resumes_to_the_same_head(pair, trained, tmp_path
 
 
 # ---- bad input --------------------------------------------------------------------------------
-def one_line_error(done) -> str:
-    assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    return lines[0]
-
-
 def test_tokenizer_mismatch_is_refused_before_any_work(pair, tiny, tmp_path):
     done = run_sali("train", "--base", str(pair.base), "--aligned", str(tiny.hf_dir), "-P", str(pair.train_prompts),
                     "-o", str(tmp_path / "h.npz"), "--cache", str(tmp_path / "cache"))
-    line = one_line_error(done)
+    line = one_error_line(done)
     assert "tokenizers differ" in line
     assert not (tmp_path / "cache").exists() and not (tmp_path / "h.npz").exists()
 
@@ -132,18 +125,18 @@ def test_tokenizer_mismatch_is_refused_before_any_work(pair, tiny, tmp_path):
 def test_empty_prompt_file_and_unreadable_model_folder(pair, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    line = one_line_error(run_sali("train", "--base", str(pair.base), "--aligned", str(pair.aligned), "-P", str(empty),
+    line = one_error_line(run_sali("train", "--base", str(pair.base), "--aligned", str(pair.aligned), "-P", str(empty),
                                    "-o", str(tmp_path / "h.npz")))
     assert "no prompts" in line
     broken = tmp_path / "broken"
     shutil.copytree(pair.base, broken)
     (broken / "config.json").write_text("{ this is not json")
-    line = one_line_error(run_sali("train", "--base", str(broken), "--aligned", str(pair.aligned), "-P", str(pair.train_prompts),
+    line = one_error_line(run_sali("train", "--base", str(broken), "--aligned", str(pair.aligned), "-P", str(pair.train_prompts),
                                    "-o", str(tmp_path / "h.npz")))
     assert "broken" in line
     folder = tmp_path / "not-a-model"
     folder.mkdir()
-    line = one_line_error(run_sali("train", "--base", str(folder), "--aligned", str(pair.aligned), "-P", str(pair.train_prompts),
+    line = one_error_line(run_sali("train", "--base", str(folder), "--aligned", str(pair.aligned), "-P", str(pair.train_prompts),
                                    "-o", str(tmp_path / "h.npz")))
     assert "no config.json" in line
 
