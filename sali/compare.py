@@ -15,6 +15,7 @@ interrupted comparison resumes, and adding a head reuses every other system's re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -82,6 +83,12 @@ class Plan:
     timing: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=None)
+def load_head(path: Path) -> Head:
+    """Each head file is read and validated once per comparison, however many systems use it."""
+    return Head.load(path)
+
+
 def _file_id(path: Path) -> str:
     stat = Path(path).stat()
     return f"{Path(path).name}:{stat.st_size}:{int(stat.st_mtime)}"
@@ -102,7 +109,7 @@ def build_systems(
 ) -> list[System]:
     """The systems to compare, in table order. The base format is ``--format``, else the first
     head's training format, else the base model's chat template."""
-    loaded = [Head.load(h) for h in heads]
+    loaded = [load_head(h) for h in heads]
     names = [h.stem for h in heads]
     if len(set(names)) != len(names):
         raise SaliError("two heads share a file name; rename one so the table can tell them apart")
@@ -210,7 +217,7 @@ def _runner(system: System, model: Model, plan: Plan):
         sampling = Sampling(**{**vars(plan.sampling), "stop": tuple(plan.sampling.stop) + ("\nUser:",)})
     if system.kind == "proxy":
         return ProxyRunner(system, model, plan)
-    head = Head.load(system.head) if system.head else None
+    head = load_head(system.head) if system.head else None
     if head is not None:
         model.check_head(head, head_name=str(system.head))
 
@@ -297,7 +304,7 @@ def teacher_forced(plan: Plan, results: dict[str, dict[str, Result]], progress=N
         model = _open(model_path, plan)
         try:
             for system in systems:
-                head = Head.load(system.head) if system.head else None
+                head = load_head(system.head) if system.head else None
                 offset = _ProxyOffset(system, plan) if system.kind == "proxy" else None
                 agree: list[list[float]] = []
                 kls: list[list[float]] = []

@@ -230,6 +230,44 @@ class TrainResult:
     val_positions: Any = None
 
 
+def fit(head, optimizer, epoch_batches, batch_loss, evaluate_fn, epochs: int, patience: int, on_epoch=None):
+    """The training loop both head kinds share: Adam steps over `epoch_batches()`, a held-out
+    evaluation after each epoch, early stopping after `patience` epochs without improvement of
+    its ``loss``, and the best epoch's weights restored at the end.
+
+    `batch_loss(batch)` returns ``(loss tensor, weight)``; the epoch's mean training loss is
+    recorded as ``train_loss``. Returns ``(history, best_epoch)``.
+    """
+    best = (math.inf, 0, {name: t.detach().clone() for name, t in head.state_dict().items()})
+    history: list[dict[str, float]] = []
+    stale = 0
+    for epoch in range(1, epochs + 1):
+        head.train()
+        total, weight = 0.0, 0
+        for batch in epoch_batches():
+            loss, size = batch_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, weight = total + loss.item() * size, weight + size
+        head.eval()
+        figures = evaluate_fn()
+        figures["train_loss"] = total / max(weight, 1)
+        figures["epoch"] = epoch
+        history.append(figures)
+        if on_epoch:
+            on_epoch(epoch, figures)
+        if figures["loss"] < best[0] - 1e-5:
+            best, stale = (figures["loss"], epoch, {name: t.detach().clone() for name, t in head.state_dict().items()}), 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    head.load_state_dict(best[2])
+    head.eval()
+    return history, best[1]
+
+
 def train_topk(
     data: dict[str, np.ndarray],
     vocab_size: int,
@@ -252,37 +290,17 @@ def train_topk(
     head = make_torch_head(vocab_size, settings.rank, promote, settings.seed).to(settings.device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     before = evaluate(head, val_pos)
-    best = (math.inf, 0, {name: t.detach().clone() for name, t in head.state_dict().items()})
-    history = []
     generator = torch.Generator().manual_seed(settings.seed)
-    stale = 0
-    for epoch in range(1, settings.epochs + 1):
-        head.train()
+
+    def epoch_batches():
         order = torch.randperm(len(train_pos), generator=generator).to(settings.device)
-        total = 0.0
         for s in range(0, len(train_pos), settings.batch_size):
-            batch = train_pos.subset(order[s : s + settings.batch_size])
-            loss = loss_fn(head, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        head.eval()
-        figures = evaluate(head, val_pos)
-        figures["train_loss"] = total / len(train_pos)
-        figures["epoch"] = epoch
-        history.append(figures)
-        if on_epoch:
-            on_epoch(epoch, figures)
-        if figures["loss"] < best[0] - 1e-5:
-            best = (figures["loss"], epoch, {name: t.detach().clone() for name, t in head.state_dict().items()})
-            stale = 0
-        else:
-            stale += 1
-            if stale >= settings.patience:
-                break
-    head.load_state_dict(best[2])
-    head.eval()
+            yield train_pos.subset(order[s : s + settings.batch_size])
+
+    history, best_epoch = fit(
+        head, optimizer, epoch_batches, lambda batch: (loss_fn(head, batch), len(batch)),
+        lambda: evaluate(head, val_pos), settings.epochs, settings.patience, on_epoch,
+    )
     _zero_unused_rows(head, data, train_mask, settings.k, promote)
     after = evaluate(head, val_pos)
     return TrainResult(
@@ -291,7 +309,7 @@ def train_topk(
         history=history,
         before=before,
         after=after,
-        best_epoch=best[1],
+        best_epoch=best_epoch,
         seconds=time.perf_counter() - start,
         val_positions=val_pos,
     )

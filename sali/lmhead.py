@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sali.distill import split_prompts
+from sali.distill import fit, split_prompts
 from sali.errors import SaliError
 
 
@@ -115,32 +115,21 @@ def train_lmhead(data: dict[str, np.ndarray], output, settings: LMTrainSettings,
     head = make_lm_head(vocab_size, hidden_size, settings.rank, settings.seed).to(settings.device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=0.0)
     before = _evaluate(head, data, val_index, output, settings.device)
-    best = (math.inf, 0, {k: v.detach().clone() for k, v in head.state_dict().items()})
     rng = np.random.default_rng(settings.seed)
-    history, stale = [], 0
-    for epoch in range(1, settings.epochs + 1):
-        head.train()
+
+    def epoch_batches():
         order = rng.permutation(train_index)
         for part in _batches(len(order), settings.batch_size, order):
-            hidden, base_logits, al_ids, al_p = _tensors(data, part, output, settings.device)
-            log_q = torch.log_softmax(head(hidden, base_logits), dim=-1).gather(1, al_ids)
-            loss = -(al_p * log_q).sum(-1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        head.eval()
-        figures = _evaluate(head, data, val_index, output, settings.device)
-        figures["epoch"] = epoch
-        history.append(figures)
-        if on_epoch:
-            on_epoch(epoch, figures)
-        if figures["loss"] < best[0] - 1e-5:
-            best, stale = (figures["loss"], epoch, {k: v.detach().clone() for k, v in head.state_dict().items()}), 0
-        else:
-            stale += 1
-            if stale >= settings.patience:
-                break
-    head.load_state_dict(best[2])
-    head.eval()
+            yield _tensors(data, part, output, settings.device)
+
+    def batch_loss(batch):
+        hidden, base_logits, al_ids, al_p = batch
+        log_q = torch.log_softmax(head(hidden, base_logits), dim=-1).gather(1, al_ids)
+        return -(al_p * log_q).sum(-1).mean(), len(hidden)
+
+    history, best_epoch = fit(
+        head, optimizer, epoch_batches, batch_loss,
+        lambda: _evaluate(head, data, val_index, output, settings.device), settings.epochs, settings.patience, on_epoch,
+    )
     after = _evaluate(head, data, val_index, output, settings.device)
-    return LMResult(head=head, history=history, before=before, after=after, best_epoch=best[1], seconds=time.perf_counter() - start)
+    return LMResult(head=head, history=history, before=before, after=after, best_epoch=best_epoch, seconds=time.perf_counter() - start)
