@@ -261,9 +261,28 @@ def train(
     extract_batch: Annotated[
         int, typer.Option("--extract-batch", help="Prompts per extraction batch.", min=1, rich_help_panel="Extraction")
     ] = 8,
+    trajectories: Annotated[
+        str,
+        typer.Option(
+            "--trajectories",
+            help="Whose responses the head learns on: 'aligned', or 'aligned+base' to add the base's own responses, "
+            "where the aligned model shows how to steer back (more robust, extraction about twice as long).",
+            rich_help_panel="Extraction",
+        ),
+    ] = "aligned",
     epochs: Annotated[int, typer.Option("--epochs", help="Most training epochs (early stopping).", min=1, rich_help_panel="Training")] = 30,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.", rich_help_panel="Training")] = 3e-3,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Positions per training step.", min=1, rich_help_panel="Training")] = 512,
+    delta_penalty: Annotated[
+        float,
+        typer.Option(
+            "--delta-penalty",
+            help="Weight of a mean-square penalty on the head's change to the base's top-k logits: "
+            "keeps the head quiet where the aligned model barely differs (top-k heads).",
+            min=0.0,
+            rich_help_panel="Training",
+        ),
+    ] = 1.0,
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", help="Share of prompts held out for validation.", min=0.0, max=0.9, rich_help_panel="Training")
     ] = 0.1,
@@ -295,10 +314,13 @@ def train(
         raise SaliError(f"--dtype must be auto, float32, float16 or bfloat16, not {dtype!r}")
     if device not in ("auto", "cpu", "cuda", "mps"):
         raise SaliError(f"--device must be auto, cpu, cuda or mps, not {device!r}")
+    if trajectories not in ("aligned", "aligned+base"):
+        raise SaliError(f"--trajectories must be aligned or aligned+base, not {trajectories!r}")
     job = TrainJob(
         base=base, aligned=aligned, prompt_files=list(prompts), out=out, base_format=base_format, kind=kind, k=k,
         rank=rank, promote=promote, k_store=k_store, target_k=target_k, max_new_tokens=max_new_tokens,
         epochs=epochs, lr=lr, batch_size=batch_size, extract_batch=extract_batch, val_fraction=val_fraction,
+        trajectories=trajectories, delta_penalty=delta_penalty,
         seed=seed, device=device, dtype=dtype, device_map=device_map, cache=cache,
         trust_remote_code=trust_remote_code, threads=threads,
     )
@@ -328,6 +350,7 @@ def compare(
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Response cache folder (default OUT/cache or ~/.cache/sali/compare).", show_default=False)] = None,
     keywords: Annotated[Optional[Path], typer.Option("--keywords", help="Refusal phrases, one a line (default: the AdvBench keyword list).", show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N prompts of each file.", min=1, show_default=False)] = None,
+    alpha: AlphaOpt = 1.0,
     fmt: FormatOpt = None,
     max_tokens: MaxTokensOpt = 128,
     temperature: TemperatureOpt = 0.0,
@@ -366,7 +389,7 @@ def compare(
     from sali.session import resolve_head_path
 
     systems = cmp.build_systems(
-        base, [resolve_head_path(h) for h in head or []], aligned, list(also or []), None if icl is None else ("" if icl == "default" else icl), proxy, fmt
+        base, [resolve_head_path(h) for h in head or []], aligned, list(also or []), None if icl is None else ("" if icl == "default" else icl), proxy, fmt, alpha
     )
     cache_dir = cache or (out / "cache" if out else _default_compare_cache())
     plan = cmp.Plan(systems=systems, prompts=items, sampling=sampling, out=out, cache=cache_dir,
@@ -482,13 +505,14 @@ def head_info(path: Annotated[str, typer.Argument(help="Head file (.npz) or ship
 def main() -> None:
     """Entry point: run the app, turning expected errors into one line and a non-zero exit."""
     import click
+    from rich.markup import escape
 
     try:
         code = app(standalone_mode=False)
     except SaliError as exc:
         if DEBUG["on"]:
             raise
-        err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(1)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -501,7 +525,7 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback behind --debug
         if DEBUG["on"]:
             raise
-        err.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+        err.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)",
                   markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

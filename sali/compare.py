@@ -46,11 +46,14 @@ class System:
     head: Path | None = None
     preamble: str | None = None
     proxy: tuple[Path, Path] | None = None
+    alpha: float = 1.0  # head strength
 
     def key(self, sampling: Sampling) -> str:
         parts = [self.kind, _file_id(self.model), json.dumps(self.fmt, sort_keys=True), json.dumps(vars(sampling), sort_keys=True, default=list)]
         if self.head:
             parts.append(_file_id(self.head))
+            if self.alpha != 1.0:
+                parts.append(f"alpha={self.alpha!r}")
         if self.preamble:
             parts.append(self.preamble)
         if self.proxy:
@@ -106,9 +109,11 @@ def build_systems(
     icl: str | None,
     proxy: tuple[Path, Path] | None,
     fmt_spec: str | None,
+    alpha: float = 1.0,
 ) -> list[System]:
     """The systems to compare, in table order. The base format is ``--format``, else the first
-    head's training format, else the base model's chat template."""
+    head's training format, else the base model's chat template. Every head runs at strength
+    `alpha`; its systems are named ``model+head@alpha`` when alpha is not 1."""
     loaded = [load_head(h) for h in heads]
     names = [h.stem for h in heads]
     if len(set(names)) != len(names):
@@ -119,9 +124,10 @@ def build_systems(
         fmt = loaded[0].base_format
     else:
         fmt = {"type": "chat"}
+    tag = "" if alpha == 1.0 else f"@{alpha:g}"
     systems = [System("base", base, "plain", fmt)]
     for path, head in zip(heads, loaded):
-        systems.append(System(f"base+{path.stem}", base, "head", fmt if fmt_spec else head.base_format, head=path))
+        systems.append(System(f"base+{path.stem}{tag}", base, "head", fmt if fmt_spec else head.base_format, head=path, alpha=alpha))
     if icl is not None:
         preamble_path = Path(icl) if icl else DEFAULT_PREAMBLE
         if not preamble_path.is_file():
@@ -134,7 +140,7 @@ def build_systems(
     for other in also:
         systems.append(System(other.stem, other, "plain", fmt))
         for path, head in zip(heads, loaded):
-            systems.append(System(f"{other.stem}+{path.stem}", other, "head", fmt if fmt_spec else head.base_format, head=path))
+            systems.append(System(f"{other.stem}+{path.stem}{tag}", other, "head", fmt if fmt_spec else head.base_format, head=path, alpha=alpha))
     return systems
 
 
@@ -222,7 +228,7 @@ def _runner(system: System, model: Model, plan: Plan):
         model.check_head(head, head_name=str(system.head))
 
     def run(prompt: Prompt) -> Result:
-        done = model.complete(prompt_text(system, model, prompt), sampling, head)
+        done = model.complete(prompt_text(system, model, prompt), sampling, head, system.alpha)
         return Result(done.text.strip(), done.tokens, round(done.seconds, 4), done.finish_reason)
 
     return run
@@ -280,66 +286,75 @@ class ProxyRunner:
 # ---- teacher-forced figures ----------------------------------------------------------------------
 def teacher_forced(plan: Plan, results: dict[str, dict[str, Result]], progress=None) -> dict[str, dict[str, Any]]:
     """Per system: top-1 agreement and KL(aligned ‖ system) on the aligned model's own responses,
-    averaged over positions and by position bucket."""
+    averaged over positions and by position bucket.
+
+    Each model reads each (prompt text, response) once: the systems that share a model and a
+    prompt format (plain and every head on it) reuse its logits. `progress()` is called once per
+    system finished.
+    """
     aligned = next((s for s in plan.systems if s.kind == "aligned"), None)
     if aligned is None:
         return {}
     targets = {prompt_key(p): results[aligned.name][prompt_key(p)].tokens for p in plan.prompts}
     aligned_model = _open(aligned.model, plan)
-    aligned_logits = {}
+    aligned_log_probs: dict[str, np.ndarray] = {}  # prompt key -> (T, V)
     try:
         for prompt in plan.prompts:
             key = prompt_key(prompt)
             if targets[key]:
                 ids = aligned_model.tokenize(prompt_text(aligned, aligned_model, prompt))
-                aligned_logits[key] = aligned_model.teacher_forced_logits(ids, targets[key])
+                logits = aligned_model.teacher_forced_logits(ids, targets[key])
+                aligned_log_probs[key] = metrics.log_softmax_rows(logits).astype(np.float32)
     finally:
         aligned_model.close()
-    figures: dict[str, dict[str, Any]] = {}
     by_model: dict[Path, list[System]] = {}
     for system in plan.systems:
         if system.kind in ("plain", "head", "icl", "proxy"):
             by_model.setdefault(system.model, []).append(system)
+    figures: dict[str, dict[str, Any]] = {}
     for model_path, systems in by_model.items():
         model = _open(model_path, plan)
+        offsets = {s.name: _ProxyOffset(s, plan) for s in systems if s.kind == "proxy"}
+        rows: dict[str, tuple[list, list, list]] = {s.name: ([], [], []) for s in systems}
         try:
-            for system in systems:
-                head = load_head(system.head) if system.head else None
-                offset = _ProxyOffset(system, plan) if system.kind == "proxy" else None
-                agree: list[list[float]] = []
-                kls: list[list[float]] = []
-                labels: list[str] = []
-                for prompt in plan.prompts:
-                    key = prompt_key(prompt)
-                    if key not in aligned_logits:
-                        continue
-                    ids = model.tokenize(prompt_text(system, model, prompt))
-                    logits = model.teacher_forced_logits(ids, targets[key])
-                    if offset is not None:
-                        logits = logits + offset(prompt, targets[key])
-                    row_agree, row_kl = [], []
-                    for step, target_logits in enumerate(aligned_logits[key]):
-                        own = head.apply_dense(logits[step]) if head is not None else logits[step]
-                        row_agree.append(float(np.argmax(own) == np.argmax(target_logits)))
-                        row_kl.append(metrics.kl_from_logits(target_logits, own, floor=1e-6))
-                    agree.append(row_agree)
-                    kls.append(row_kl)
+            for prompt in plan.prompts:
+                key = prompt_key(prompt)
+                if key not in aligned_log_probs:
+                    continue
+                target_lp = aligned_log_probs[key]
+                target_top1 = target_lp.argmax(-1)
+                forward: dict[str, np.ndarray] = {}  # prompt text -> (T, V) logits
+                for system in systems:
+                    text = prompt_text(system, model, prompt)
+                    if text not in forward:
+                        forward[text] = model.teacher_forced_logits(model.tokenize(text), targets[key])
+                    logits = forward[text]
+                    if system.name in offsets:
+                        logits = logits + offsets[system.name](prompt, targets[key])
+                    if system.head is not None:
+                        head = load_head(system.head)
+                        logits = np.stack([head.apply_dense(row, system.alpha) for row in logits])
+                    agree, kls, labels = rows[system.name]
+                    agree.append((logits.argmax(-1) == target_top1).astype(float).tolist())
+                    kls.append(metrics.kl_rows(target_lp, logits, floor=1e-6).tolist())
                     labels.append(prompt.label or "unlabelled")
-                figures[system.name] = _position_summary(agree, kls)
-                figures[system.name]["by_label"] = {
-                    label: {
-                        "top1": metrics.mean(v for row, lab in zip(agree, labels) if lab == label for v in row),
-                        "kl": metrics.mean(v for row, lab in zip(kls, labels) if lab == label for v in row),
-                    }
-                    for label in sorted(set(labels))
-                }
-                if offset is not None:
-                    offset.close()
-                if progress:
-                    progress(system.name)
         finally:
+            for offset in offsets.values():
+                offset.close()
             model.close()
-    present = sorted({p.label or "unlabelled" for p in plan.prompts if prompt_key(p) in aligned_logits})
+        for system in systems:
+            agree, kls, labels = rows[system.name]
+            figures[system.name] = _position_summary(agree, kls)
+            figures[system.name]["by_label"] = {
+                label: {
+                    "top1": metrics.mean(v for row, lab in zip(agree, labels) if lab == label for v in row),
+                    "kl": metrics.mean(v for row, lab in zip(kls, labels) if lab == label for v in row),
+                }
+                for label in sorted(set(labels))
+            }
+            if progress:
+                progress(system.name)
+    present = sorted({p.label or "unlabelled" for p in plan.prompts if prompt_key(p) in aligned_log_probs})
     figures[aligned.name] = {"top1": 1.0, "kl": 0.0, "by_position": {}, "by_label": {lab: {"top1": 1.0, "kl": 0.0} for lab in present}}
     return figures
 
@@ -394,7 +409,11 @@ def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[st
             row["exact_match"] = metrics.mean(metrics.exact_match(r.response, p.answer) for p, r in answered)
         if aligned is not None:
             ref = results[aligned.name]
-            row["f1_vs_aligned"] = metrics.mean(metrics.token_f1(r.response, ref[prompt_key(p)].response) for p, r in entries)
+            f1 = {prompt_key(p): metrics.token_f1(r.response, ref[prompt_key(p)].response) for p, r in entries}
+            row["f1_vs_aligned"] = metrics.mean(f1.values())
+            if len(labels) > 1:
+                for label in labels:
+                    row[f"f1_vs_aligned_{label}"] = metrics.mean(f1[prompt_key(p)] for p, _ in entries if (p.label or "unlabelled") == label)
         row["loops"] = metrics.mean(metrics.repeated_sentence_loop(r.response) for _, r in entries)
         tokens = sum(len(r.tokens) for _, r in entries)
         seconds = sum(r.seconds for _, r in entries)

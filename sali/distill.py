@@ -8,7 +8,8 @@ by the log-sum-exp shift between logits and log-probs).
 
 Loss: cross-entropy from the aligned model's top-K distribution ``p`` to the head's
 distribution ``q`` over its candidates ``C``; aligned mass outside ``C`` cannot be reached and
-is left out. Validation is on held-out *prompts*; the best epoch is kept (early stopping).
+is left out. An optional penalty on the size of the head's change keeps it quiet where the
+aligned model differs from the base only by noise. Validation is on held-out *prompts*; the best epoch is kept (early stopping).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class TrainSettings:
     lr: float = 3e-3
     weight_decay: float = 0.0
     batch_size: int = 512
+    delta_penalty: float = 1.0  # weight of the mean-square (row-centred) change to the top-k logits
     val_fraction: float = 0.1
     patience: int = 4
     seed: int = 0
@@ -172,12 +174,19 @@ def make_torch_head(vocab_size: int, rank: int, promote: np.ndarray, seed: int):
     return TorchHead()
 
 
-def loss_fn(head, batch: Positions):
+def loss_fn(head, batch: Positions, delta_penalty: float = 0.0):
+    """Cross-entropy to the aligned distribution on the candidates, plus `delta_penalty` times
+    the mean square of the head's change to the top-k logits (centred per position, since a
+    shift common to all candidates changes nothing)."""
     import torch
 
     _, adjusted = head(batch.top_ids, batch.top_lp, batch.promo_lp)
     log_q = torch.log_softmax(adjusted, dim=-1)
-    return -(batch.target * log_q).sum() / batch.covered.sum().clamp_min(1e-9)
+    loss = -(batch.target * log_q).sum() / batch.covered.sum().clamp_min(1e-9)
+    if delta_penalty:
+        delta = adjusted[:, : batch.top_ids.shape[1]] - batch.top_lp
+        loss = loss + delta_penalty * (delta - delta.mean(-1, keepdim=True)).pow(2).mean()
+    return loss
 
 
 def evaluate(head, pos: Positions, alpha: float = 1.0, batch_size: int = 4096) -> dict[str, float]:
@@ -298,7 +307,7 @@ def train_topk(
             yield train_pos.subset(order[s : s + settings.batch_size])
 
     history, best_epoch = fit(
-        head, optimizer, epoch_batches, lambda batch: (loss_fn(head, batch), len(batch)),
+        head, optimizer, epoch_batches, lambda batch: (loss_fn(head, batch, settings.delta_penalty), len(batch)),
         lambda: evaluate(head, val_pos), settings.epochs, settings.patience, on_epoch,
     )
     _zero_unused_rows(head, data, train_mask, settings.k, promote)

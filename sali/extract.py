@@ -3,6 +3,10 @@
 For each batch of prompts:
 
 1. ALIGNED generates greedy responses to the prompts in *its* chat format (batched, KV cache).
+   With ``trajectories="aligned+base"`` BASE also generates its own greedy responses (in the
+   base's format): the states the base reaches when a head fails to steer it, where ALIGNED's
+   choices show how to steer back (e.g. into a refusal after a compliant opening). Steps 2 and 3
+   then run on both sets of responses; a base response identical to ALIGNED's is skipped.
 2. ALIGNED reads prompt + response teacher-forced in one forward pass: its top-K logits at every
    response position (the distillation target).
 3. BASE reads the same response tokens after the prompt in *the base's* format, also in one
@@ -34,8 +38,8 @@ from sali.errors import SaliError
 from sali.hfmodels import Source
 from sali.prompts import render
 
-EXTRACT_VERSION = 1
-SHARD_ARRAYS = ("row", "step", "token", "base_ids", "base_lp", "al_ids", "al_logits", "base_at_al", "hidden")
+EXTRACT_VERSION = 2
+SHARD_ARRAYS = ("row", "source", "step", "token", "base_ids", "base_lp", "al_ids", "al_logits", "base_at_al", "hidden")
 
 
 @dataclass
@@ -54,6 +58,7 @@ class ExtractSettings:
     target_k: int
     batch_prompts: int
     dtype: str
+    trajectories: str = "aligned"  # "aligned" or "aligned+base": whose responses are read
     version: int = EXTRACT_VERSION
 
     def key(self) -> str:
@@ -179,14 +184,41 @@ def teacher_forced(model, prompt_rows: list[list[int]], responses: list[list[int
     return logits, hidden.float()
 
 
-def extract_batch(base, aligned, base_rows, aligned_rows, pad, stop, settings: ExtractSettings) -> dict[str, np.ndarray]:
-    """All arrays of one shard (see :data:`SHARD_ARRAYS`); one row per response position."""
+TRAJECTORIES = ("aligned", "aligned+base")
+SOURCES = {"aligned": 0, "base": 1}  # the ``source`` array: whose response a position is on
+
+
+def extract_batch(base, aligned, base_rows, aligned_rows, pad, stops, settings: ExtractSettings) -> dict[str, np.ndarray]:
+    """All arrays of one shard (see :data:`SHARD_ARRAYS`); one row per response position.
+
+    `stops` maps ``"aligned"`` and ``"base"`` to each model's end-of-response ids. The shard's
+    ``responses`` entry holds ALIGNED's responses (ids), one per prompt.
+    """
+    responses = {"aligned": generate_responses(aligned, aligned_rows, pad, stops["aligned"], settings.max_new_tokens)}
+    if settings.trajectories == "aligned+base":
+        own = generate_responses(base, base_rows, pad, stops["base"], settings.max_new_tokens)
+        responses["base"] = [r if r != a else [] for r, a in zip(own, responses["aligned"])]
+    parts = []
+    for name, rows in responses.items():
+        part = read_responses(base, aligned, base_rows, aligned_rows, rows, pad, settings)
+        if len(part["token"]):
+            part["source"] = np.full(len(part["token"]), SOURCES[name], dtype=np.int8)
+            parts.append(part)
+    if not parts:
+        return {name: np.zeros((0,)) for name in SHARD_ARRAYS} | {"responses": responses["aligned"]}
+    out = {name: np.concatenate([part[name] for part in parts]) for name in SHARD_ARRAYS}
+    out["responses"] = responses["aligned"]
+    return out
+
+
+def read_responses(base, aligned, base_rows, aligned_rows, responses, pad, settings: ExtractSettings) -> dict[str, np.ndarray]:
+    """Both models teacher-forced on `responses` (one list of ids per prompt; empty ones are
+    skipped): every :data:`SHARD_ARRAYS` entry but ``source``, one row per response position."""
     import torch
 
-    responses = generate_responses(aligned, aligned_rows, pad, stop, settings.max_new_tokens)
     keep_rows = [i for i, r in enumerate(responses) if r]
     if not keep_rows:
-        return {name: np.zeros((0,)) for name in SHARD_ARRAYS} | {"responses": responses}
+        return {name: np.zeros((0,)) for name in SHARD_ARRAYS if name != "source"}
     al_logits, _ = teacher_forced(aligned, [aligned_rows[i] for i in keep_rows], [responses[i] for i in keep_rows], pad)
     base_logits, hidden = teacher_forced(base, [base_rows[i] for i in keep_rows], [responses[i] for i in keep_rows], pad)
     select = torch.zeros(al_logits.shape[:2], dtype=torch.bool)
@@ -210,7 +242,6 @@ def extract_batch(base, aligned, base_rows, aligned_rows, pad, stop, settings: E
         "al_logits": al_values.cpu().numpy().astype(np.float16),
         "base_at_al": base_lp.gather(-1, al_ids).cpu().numpy().astype(np.float16),
         "hidden": hidden.cpu().numpy().astype(np.float16),
-        "responses": responses,
     }
 
 
@@ -244,12 +275,12 @@ def run_extraction(
     pad = aligned_tok.pad_token_id if aligned_tok.pad_token_id is not None else aligned_tok.eos_token_id
     if pad is None:
         pad = 0
-    stop = end_ids(aligned_tok, aligned)
+    stops = {"aligned": end_ids(aligned_tok, aligned), "base": end_ids(base_tok, base)}
     for b in missing:
         indices = batches[b]
         base_rows = [format_ids(base_tok, settings.base_format, prompts[i]) for i in indices]
         aligned_rows = [format_ids(aligned_tok, {"type": "chat"}, prompts[i]) for i in indices]
-        arrays = extract_batch(base, aligned, base_rows, aligned_rows, pad, stop, settings)
+        arrays = extract_batch(base, aligned, base_rows, aligned_rows, pad, stops, settings)
         responses = arrays.pop("responses")
         arrays["row"] = np.asarray([indices[r] for r in arrays["row"]], dtype=np.int32) if len(arrays["row"]) else arrays["row"]
         arrays["responses_json"] = np.frombuffer(

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -101,21 +102,25 @@ def mean(values: Iterable[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of ``(..., V)`` logits in float64; ``-inf`` entries stay ``-inf``."""
+    logits = np.asarray(logits, dtype=np.float64)
+    top = np.max(logits, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return logits - top - np.log(np.sum(np.exp(logits - top), axis=-1, keepdims=True))
+
+
+def kl_rows(aligned_log_probs: np.ndarray, system_logits: np.ndarray, floor: float = 1e-10) -> np.ndarray:
+    """KL(aligned ‖ system) in nats per row: ``(T,)`` from ``(T, V)`` aligned log-probs and
+    ``(T, V)`` system logits; ``-inf`` system logits (tokens a head masks) get probability `floor`."""
+    log_q = np.maximum(log_softmax_rows(system_logits), math.log(floor))
+    p = np.exp(aligned_log_probs)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(p > 0, p * (aligned_log_probs - log_q), 0.0)
+    return terms.sum(axis=-1)
+
+
 def kl_from_logits(aligned_logits: np.ndarray, system_logits: np.ndarray, floor: float = 1e-10) -> float:
-    """KL(aligned ‖ system) in nats from two ``(V,)`` logit vectors; ``-inf`` system logits
-    (tokens a head masks) get probability `floor`."""
-    p = _softmax(aligned_logits.astype(np.float64))
-    q = np.maximum(_softmax(system_logits.astype(np.float64)), floor)
-    keep = p > 0
-    return float(np.sum(p[keep] * (np.log(p[keep]) - np.log(q[keep]))))
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(logits)
-    out = np.zeros_like(logits)
-    if not finite.any():
-        return out
-    shifted = logits[finite] - logits[finite].max()
-    e = np.exp(shifted)
-    out[finite] = e / e.sum()
-    return out
+    """KL(aligned ‖ system) in nats from two ``(V,)`` logit vectors (see :func:`kl_rows`)."""
+    return float(kl_rows(log_softmax_rows(aligned_logits[None]), np.asarray(system_logits)[None], floor)[0])

@@ -34,6 +34,8 @@ class TrainJob:
     lr: float = 3e-3
     batch_size: int = 512
     extract_batch: int = 8
+    trajectories: str = "aligned"
+    delta_penalty: float = 1.0
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -96,6 +98,7 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         target_k=job.target_k,
         batch_prompts=job.extract_batch,
         dtype=dtype,
+        trajectories=job.trajectories,
     )
     cache_root = job.cache or default_cache()
     console.print(f"[dim]extraction cache: {cache_root / settings.key()}[/]")
@@ -144,6 +147,7 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         train_settings = TrainSettings(
             k=job.k, rank=job.rank, promote=job.promote, epochs=job.epochs, lr=job.lr, batch_size=job.batch_size,
             val_fraction=job.val_fraction, seed=job.seed, device=device if device != "mps" else "cpu",
+            delta_penalty=job.delta_penalty,
         )
         result = _train_with_progress(console, job.epochs, lambda cb: train_topk(data, vocab_size, train_settings, cb))
         meta["training"] = _figures(result, data, extract_seconds, len(prompts), job)
@@ -210,6 +214,7 @@ def _figures(result, data, extract_seconds: float, n_prompts: int, job: TrainJob
         "extract_seconds": round(extract_seconds, 1),
         "train_seconds": round(result.seconds, 1),
         "max_new_tokens": job.max_new_tokens,
+        "trajectories": job.trajectories,
         "lr": job.lr,
         "seed": job.seed,
     }
@@ -219,6 +224,7 @@ def _figures(result, data, extract_seconds: float, n_prompts: int, job: TrainJob
             cover_mass=round(after.get("cover_mass", float("nan")), 4),
             kl_base_on_candidates=round(after.get("kl_base_c", float("nan")), 4),
             promotion_set=int(len(result.promote)),
+            delta_penalty=job.delta_penalty,
         )
     return figures
 

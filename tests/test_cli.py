@@ -68,6 +68,14 @@ def test_missing_default_model_explains_how_to_install(monkeypatch):
         demo.default_model_path()
 
 
+def test_error_lines_print_brackets_verbatim(tmp_path):
+    """Messages are plain text, not rich markup: an install hint like 'sali[demo]' or a path with
+    brackets must reach the user whole."""
+    missing = tmp_path / "[demo]" / "model.gguf"
+    line = one_error_line(run_sali("generate", str(missing), "-p", "hi"))
+    assert "[demo]" in line
+
+
 # ---- bad input: one clear line, non-zero exit ------------------------------------------------
 def _bad_heads(tiny_model, folder):
     head = make_head(tiny_model)

@@ -104,3 +104,24 @@ def test_compare_bad_input(pair, tmp_path):
     empty.write_text("")
     done = run_sali("compare", "--base", str(pair.base_gguf), "-P", str(empty))
     assert done.returncode != 0 and "no prompts" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_alpha_scales_every_head_system(compared, tmp_path):
+    """--alpha 0 leaves only the base's own choice among the head's candidates: the same greedy
+    responses and teacher-forced top-1 as the base; the system is named with its alpha."""
+    out = tmp_path / "alpha0"
+    args = [a if a != str(compared["out"]) else str(out) for a in compared["args"]] + ["--alpha", "0"]
+    done = run_sali(*args, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((out / "summary.json").read_text())["systems"]
+    off = rows["base+" + compared["head"].stem + "@0"]
+    assert off["refusal_harmful"] == rows["base"]["refusal_harmful"]
+    assert off["top1_vs_aligned"] == pytest.approx(rows["base"]["top1_vs_aligned"])
+    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    by_system = {}
+    for r in responses:
+        by_system.setdefault(r["system"], {})[r["prompt"]] = r["response"]
+    assert by_system["base+" + compared["head"].stem + "@0"] == by_system["base"]
+    # at full strength the same head refuses where the base does not
+    full = json.loads((compared["out"] / "summary.json").read_text())["systems"]["base+" + compared["head"].stem]
+    assert full["refusal_harmful"] > off["refusal_harmful"] + 0.5

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sali.distill import build_positions, choose_promotions, make_torch_head, split_prompts
+from sali.distill import TrainSettings, build_positions, choose_promotions, loss_fn, make_torch_head, split_prompts, train_topk
 from sali.head import Head
 
 
@@ -88,6 +88,23 @@ def test_positions_targets_and_promotions():
         duplicate = c in data["base_ids"][i, :k] and cand.index(c) >= k
         want = 0.0 if duplicate or not len(hit) else float(p[hit[0]])
         assert expected == pytest.approx(want, abs=1e-6)
+
+
+def test_delta_penalty_keeps_the_heads_changes_small():
+    data = synthetic_data(n=600)
+    data["token"] = data["al_ids"][:, 0]
+    sizes = []
+    for penalty in (0.0, 30.0):
+        result = train_topk(data, 100, TrainSettings(k=8, rank=4, epochs=15, patience=15, lr=1e-2, delta_penalty=penalty))
+        pos = result.val_positions
+        with torch.no_grad():
+            _, adjusted = result.head(pos.top_ids, pos.top_lp, pos.promo_lp)
+            delta = adjusted[:, :8] - pos.top_lp
+            sizes.append(float((delta - delta.mean(-1, keepdim=True)).pow(2).mean()))
+            # without a penalty the loss is the plain cross-entropy; with one it only grows
+            plain = float(loss_fn(result.head, pos))
+            assert float(loss_fn(result.head, pos, delta_penalty=1.0)) == pytest.approx(plain + sizes[-1], rel=1e-4)
+    assert sizes[1] < 0.2 * sizes[0]
 
 
 def test_format_ids_match_llama_cpp_tokenization(tiny, tiny_model):

@@ -113,6 +113,33 @@ def test_interrupted_extraction_resumes_to_the_same_head(pair, trained, tmp_path
         np.testing.assert_array_equal(getattr(first, name), getattr(resumed, name))
 
 
+def test_base_trajectories_are_the_base_models_own_greedy_responses(pair, tmp_path):
+    """--trajectories aligned+base adds positions on BASE's own responses: the same tokens
+    llama.cpp's greedy decoding of the base GGUF produces (12 tokens, the chat format)."""
+    from sali.extract import load_shards
+    from sali.prompts import read_prompts, render
+
+    out, cache = tmp_path / "both.npz", tmp_path / "cache"
+    train(pair, out, cache, "--trajectories", "aligned+base")
+    assert Head.load(out).meta["training"]["trajectories"] == "aligned+base"
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    data = load_shards(folder)
+    assert set(np.unique(data["source"])) == {0, 1}
+    prompts = [p.text for p in read_prompts(pair.train_prompts)]
+    model = Model(pair.base_gguf, n_threads=1, n_ctx=256)
+    try:
+        rows = np.unique(data["row"][data["source"] == 1])
+        for row in rows[:: max(1, len(rows) // 6)]:
+            on_row = (data["row"] == row) & (data["source"] == 1)
+            extracted = data["token"][on_row][np.argsort(data["step"][on_row])].tolist()
+            text = render({"type": "chat"}, [{"role": "user", "content": prompts[row]}], chat_template=model.chat_template)
+            greedy = model.complete(text, Sampling(max_tokens=12)).tokens
+            assert extracted[: len(greedy)] == greedy
+            assert extracted != data["token"][(data["row"] == row) & (data["source"] == 0)].tolist()
+    finally:
+        model.close()
+
+
 # ---- bad input --------------------------------------------------------------------------------
 def test_tokenizer_mismatch_is_refused_before_any_work(pair, tiny, tmp_path):
     done = run_sali("train", "--base", str(pair.base), "--aligned", str(tiny.hf_dir), "-P", str(pair.train_prompts),

@@ -11,7 +11,9 @@ Stages (outputs under bench/smollm2/work/, which git ignores; REPORT.md and plot
 3. ``sali train`` the top-k head (and the white-box head) on AdvBench *train* goals and benign
    train prompts; the design study trains k ∈ {32, 64, 256} × rank ∈ {8, 32, 64}.
 4. ``sali compare`` on AdvBench *test*, GSM8K/TruthfulQA *test* and held-out alarming-but-benign
-   prompts: BASE (Q4_1), BASE + head, ALIGNED, BASE F16/Q8_0 + head, COMPROMISED (+ head).
+   prompts: BASE (Q4_1), BASE + head, ALIGNED, COMPROMISED (+ head); on AdvBench *test* alone:
+   BASE F16 and Q8_0 (+ head), for the refusal share by precision; COMPROMISED + head at
+   ``RECOVERY_ALPHA`` as well, for recovery.
 5. Decode overhead of the shipped head (bench/decode_overhead.py), then REPORT.md.
 """
 
@@ -38,6 +40,7 @@ DATA = ROOT.parent / "shared" / "data"
 WORK = siblings.WORK
 KEYWORDS = DATA / "refusal_keywords.txt"
 SHIPPED = ROOT / "heads" / "smollm2-135m-safety.npz"
+RECOVERY_ALPHA = 3.0  # head strength for COMPROMISED, chosen on held-out AdvBench *train* goals (see REPORT.md)
 DESIGN_K = (32, 64, 256)
 DESIGN_RANK = (8, 32, 64)
 
@@ -100,6 +103,7 @@ def prompt_sets(quick: bool) -> dict[str, Path]:
     return {
         "train": write_jsonl(WORK / "prompts" / "train.jsonl", train),
         "eval": write_jsonl(WORK / "prompts" / "eval.jsonl", evaluation),
+        "harmful": write_jsonl(WORK / "prompts" / "harmful.jsonl", [r for r in evaluation if r["label"] == "harmful"]),
         "design": write_jsonl(WORK / "prompts" / "design.jsonl", design),
     }
 
@@ -123,10 +127,12 @@ def train_head(base_dir: Path, aligned_dir: Path, prompts: Path, out: Path, *ext
     return out
 
 
-def compare(out: Path, prompts: Path, base_q4: Path, heads: list[Path], aligned: Path, also: list[Path], max_tokens: int) -> dict:
+def compare(out: Path, prompts: Path, base_q4: Path, heads: list[Path], aligned: Path, also: list[Path], max_tokens: int,
+            alpha: float = 1.0) -> dict:
     if not (out / "summary.json").is_file():
         args = ["compare", "--base", str(base_q4), "--aligned", str(aligned), "-P", str(prompts), "-o", str(out),
-                "-n", str(max_tokens), "-t", "2", "--keywords", str(KEYWORDS), "--cache", str(WORK / "compare-cache")]
+                "-n", str(max_tokens), "-t", "2", "--keywords", str(KEYWORDS), "--cache", str(WORK / "compare-cache"),
+                "--alpha", str(alpha)]
         for head in heads:
             args += ["-H", str(head)]
         for model in also:
@@ -179,15 +185,21 @@ def main() -> None:
     design = compare(WORK / "design", sets["design"], base_q4, design_heads, aligned_gguf, [], 32)
     white_summary = compare(WORK / "design-white", sets["design"], white_gguf, [], aligned_gguf, [], 32)
     stage("main comparison")
-    main_summary = compare(WORK / "main", sets["eval"], base_q4, [head], aligned_gguf,
-                           [precisions["f16"], precisions["q8_0"], compromised_gguf], 48)
+    main_summary = compare(WORK / "main", sets["eval"], base_q4, [head], aligned_gguf, [compromised_gguf], 48)
+    # recovery at a stronger head: COMPROMISED is the "base" of this comparison
+    recovery_summary = compare(WORK / "recovery", sets["eval"], compromised_gguf, [head], aligned_gguf, [], 48, RECOVERY_ALPHA)
+    # precision transfer is a refusal share: the harmful prompts are enough (base and aligned come from the cache)
+    precision_summary = compare(WORK / "precision", sets["harmful"], base_q4, [head], aligned_gguf,
+                                [precisions["f16"], precisions["q8_0"]], 48)
     stage("shipping and decode overhead")
     shutil.copy(head, SHIPPED)
     overhead = decode_overhead(SHIPPED)
     stage("report")
     durations = stage_durations(timings, time.perf_counter() - started)
     main_summary["_folder"] = str(WORK / "main")
-    write_report(main_summary, design, head, design_heads, white, overhead, durations, sum(durations.values()), white_summary)
+    design["_harmful_prompts"] = sum(json.loads(line)["label"] == "harmful" for line in sets["design"].read_text(encoding="utf-8").splitlines())
+    write_report(main_summary, precision_summary, recovery_summary, design, head, design_heads, white, overhead, durations,
+                 sum(durations.values()), white_summary)
     print(f"done in {time.perf_counter() - started:.0f} s; see {HERE / 'REPORT.md'}")
 
 
@@ -206,12 +218,13 @@ def stage_durations(starts: dict[str, float], total: float) -> dict[str, float]:
     return durations
 
 
-def write_report(main_summary, design, head, design_heads, white, overhead, timings, seconds, white_summary) -> None:
+def write_report(main_summary, precision_summary, recovery_summary, design, head, design_heads, white, overhead, timings, seconds,
+                 white_summary) -> None:
     from report import write_model_card
     from report import write_report as write
 
-    write(main_summary, design, head, design_heads, white, overhead, timings, seconds, white_summary)
-    write_model_card(main_summary, head, SHIPPED)
+    write(main_summary, precision_summary, recovery_summary, RECOVERY_ALPHA, design, head, design_heads, white, overhead, timings, seconds, white_summary)
+    write_model_card(main_summary, recovery_summary, RECOVERY_ALPHA, head, SHIPPED)
 
 
 if __name__ == "__main__":
