@@ -107,7 +107,7 @@ def write_report(main: dict, precision_run: dict, recovery_run: dict, recovery_a
               "Also tried on development prompts and not kept: a penalty only where ALIGNED agrees with BASE (gated by their KL; benign agreement still fell 1–2 points and recovery at α = 1 was 14%); "
               "training on temperature-sharpened or top-1-boosted base logits, to mimic a confident model (COMPROMISED + head at α = 1 refused 19% and 5% of the held-out goals, no better than without); and "
               "`sali train --trajectories aligned+base` (positions on BASE's own responses, where ALIGNED steers back): COMPROMISED + "
-              "head at α = 1 refused 28% of the held-out goals instead of 19%, at 2.4× the extraction time (14 min instead of 7), so the shipped "
+              "head at α = 1 refused 28% of the held-out goals instead of 19%, with 2.4× the positions and twice the extraction time (14 min instead of 7), so the shipped "
               "head does not use it. These figures come from development runs made before this run; the rebuilt siblings "
               "reproduce them exactly (the ablation's penalty-0 row below equals that earlier run's figures).", ""]
     ablation = HERE / "ABLATION.md"
