@@ -120,7 +120,3 @@ def kl_rows(aligned_log_probs: np.ndarray, system_logits: np.ndarray, floor: flo
         terms = np.where(p > 0, p * (aligned_log_probs - log_q), 0.0)
     return terms.sum(axis=-1)
 
-
-def kl_from_logits(aligned_logits: np.ndarray, system_logits: np.ndarray, floor: float = 1e-10) -> float:
-    """KL(aligned ‖ system) in nats from two ``(V,)`` logit vectors (see :func:`kl_rows`)."""
-    return float(kl_rows(log_softmax_rows(aligned_logits[None]), np.asarray(system_logits)[None], floor)[0])

@@ -47,7 +47,7 @@ def dev_questions(n_each: int = 60) -> list[str]:
 
 
 def extraction(prompts: Path, out: Path, cache: Path) -> Path:
-    """Run the real `sali train` (one epoch) to fill the extraction cache; return its folder."""
+    """Run the real `sali train` (one epoch) to fill the extraction cache for `prompts`; return its folder."""
     done = subprocess.run(
         [sys.executable, "-m", "sali", "train", "--base", str(siblings.WORK / "base-f32"), "--aligned", str(siblings.WORK / "aligned"),
          "-P", str(prompts), "-o", str(out), "--cache", str(cache), "--max-new-tokens", "48", "--extract-batch", "16",
@@ -56,24 +56,28 @@ def extraction(prompts: Path, out: Path, cache: Path) -> Path:
     )
     if done.returncode != 0:
         sys.exit(done.stderr[-2000:])
-    line = next(line for line in (done.stdout + done.stderr).splitlines() if line.startswith("extraction cache:"))
-    return Path(line.split(":", 1)[1].strip())
+    log = out.with_suffix(".log")
+    log.write_text(done.stdout + done.stderr, encoding="utf-8")
+    return cache_folder(log)
 
 
-def refusal_rate(gguf: Path, prompts: list[str], head, alpha: float, keywords: list[str]) -> float:
+def refusal_rate(model, prompts: list[str], head, alpha: float, keywords: list[str]) -> float:
+    """Share of `prompts` whose greedy reply from `model` (a sali Model) contains a refusal phrase."""
     from sali.metrics import is_refusal
     from sali.prompts import render
-    from sali.runtime import Model, Sampling
+    from sali.runtime import Sampling
 
-    model = Model(gguf, n_threads=2)
-    try:
-        hits = 0
-        for prompt in prompts:
-            text = render({"type": "chat"}, [{"role": "user", "content": prompt}], chat_template=model.chat_template)
-            hits += is_refusal(model.complete(text, Sampling(max_tokens=TOKENS), head, alpha).text, keywords)
-        return hits / len(prompts)
-    finally:
-        model.close()
+    hits = 0
+    for prompt in prompts:
+        text = render({"type": "chat"}, [{"role": "user", "content": prompt}], chat_template=model.chat_template)
+        hits += is_refusal(model.complete(text, Sampling(max_tokens=TOKENS), head, alpha).text, keywords)
+    return hits / len(prompts)
+
+
+def cache_folder(log: Path) -> Path:
+    """The extraction folder a `sali train` log names."""
+    line = next(line for line in log.read_text(encoding="utf-8").splitlines() if line.startswith("extraction cache:"))
+    return Path(line.split(":", 1)[1].strip())
 
 
 def main() -> None:
@@ -85,6 +89,7 @@ def main() -> None:
     from sali.extract import load_shards
     from sali.head import Head
     from sali.metrics import load_keywords
+    from sali.runtime import Model
 
     torch.set_num_threads(2)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -92,33 +97,35 @@ def main() -> None:
     rows = [json.loads(line) for line in train_file.read_text(encoding="utf-8").splitlines()]
     dev_file = WORK / "dev.jsonl"
     dev_file.write_text("".join(json.dumps({"prompt": q, "label": "benign"}) + "\n" for q in dev_questions()), encoding="utf-8")
-    cache = siblings.WORK / "extract"
-    train_data = load_shards(extraction(train_file, WORK / "train-throwaway.npz", cache))
-    dev_data = load_shards(extraction(dev_file, WORK / "dev-throwaway.npz", cache))
+    shipped = siblings.WORK / "heads" / "k64-r32.npz"  # run.py trained it: its log names the training extraction
+    train_data = load_shards(cache_folder(shipped.with_suffix(".log")))
+    dev_data = load_shards(extraction(dev_file, WORK / "dev-throwaway.npz", siblings.WORK / "extract"))
     held = split_prompts(train_data["row"], 0.1, 0)  # the same split sali train uses (seed 0)
     held_rows = sorted({int(r) for r in train_data["row"][held]})
     harmful = [rows[i]["prompt"] for i in held_rows if rows[i]["label"] == "harmful"]
     benign = [json.loads(line)["prompt"] for line in dev_file.read_text(encoding="utf-8").splitlines()][::2]
     keywords = load_keywords(siblings.DATA / "refusal_keywords.txt")
-    meta = {k: v for k, v in Head.load(siblings.WORK / "heads" / "k64-r32.npz").meta.items()
+    meta = {k: v for k, v in Head.load(shipped).meta.items()
             if k in ("vocab_fingerprint", "base_model", "aligned_model", "base_format", "sali_version")}
+    base, compromised = Model(smollm2_gguf(), n_threads=2), Model(siblings.WORK / "compromised.f16.gguf", n_threads=2)
     results = []
     for penalty in PENALTIES:
         result = train_topk(train_data, 49152, TrainSettings(k=64, rank=32, delta_penalty=penalty))
         path = WORK / f"penalty-{penalty:g}.npz"
         export_topk(result.head, 64, meta, path, result.val_positions)
-        dev_pos = build_positions(dev_data, 64, result.promote)
-        dev = evaluate(result.head, dev_pos)
+        dev = evaluate(result.head, build_positions(dev_data, 64, result.promote))
         head = Head.load(path)
         row = {"penalty": penalty, "dev_top1_base": dev["top1_base"], "dev_top1_head": dev["top1_head"],
-               "base_refusal": refusal_rate(smollm2_gguf(), harmful, head, 1.0, keywords),
-               "base_over_refusal": refusal_rate(smollm2_gguf(), benign, head, 1.0, keywords)}
+               "base_refusal": refusal_rate(base, harmful, head, 1.0, keywords),
+               "base_over_refusal": refusal_rate(base, benign, head, 1.0, keywords)}
         for alpha in ALPHAS:
-            row[f"compromised_refusal_a{alpha:g}"] = refusal_rate(siblings.WORK / "compromised.f16.gguf", harmful, head, alpha, keywords)
+            row[f"compromised_refusal_a{alpha:g}"] = refusal_rate(compromised, harmful, head, alpha, keywords)
         print(json.dumps(row), flush=True)
         results.append(row)
-    plain = {"base": refusal_rate(smollm2_gguf(), harmful, None, 1.0, keywords),
-             "compromised": refusal_rate(siblings.WORK / "compromised.f16.gguf", harmful, None, 1.0, keywords)}
+    plain = {"base": refusal_rate(base, harmful, None, 1.0, keywords),
+             "compromised": refusal_rate(compromised, harmful, None, 1.0, keywords)}
+    base.close()
+    compromised.close()
     (WORK / "ablation.json").write_text(json.dumps({"rows": results, "plain": plain}, indent=1))
     write_markdown(results, plain, len(harmful), len(benign), int(np.sum(dev_data["source"] == 0)))
 

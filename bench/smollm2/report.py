@@ -30,6 +30,13 @@ def _check(ok: bool | None) -> str:
     return "—" if ok is None else ("met" if ok else "**missed**")
 
 
+def _compromised_rows(main: dict, recovery_run: dict, recovery_alpha: float, head: Path) -> tuple[dict, dict, dict]:
+    """(COMPROMISED alone, COMPROMISED + head at α = 1, COMPROMISED + head at `recovery_alpha`)."""
+    rows = main["systems"]
+    comp = next(n for n in rows if n.startswith("compromised") and "+" not in n)
+    return rows[comp], rows[f"{comp}+{head.stem}"], recovery_run["systems"][f"base+{head.stem}@{recovery_alpha:g}"]
+
+
 def write_report(main: dict, precision_run: dict, recovery_run: dict, recovery_alpha: float, design: dict, head: Path, design_heads: list[Path], white: Path, overhead: str,
                  timings: dict[str, float], total_seconds: float, white_summary: dict | None = None) -> Path:
     rows = main["systems"]
@@ -45,11 +52,9 @@ def write_report(main: dict, precision_run: dict, recovery_run: dict, recovery_a
     share = _share(refusal[head_name], refusal["base"], refusal["aligned"])
     over_benign = {n: get(r, "refusal_benign") for n, r in rows.items()}
     over_alarm = {n: get(r, "refusal_alarming") for n, r in rows.items()}
-    comp = next(n for n in rows if n.startswith("compromised") and "+" not in n)
-    comp_head = f"{comp}+{head.stem}"
-    strong = recovery_run["systems"][f"base+{head.stem}@{recovery_alpha:g}"]
-    recovered_alpha1 = _share(refusal[comp_head], refusal[comp], refusal["aligned"])
-    recovered = _share(get(strong, "refusal_harmful"), refusal[comp], refusal["aligned"])
+    comp_row, comp_head_row, strong = _compromised_rows(main, recovery_run, recovery_alpha, head)
+    recovered_alpha1 = _share(get(comp_head_row, "refusal_harmful"), get(comp_row, "refusal_harmful"), refusal["aligned"])
+    recovered = _share(get(strong, "refusal_harmful"), get(comp_row, "refusal_harmful"), refusal["aligned"])
     precision = {}
     by_precision = {n: get(r, "refusal_harmful") for n, r in precision_run["systems"].items()}
     for tag in ("base.f16", "base.q8_0"):
@@ -123,7 +128,7 @@ def write_report(main: dict, precision_run: dict, recovery_run: dict, recovery_a
               f"α scales it at run time (`--alpha`). F1 is word-F1 of benign answers against ALIGNED's; exact match is on GSM8K.", "",
               "| system | refusal harmful | over-refusal benign | over-refusal alarming | F1 vs aligned (benign) | GSM8K exact match | loops |",
               "|---|---|---|---|---|---|---|"]
-    recovery_rows = [("BASE", rows["base"]), ("COMPROMISED", rows[comp]), ("COMPROMISED + head, α = 1", rows[comp_head]),
+    recovery_rows = [("BASE", rows["base"]), ("COMPROMISED", comp_row), ("COMPROMISED + head, α = 1", comp_head_row),
                      (f"COMPROMISED + head, α = {recovery_alpha:g}", strong), ("ALIGNED", rows["aligned"])]
     for label, row in recovery_rows:
         lines.append(f"| {label} | {_pct(row.get('refusal_harmful'))} | {_pct(row.get('refusal_benign'))} | "
@@ -194,9 +199,7 @@ def write_model_card(main: dict, recovery_run: dict, recovery_alpha: float, head
     training = meta.get("training", {})
     rows = main["systems"]
     head_row, base_row, aligned_row = rows["base+" + head.stem], rows["base"], rows["aligned"]
-    comp = next(n for n in rows if n.startswith("compromised") and "+" not in n)
-    comp_row, comp_head_row = rows[comp], rows[f"{comp}+{head.stem}"]
-    strong = recovery_run["systems"][f"base+{head.stem}@{recovery_alpha:g}"]
+    comp_row, comp_head_row, strong = _compromised_rows(main, recovery_run, recovery_alpha, head)
     share = _share(head_row["refusal_harmful"], base_row["refusal_harmful"], aligned_row["refusal_harmful"])
     card = f"""# Shipped heads
 
