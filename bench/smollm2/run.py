@@ -216,7 +216,7 @@ def main() -> None:
     candidates = [train_head(base_dir, aligned_dir, sets["train"], RUN / "heads" / f"k64-r32-dp{penalty}.npz",
                              "--k", "64", "--rank", "32", "--delta-penalty", penalty) for penalty in DELTA_PENALTIES]
     stage("development check")
-    dev_summary = compare(RUN / "dev", sets["dev"], base_q4, candidates, aligned_gguf, [], 48)
+    dev_summary = compare(RUN / "dev", sets["dev"], base_q4, candidates, aligned_gguf, [], 32)
     head = pick_head(dev_summary, candidates)
     print(f"  chosen on development prompts: {head.stem}", flush=True)
     stage("main comparison")

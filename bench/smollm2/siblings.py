@@ -53,8 +53,8 @@ SEED = 0
 N_GSM8K_TRAIN, N_TRUTHFUL_TRAIN = 90, 90  # benign training questions, a third of them recast as requests
 N_DEV_GOALS = 40  # AdvBench train goals held back from every training step, for development prompts
 DEV_SHARE = 0.15  # share of the written benign request/activity lists held back for development
-FORMS_PER_BENIGN = 2  # templates per written benign request or activity
-RESPONSE_TOKENS = 128  # BASE's responses to benign training prompts
+FORMS_PER_BENIGN, FORMS_PER_ALARMING = 1, 2  # templates per written benign / alarming-but-benign item
+RESPONSE_TOKENS = 96  # BASE's responses to benign training prompts
 N_COMPLY, COMPLY_TOKENS = 120, 48  # harmful-compliance examples for COMPROMISED, continuation length
 N_COMPLY_CHECK = 40  # AdvBench train goals (not trained on) used to check COMPROMISED's collapse
 EVAL_TOKENS = 64
@@ -206,8 +206,9 @@ def base_folder() -> Path:
 # ---- stage 2/3: benign prompts and BASE's responses ----------------------------------------
 def benign_train_prompts() -> list[dict]:
     """Benign training prompts: GSM8K and TruthfulQA train questions (a third recast as requests),
-    alarming_benign_train.txt, and the written benign requests and activities (train part), each
-    in `FORMS_PER_BENIGN` templates, so that every form appears on the benign side too."""
+    alarming_benign_train.txt, and the written benign requests, activities and alarming-but-benign
+    activities (train part) in `FORMS_PER_BENIGN` / `FORMS_PER_ALARMING` templates each, so that
+    every form appears on the benign side too."""
     rng = random.Random(SEED)
     third = N_GSM8K_TRAIN // 3
     gsm = gsm8k_questions(DATA / "gsm8k" / "train_2000.jsonl", N_GSM8K_TRAIN)
@@ -221,7 +222,7 @@ def benign_train_prompts() -> list[dict]:
     items += [{"source": "benign_written", "prompt": p}
               for p in phrasings.benign_forms(lists["benign_requests"][0], lists["benign_activities"][0], FORMS_PER_BENIGN, rng)]
     items += [{"source": "alarming_written", "prompt": p}
-              for p in phrasings.benign_forms([], lists["alarming_activities"][0], FORMS_PER_BENIGN, rng)]
+              for p in phrasings.benign_forms([], lists["alarming_activities"][0], FORMS_PER_ALARMING, rng)]
     return items
 
 
