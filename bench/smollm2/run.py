@@ -14,8 +14,8 @@ Stages (outputs under bench/smollm2/work/, which git ignores; REPORT.md and plot
 3. ``sali train`` candidate heads (delta penalty 1, 0.3, 3); the one to ship is picked on the
    development prompts alone (:func:`pick_head`).
 4. ``sali compare``: BASE (Q4_1), BASE + head, ALIGNED, COMPROMISED (+ head) on the evaluation
-   and held-out sets, greedy; COMPROMISED + head at ``RECOVERY_ALPHA``; BASE and BASE + head on
-   the held-out sets under llama.cpp's default sampling, three seeds.
+   and held-out sets, greedy; COMPROMISED + head at ``RECOVERY_ALPHA``; BASE + head on the
+   held-out sets under llama.cpp's default sampling, three seeds (``sali generate``).
 5. Decode overhead of the shipped head (bench/decode_overhead.py), then REPORT.md and the model card.
 """
 
