@@ -240,8 +240,8 @@ def main() -> None:
     head = pick_head(dev_summary, candidates)
     print(f"  chosen on development prompts: {head.stem}", flush=True)
     stage("main comparison")
-    main_summary = compare(RUN / "main", sets["eval"], base_q4, [head], aligned_gguf, [compromised_gguf], 48)
     heldout_summary = compare(RUN / "heldout", sets["heldout"], base_q4, [head], aligned_gguf, [compromised_gguf], 48)
+    main_summary = compare(RUN / "main", sets["eval"], base_q4, [head], aligned_gguf, [compromised_gguf], 48)
     # recovery at a stronger head: COMPROMISED is the "base" of this comparison
     recovery_summary = compare(RUN / "recovery", sets["eval"], compromised_gguf, [head], aligned_gguf, [], 48, RECOVERY_ALPHA)
     stage("sampling")
