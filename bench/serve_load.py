@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import threading
 import time
@@ -168,8 +169,10 @@ def main() -> None:
     head = args.head or "smollm2-135m-safety"
     prompts = PROMPTS[: max(4, min(len(PROMPTS), args.requests))]
 
-    with tempfile.TemporaryDirectory() as folder:
-        baseline = generate_baseline(str(args.model), head, prompts, args.tokens, args.threads, Path(folder))
+    folder = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    # `sali generate` runs before and after the server's levels (the server idles meanwhile),
+    # so a change in machine load during the run shows as two different baselines
+    baselines = [generate_baseline(str(args.model), head, prompts, args.tokens, args.threads, folder)]
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "sali", "serve", str(args.model), "-H", head, "--host", HOST,
                                "--port", str(port), "-t", str(args.threads), "--ctx", "2048"],
@@ -192,7 +195,9 @@ def main() -> None:
         model = f"{health['model']}+{health['heads'][0]}"
         run_level(base, model, prompts[:2], 1, 2, args.tokens, args.timeout)  # warm-up
         rows = [run_level(base, model, prompts, c, args.requests, args.tokens, args.timeout) for c in args.levels]
+        baselines.append(generate_baseline(str(args.model), head, prompts, args.tokens, args.threads, folder))
     finally:
+        shutil.rmtree(folder, ignore_errors=True)
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=60)
@@ -209,7 +214,8 @@ def main() -> None:
         if row["errors"]:
             print(f"C={row['C']}: first error: {row['first_error']}")
     first = next((r for r in rows if r["C"] == 1), None)
-    print(f"sali generate: {baseline:.1f} tok/s on the same prompts")
+    baseline = statistics.mean(baselines)
+    print(f"sali generate: {baseline:.1f} tok/s on the same prompts (before {baselines[0]:.1f}, after {baselines[-1]:.1f})")
     if first is not None:
         print(f"ratio server tok/s at C=1 / sali generate tok/s: {first['tok_s'] / baseline:.3f}")
     if any(r["errors"] for r in rows):

@@ -22,6 +22,7 @@ import hmac
 import json
 import secrets
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -233,7 +234,7 @@ def create_app(engine: Sali, api_key: str | None = None, max_body: int = MAX_BOD
                            "model_not_found")
         return ids[body.model]
 
-    async def respond(body: _Body, head: str | None, prompt: str, run: Callable[..., Any], kind: str):
+    async def respond(request: Request, body: _Body, head: str | None, prompt: str, run: Callable[..., Any], kind: str):
         prompt_tokens = engine.count_tokens(prompt)
         options = settings(body, prompt_tokens)
         alpha = body.alpha if head is not None else None
@@ -251,7 +252,11 @@ def create_app(engine: Sali, api_key: str | None = None, max_body: int = MAX_BOD
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         running.add(cancel)
         try:
-            done: Completion = await asyncio.get_running_loop().run_in_executor(worker, lambda: call(False))
+            job = asyncio.get_running_loop().run_in_executor(worker, lambda: call(False))
+            while not (await asyncio.wait({job}, timeout=0.5))[0]:
+                if await request.is_disconnected():
+                    cancel.set()  # nobody is waiting for this reply any more
+            done: Completion = job.result()
         finally:
             cancel.set()
             running.discard(cancel)
@@ -304,21 +309,21 @@ def create_app(engine: Sali, api_key: str | None = None, max_body: int = MAX_BOD
             running.discard(cancel)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody):
+    async def chat_completions(body: ChatBody, request: Request):
         head = pick(body)
         messages = [m.plain() for m in body.messages]
         if messages[-1]["role"] != "user":
             raise ApiError(400, "the last message must come from the user", "messages")
-        return await respond(body, head, engine.prompt(messages, head), lambda **kw: engine.chat(messages, **kw), "chat")
+        return await respond(request, body, head, engine.prompt(messages, head), lambda **kw: engine.chat(messages, **kw), "chat")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, request: Request):
         head = pick(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1 or not prompts[0]:
             raise ApiError(400, "prompt must be one non-empty string", "prompt")
         text = prompts[0]
-        return await respond(body, head, text, lambda **kw: engine.generate(text, raw=True, **kw), "text")
+        return await respond(request, body, head, text, lambda **kw: engine.generate(text, raw=True, **kw), "text")
 
     return app
 
@@ -371,12 +376,18 @@ def serve(engine: Sali, host: str, port: int, api_key: str | None, announce: Cal
     config = uvicorn.Config(create_app(engine, api_key), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=3, lifespan="on")
     server = Server(config)
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        engine.close()
+        raise SaliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     names = [engine.name] + [f"{engine.name}+{h}" for h in engine.heads]
     announce(f"serving {', '.join(names)} at http://{host}:{port}/v1 (Ctrl-C stops)")
     try:
-        server.run()
+        server.run(sockets=[listener])
     finally:
         engine.close()
-    if not server.started:
-        raise SaliError(f"could not listen on {host}:{port} (address in use, or not allowed?)")
     announce("stopped")

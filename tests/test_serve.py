@@ -265,3 +265,16 @@ def test_serve_without_fastapi_says_how_to_install(tiny, tmp_path):
     blocker.write_text("import sys\nsys.modules['fastapi'] = None\n")
     done = run_sali("serve", str(tiny.f32), env={"PYTHONPATH": str(tmp_path)})
     assert done.returncode == 1 and "pip install 'sali[serve]'" in done.stderr
+
+
+def test_serve_load_benchmark_smoke_mode(tiny, heads):
+    """bench/serve_load.py --quick on the tiny model: both levels finish with no errors and the
+    ratio to `sali generate` is printed."""
+    done = subprocess.run(
+        [sys.executable, "bench/serve_load.py", "--quick", "--model", str(tiny.f32), "--head", str(heads[1])],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.split() and line.split()[0] in ("1", "4")]
+    assert [row[0] for row in rows] == ["1", "4"] and all(row[-1] == "0" for row in rows)
+    assert "ratio server tok/s at C=1 / sali generate tok/s:" in done.stdout
