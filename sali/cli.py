@@ -411,6 +411,7 @@ def compare(
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0,
     seed: SeedOpt = 0,
     stop: StopOpt = None,
     n_gpu_layers: GpuLayersOpt = 0,
@@ -440,7 +441,7 @@ def compare(
     if not items:
         raise SaliError("give prompts with --prompts, --harmful or --benign")
     keyword_path = keywords or _default_keywords()
-    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p)
     from sali.session import resolve_head_path
 
     systems = cmp.build_systems(
