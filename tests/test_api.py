@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import THREADS, make_head, one_error_line, run_sali
+from conftest import THREADS, forcing_and_steering_heads, make_head, one_error_line, run_sali
 
 import sali
 from sali.api import ContextError
@@ -19,12 +19,7 @@ PROMPT = "The baker asked my friend about"
 
 @pytest.fixture(scope="module")
 def head_files(tiny_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("api-heads")
-    bias = np.zeros(tiny_model.n_vocab, dtype=np.float32)
-    bias[77] = 1000.0
-    make_head(tiny_model, scale=0.0, bias=bias, promote=[77]).save(folder / "force77.npz")
-    make_head(tiny_model, k=8, rank=4, scale=1.0, promote=[5, 9, 40]).save(folder / "steer.npz")
-    return folder / "force77.npz", folder / "steer.npz"
+    return forcing_and_steering_heads(tiny_model, tmp_path_factory.mktemp("api-heads"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ Every request loop here is bounded in count and time; the servers listen on 127.
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
@@ -13,11 +12,9 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import ROOT, THREADS, make_head, run_sali
+from conftest import ROOT, THREADS, forcing_and_steering_heads, run_sali
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -67,12 +64,8 @@ def running_server(*args: str, startup: float = 120.0):
 @pytest.fixture(scope="module")
 def heads(tiny_model, tmp_path_factory):
     """A forcing head (always token 77, never an end token) and a random steering head."""
-    folder = tmp_path_factory.mktemp("serve-heads")
-    bias = np.zeros(tiny_model.n_vocab, dtype=np.float32)
-    bias[77] = 1000.0
-    make_head(tiny_model, scale=0.0, bias=bias, promote=[77]).save(folder / "force77.npz")
-    make_head(tiny_model, k=8, rank=4, scale=1.0, promote=[5, 9, 40]).save(folder / "steer.npz")
-    return folder / "force77.npz", folder / "steer.npz", tiny_model.llm.detokenize([77]).decode()
+    force, steer = forcing_and_steering_heads(tiny_model, tmp_path_factory.mktemp("serve-heads"))
+    return force, steer, tiny_model.llm.detokenize([77]).decode()
 
 
 @pytest.fixture(scope="module")
