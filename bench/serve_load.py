@@ -94,6 +94,8 @@ def one_request(client, base: str, model: str, prompt: str, tokens: int, timeout
             if line == "data: [DONE]":
                 finished = True
                 break
+            if first is not None and '"usage"' not in line and '"error"' not in line:
+                continue  # a token's text: only the first one and the usage are needed
             event = json.loads(line[6:])
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])

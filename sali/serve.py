@@ -288,10 +288,12 @@ def create_app(engine: Sali, api_key: str | None = None, max_body: int = MAX_BOD
         try:
             if kind == "chat":
                 yield _sse(_chunk(ident, model, kind, {"role": "assistant", "content": ""}, None))
+            # every token's event is the same but for its text: format the rest once
+            head, tail = _sse(_chunk(ident, model, kind, {"content": "\x00"} if kind == "chat" else "\x00", None)).split('"\\u0000"')
             while True:
                 what, value = await queue.get()
                 if what == "piece":
-                    yield _sse(_chunk(ident, model, kind, {"content": value} if kind == "chat" else value, None))
+                    yield head + json.dumps(value, ensure_ascii=False) + tail
                 elif what == "done":
                     yield _sse(_chunk(ident, model, kind, {} if kind == "chat" else "", FINISH[value.finish_reason]))
                     if include_usage:
