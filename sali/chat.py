@@ -12,6 +12,7 @@ import sys
 from typing import Callable, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 
 from sali.atomic import write_text
 from sali.errors import SaliError
@@ -35,6 +36,7 @@ class Chat:
         self.session = session
         self.console = console
         self.interactive = interactive
+        self.told_dropping = False
 
     # ---- commands -----------------------------------------------------------------------
     def command(self, line: str) -> bool:
@@ -93,21 +95,34 @@ class Chat:
 
     # ---- turns --------------------------------------------------------------------------
     def turn(self, text: str) -> None:
-        """Generate and show the reply to one user message."""
+        """Generate and show the reply to one user message. When the conversation no longer
+        fits the context, the oldest turns are dropped (said once); a message too long on its
+        own is refused (ContextError) and not kept."""
         session = self.session
-        messages = session.messages + [{"role": "user", "content": text}]
+        asked = session.messages + [{"role": "user", "content": text}]
+        fitted, dropped = session.engine.fit(session.full(asked), session.sampling.max_tokens)
+        messages = fitted[1:] if session.system else fitted
+        if dropped and not self.told_dropping:
+            self.note(f"(the conversation outgrew the {session.engine.n_ctx}-token context: older turns are "
+                      "dropped from now on, the system message stays)")
+            self.told_dropping = True
         pieces: list[str] = []
         interrupted = False
+        stream = session.stream(messages)
         try:
-            for piece in session.stream(messages):
+            for piece in stream:
                 pieces.append(piece)
                 self.write(piece)
         except KeyboardInterrupt:
             interrupted = True
+        finally:
+            stream.close()
         reply = "".join(pieces).strip()
         self.write("\n")
         if interrupted:
             self.note("(reply stopped)")
+        elif stream.completion.finish_reason == "context":
+            self.note("(reply cut: the context is full)")
         session.messages = messages + [{"role": "assistant", "content": reply}]
 
     def write(self, text: str) -> None:
@@ -151,6 +166,16 @@ class Chat:
                 self.note(f"error: {exc}")
 
 
+def describe_sampling(sampling) -> str:
+    if sampling.temperature <= 0:
+        shown = "greedy"
+    else:
+        shown = f"temperature {sampling.temperature:g}, top-k {sampling.top_k}, top-p {sampling.top_p:g}, min-p {sampling.min_p:g}"
+    if sampling.repeat_penalty != 1.0:
+        shown += f", repeat penalty {sampling.repeat_penalty:g}"
+    return f"sampling: {shown}, seed {sampling.seed}, up to {sampling.max_tokens} tokens a reply (--temperature 0 for greedy)"
+
+
 def run_chat(session: Session, stdin: TextIO = sys.stdin) -> None:
     interactive = stdin.isatty() and sys.stdout.isatty()
     console = Console(highlight=False)
@@ -160,7 +185,8 @@ def run_chat(session: Session, stdin: TextIO = sys.stdin) -> None:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
             pass
-        console.print(f"[dim]{session.describe()}[/]")
+        console.print(f"[dim]{escape(session.describe())}[/]")
+        console.print(f"[dim]{escape(describe_sampling(session.sampling))}[/]")
         console.print("[dim]/help for commands, Ctrl-C stops a reply, Ctrl-D quits[/]")
         chat.run(lambda: console.input("[bold green]you[/] "))
     else:

@@ -18,11 +18,14 @@ from sali.options import (
     AlphaOpt,
     CtxOpt,
     FormatOpt,
+    FrequencyPenaltyOpt,
     GpuLayersOpt,
     HeadOpt,
     MaxTokensOpt,
     MinPOpt,
     ModelArg,
+    PresencePenaltyOpt,
+    RepeatPenaltyOpt,
     SeedOpt,
     StopOpt,
     TemperatureOpt,
@@ -63,12 +66,16 @@ def root(
     DEBUG["on"] = DEBUG["on"] or debug
 
 
-def _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p=0.0):
+def _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p=0.0, repeat_penalty=1.0,
+              frequency_penalty=0.0, presence_penalty=0.0):
     from sali.runtime import Sampling
 
-    return Sampling(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, stop=tuple(stop or ())
+    sampling = Sampling(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
+        min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
     )
+    sampling.check()
+    return sampling
 
 
 @app.command()
@@ -89,6 +96,9 @@ def generate(
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
     min_p: MinPOpt = 0.0,
+    repeat_penalty: RepeatPenaltyOpt = 1.0,
+    frequency_penalty: FrequencyPenaltyOpt = 0.0,
+    presence_penalty: PresencePenaltyOpt = 0.0,
     alpha: AlphaOpt = 1.0,
     seed: SeedOpt = 0,
     stop: StopOpt = None,
@@ -109,7 +119,8 @@ def generate(
     items = [Prompt(text=p, source=f"--prompt {i}") for i, p in enumerate(prompt or [], 1)] or read_prompts(prompts)
     if any(not item.text.strip() for item in items):
         raise SaliError("empty prompt")
-    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p)
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p, repeat_penalty,
+                         frequency_penalty, presence_penalty)
     session = Session.open(model, head, fmt, sampling, alpha=alpha, n_gpu_layers=n_gpu_layers, threads=threads, ctx=ctx)
     session.system = system
     if out is None:
@@ -125,8 +136,6 @@ def generate(
 
 
 def _generate_to_file(session, items, out: Path) -> None:
-    import time
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from sali.atomic import atomic_path
@@ -137,18 +146,17 @@ def _generate_to_file(session, items, out: Path) -> None:
     ) as progress:
         task = progress.add_task("generate", total=len(items))
         for item in items:
-            result: dict = {}
-            start = time.perf_counter()
-            text = "".join(session.stream([{"role": "user", "content": item.text}], result))
+            done = session.stream([{"role": "user", "content": item.text}]).finish()
             records.append(
                 {
                     "prompt": item.text,
                     "label": item.label,
                     "answer": item.answer,
-                    "response": text,
-                    "finish_reason": result["finish_reason"],
-                    "tokens": len(result["tokens"]),
-                    "seconds": round(time.perf_counter() - start, 4),
+                    "response": done.text,
+                    "finish_reason": done.finish_reason,
+                    "tokens": done.completion_tokens,
+                    "prompt_tokens": done.prompt_tokens,
+                    "seconds": round(done.seconds, 4),
                     "model": session.model.name,
                     "head": str(session.head_path) if session.head is not None else None,
                     "alpha": session.alpha if session.head is not None else None,
@@ -169,10 +177,13 @@ def chat(
     fmt: FormatOpt = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System message.", show_default=False)] = None,
     max_tokens: MaxTokensOpt = 512,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    min_p: MinPOpt = 0.0,
+    temperature: TemperatureOpt = 0.8,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 40,
+    min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatPenaltyOpt = 1.0,
+    frequency_penalty: FrequencyPenaltyOpt = 0.0,
+    presence_penalty: PresencePenaltyOpt = 0.0,
     alpha: AlphaOpt = 1.0,
     seed: SeedOpt = 0,
     stop: StopOpt = None,
@@ -182,6 +193,8 @@ def chat(
 ) -> None:
     """Chat with a GGUF model; the head adjusts every token it samples.
 
+    Samples as llama.cpp's own CLI does (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, after the head); --temperature 0 is greedy.
+
     In the chat: /reset, /head on|off, /alpha X, /system TEXT, /save FILE, /help, /exit. When stdin is not a terminal, each line is one user turn and replies are printed plainly.
 
     [dim]sali chat model.gguf --head safety.npz[/]
@@ -189,10 +202,49 @@ def chat(
     from sali.chat import run_chat
     from sali.session import Session
 
-    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p)
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p, repeat_penalty,
+                         frequency_penalty, presence_penalty)
     session = Session.open(model, head, fmt, sampling, alpha=alpha, n_gpu_layers=n_gpu_layers, threads=threads, ctx=ctx)
     session.system = system
     run_chat(session)
+
+
+@app.command()
+def serve(
+    model: ModelArg = None,
+    head: Annotated[
+        Optional[list[str]],
+        typer.Option("--head", "-H", help="Head file or shipped head name to offer as MODEL+HEAD (repeatable).", show_default=False),
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes the server to your network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.", min=1, max=65535)] = 8000,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option("--api-key", envvar="SALI_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health.", show_default=False),
+    ] = None,
+    fmt: FormatOpt = None,
+    alpha: AlphaOpt = 1.0,
+    n_gpu_layers: GpuLayersOpt = 0,
+    threads: ThreadsOpt = None,
+    ctx: CtxOpt = 4096,
+) -> None:
+    """Serve the model and its heads over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    The model name picks the head: MODEL is the plain model, MODEL+HEAD applies that head. Chat prompts are formatted as sali chat formats them.
+
+    [dim]sali serve --head smollm2-135m-safety
+    curl http://127.0.0.1:8000/v1/models[/]
+    """
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise SaliError("sali serve needs FastAPI and uvicorn: pip install 'sali[serve]'") from None
+    from sali.api import load
+    from sali.serve import serve as run_server
+
+    engine = load(model, head or [], fmt=fmt, alpha=alpha, n_gpu_layers=n_gpu_layers, n_threads=threads, n_ctx=ctx)
+    run_server(engine, host, port, api_key, lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
 
 
 @app.command()
@@ -509,8 +561,20 @@ def head_info(path: Annotated[str, typer.Argument(help="Head file (.npz) or ship
 def main() -> None:
     """Entry point: run the app, turning expected errors into one line and a non-zero exit."""
     import click
+    import warnings
+
     from rich.markup import escape
 
+    from sali.runtime import SaliWarning
+
+    plain_warning = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        if not issubclass(category, SaliWarning):
+            return plain_warning(message, category, filename, lineno, file, line)
+        err.print(f"[yellow]warning:[/] {escape(str(message))}", markup=True, highlight=False, soft_wrap=True)
+
+    warnings.showwarning = one_line
     try:
         code = app(standalone_mode=False)
     except SaliError as exc:

@@ -29,6 +29,7 @@ from sali import metrics
 from sali.errors import SaliError
 from sali.head import Head
 from sali.prompts import Prompt, describe_format, parse_format, render
+from sali.api import Sali, load
 from sali.runtime import Model, Sampling
 
 DEFAULT_PREAMBLE = Path(__file__).resolve().parent / "data" / "icl_preamble.txt"
@@ -49,7 +50,7 @@ class System:
     alpha: float = 1.0  # head strength
 
     def key(self, sampling: Sampling) -> str:
-        parts = [self.kind, _file_id(self.model), json.dumps(self.fmt, sort_keys=True), json.dumps(vars(sampling), sort_keys=True, default=list)]
+        parts = [self.kind, _file_id(self.model), json.dumps(self.fmt, sort_keys=True), json.dumps(_sampling_key(sampling), sort_keys=True, default=list)]
         if self.head:
             parts.append(_file_id(self.head))
             if self.alpha != 1.0:
@@ -59,6 +60,14 @@ class System:
         if self.proxy:
             parts += [_file_id(p) for p in self.proxy]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def _sampling_key(sampling: Sampling) -> dict[str, Any]:
+    """The settings that name a cache: the penalty fields count only when set, so caches
+    written before they existed stay valid."""
+    plain = Sampling()
+    return {k: v for k, v in vars(sampling).items()
+            if k not in ("repeat_penalty", "frequency_penalty", "presence_penalty", "penalty_last_n") or v != getattr(plain, k)}
 
 
 @dataclass
@@ -192,7 +201,8 @@ def generate_all(plan: Plan, progress: Callable[[str, int, int], None] | None = 
     for model_path, systems in by_model.items():
         caches = {s.name: Cache(plan.cache, s, plan.sampling) for s in systems}
         todo = [s for s in systems if any(prompt_key(p) not in caches[s.name].entries for p in plan.prompts)]
-        model = _open(model_path, plan) if todo else None
+        heads = list(dict.fromkeys(s.head for s in todo if s.head))
+        model = _open(model_path, plan, heads) if todo else None
         try:
             for system in systems:
                 cache = caches[system.name]
@@ -213,22 +223,22 @@ def generate_all(plan: Plan, progress: Callable[[str, int, int], None] | None = 
     return results
 
 
-def _open(path: Path, plan: Plan) -> Model:
-    return Model(path, n_gpu_layers=plan.n_gpu_layers, n_threads=plan.threads, n_ctx=plan.ctx, seed=plan.sampling.seed)
+def _open(path: Path, plan: Plan, heads: list[Path] = ()) -> Sali:
+    return load(path, [str(h) for h in heads], n_gpu_layers=plan.n_gpu_layers, n_threads=plan.threads, n_ctx=plan.ctx,
+                seed=plan.sampling.seed)
 
 
-def _runner(system: System, model: Model, plan: Plan):
+def _runner(system: System, handle: Sali, plan: Plan):
     sampling = plan.sampling
     if system.kind == "icl":
         sampling = Sampling(**{**vars(plan.sampling), "stop": tuple(plan.sampling.stop) + ("\nUser:",)})
     if system.kind == "proxy":
-        return ProxyRunner(system, model, plan)
-    head = load_head(system.head) if system.head else None
-    if head is not None:
-        model.check_head(head, head_name=str(system.head))
+        return ProxyRunner(system, handle.model, plan)
+    head = Path(system.head).stem if system.head else None
 
     def run(prompt: Prompt) -> Result:
-        done = model.complete(prompt_text(system, model, prompt), sampling, head, system.alpha)
+        text = prompt_text(system, handle.model, prompt)
+        done = handle.generate(text, raw=True, head=head, alpha=system.alpha, sampling=sampling)
         return Result(done.text.strip(), done.tokens, round(done.seconds, 4), done.finish_reason)
 
     return run
@@ -240,8 +250,8 @@ class ProxyRunner:
     def __init__(self, system: System, base: Model, plan: Plan):
         small_base, small_aligned = system.proxy
         self.base = base
-        self.small_base = _open(small_base, plan)
-        self.small_aligned = _open(small_aligned, plan)
+        self.small_base = _open(small_base, plan).model
+        self.small_aligned = _open(small_aligned, plan).model
         for other in (self.small_base, self.small_aligned):
             if other.fingerprint != base.fingerprint:
                 raise SaliError(f"proxy model {other.name} has another vocabulary ({other.fingerprint}) than {base.name} ({base.fingerprint})")
@@ -253,22 +263,20 @@ class ProxyRunner:
         start = time.perf_counter()
         models = (self.base, self.small_base, self.small_aligned)
         formats = (self.system.fmt, self.system.fmt, {"type": "chat"})
-        for model, fmt in zip(models, formats):
-            model._prefill(model.tokenize(_render(model, fmt, prompt.text)))
+        base, small_base, small_aligned = (m.prefill(m.tokenize(_render(m, fmt, prompt.text))) for m, fmt in zip(models, formats))
         tokens: list[int] = []
         finish = "length"
         for _ in range(self.sampling.max_tokens):
-            logits = self.base._raw_logits() + self.small_aligned._raw_logits() - self.small_base._raw_logits()
-            token = self._choose(logits)
+            token = self._choose(base + small_aligned - small_base)
             if self.base.is_end(token):
                 finish = "eos"
                 break
             tokens.append(token)
-            if any(m.llm.n_tokens + 1 >= m.n_ctx for m in models):
+            if any(m.room <= 1 for m in models):
+                finish = "context"
                 break
-            for model in models:
-                model.llm.eval([token])
-        text = self.base.llm.detokenize(tokens).decode("utf-8", "replace")
+            base, small_base, small_aligned = (m.feed(token) for m in models)
+        text = self.base.detokenize(tokens)
         return Result(text.strip(), tokens, round(time.perf_counter() - start, 4), finish)
 
     def _choose(self, logits: np.ndarray) -> int:
@@ -296,7 +304,7 @@ def teacher_forced(plan: Plan, results: dict[str, dict[str, Result]], progress=N
     if aligned is None:
         return {}
     targets = {prompt_key(p): results[aligned.name][prompt_key(p)].tokens for p in plan.prompts}
-    aligned_model = _open(aligned.model, plan)
+    aligned_model = _open(aligned.model, plan).model
     aligned_log_probs: dict[str, np.ndarray] = {}  # prompt key -> (T, V)
     try:
         for prompt in plan.prompts:
@@ -313,7 +321,7 @@ def teacher_forced(plan: Plan, results: dict[str, dict[str, Result]], progress=N
             by_model.setdefault(system.model, []).append(system)
     figures: dict[str, dict[str, Any]] = {}
     for model_path, systems in by_model.items():
-        model = _open(model_path, plan)
+        model = _open(model_path, plan).model
         offsets = {s.name: _ProxyOffset(s, plan) for s in systems if s.kind == "proxy"}
         rows: dict[str, tuple[list, list, list]] = {s.name: ([], [], []) for s in systems}
         try:
@@ -363,7 +371,7 @@ class _ProxyOffset:
     """Teacher-forced ``small aligned - small base`` logits for proxy-tuning."""
 
     def __init__(self, system: System, plan: Plan):
-        self.small_base, self.small_aligned = (_open(path, plan) for path in system.proxy)
+        self.small_base, self.small_aligned = (_open(path, plan).model for path in system.proxy)
         self.fmt = system.fmt
 
     def __call__(self, prompt: Prompt, response: list[int]) -> np.ndarray:

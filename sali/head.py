@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,8 +92,8 @@ class Head(_HeadMeta):
     bias: np.ndarray
     promote: np.ndarray
     meta: dict[str, Any]
-    _in_top: np.ndarray | None = field(default=None, repr=False)
-    _mixed_buffer: np.ndarray | None = field(default=None, repr=False)
+    # per-thread scratch buffers: one head can serve several generations at once (sali serve)
+    _scratch: threading.local = field(default_factory=threading.local, repr=False, compare=False)
     _w_bias_cache: np.ndarray | None = field(default=None, repr=False)
 
     # ---- construction -------------------------------------------------------------------
@@ -235,13 +236,13 @@ class Head(_HeadMeta):
         # where every NumPy call costs several µs: hence few calls, bias folded into W, no copies.
         shifted = top_logits - top_logits.max()
         features = shifted - np.float32(math.log(float(np.exp(shifted).sum())))
-        mixed = self._mixed()
+        mixed, stamps, call = self._buffers()
         np.matmul(features, self.U[top_ids], out=mixed[:-1])
         if self.promote.size:
-            in_top = self._membership()
-            in_top[top_ids] = True
-            fresh = ~in_top[self.promote]
-            in_top[top_ids] = False
+            # promoted tokens not already in the top k; marking with this call's own number
+            # leaves nothing to undo, so an interrupt mid-call cannot leak into the next one
+            stamps[top_ids] = call
+            fresh = stamps[self.promote] != call
             ids = np.concatenate((top_ids, self.promote[fresh]))
             base = np.concatenate((top_logits, promote_logits[fresh]))
         else:
@@ -265,16 +266,17 @@ class Head(_HeadMeta):
         out[ids] = adjusted
         return out
 
-    def _membership(self) -> np.ndarray:
-        if self._in_top is None:
-            self._in_top = np.zeros(self.vocab_size, dtype=bool)
-        return self._in_top
-
-    def _mixed(self) -> np.ndarray:
-        """Scratch ``(r + 1,)``: the mixed features, then a constant 1 that picks up the bias."""
-        if self._mixed_buffer is None:
-            self._mixed_buffer = np.ones(self.rank + 1, dtype=np.float32)
-        return self._mixed_buffer
+    def _buffers(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """This thread's scratch: ``(r + 1,)`` mixed features then a constant 1 that picks up the
+        bias; ``(V,)`` int32 stamps marking the current top k; the number of this call."""
+        scratch = self._scratch
+        call = getattr(scratch, "call", 0) + 1
+        if call == 1 or call >= 2**31 - 1:
+            scratch.mixed = np.ones(self.rank + 1, dtype=np.float32)
+            scratch.stamps = np.zeros(self.vocab_size, dtype=np.int32)
+            call = 1
+        scratch.call = call
+        return scratch.mixed, scratch.stamps, call
 
     def _w_bias(self) -> np.ndarray:
         """``(V, r + 1)``: W with the bias as its last column (built once)."""

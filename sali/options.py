@@ -61,3 +61,18 @@ FormatOpt = Annotated[
         show_default=False,
     ),
 ]
+RepeatPenaltyOpt = Annotated[
+    float,
+    typer.Option("--repeat-penalty", help="Penalise tokens among the last 64 generated (1 = off; 1.1 is common).",
+                 min=0.0, rich_help_panel="Generation"),
+]
+FrequencyPenaltyOpt = Annotated[
+    float,
+    typer.Option("--frequency-penalty", help="Subtract this per earlier occurrence of a token (OpenAI's; 0 = off).",
+                 rich_help_panel="Generation"),
+]
+PresencePenaltyOpt = Annotated[
+    float,
+    typer.Option("--presence-penalty", help="Subtract this once from any token already generated (OpenAI's; 0 = off).",
+                 rich_help_panel="Generation"),
+]

@@ -20,8 +20,11 @@ import codecs
 import contextlib
 import ctypes
 import logging
+import math
 import os
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -40,35 +43,112 @@ TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32
 class Sampling:
     """Generation settings shared by every command that generates.
 
-    temperature 0 is greedy decoding; top_k 0, top_p 1 and min_p 0 disable those filters. They act
-    *after* the head, on its candidates.
+    temperature 0 is greedy decoding; top_k 0, top_p 1, min_p 0, repeat_penalty 1 and the two
+    OpenAI-style penalties at 0 disable those filters. They act *after* the head, on its
+    candidates, in llama.cpp's order: penalties, top-k, top-p, min-p, temperature.
     """
 
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    min_p: float = 0.0  # drop candidates below min_p × the top candidate's probability (0 = off)
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0  # divides a repeated token's positive logit (llama.cpp's repeat penalty)
+    frequency_penalty: float = 0.0  # subtracted once per earlier occurrence (OpenAI semantics)
+    presence_penalty: float = 0.0  # subtracted once if the token occurred at all
+    penalty_last_n: int = 64  # how many of the last generated tokens the penalties look at
     seed: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep going past end-of-generation tokens (benchmarks)
 
+    def check(self) -> None:
+        """One clear error for settings llama.cpp would misbehave on."""
+        if self.max_tokens < 1:
+            raise SaliError(f"max_tokens must be at least 1, not {self.max_tokens}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise SaliError(f"temperature must be a finite number ≥ 0, not {self.temperature}")
+        if not 0.0 <= self.top_p <= 1.0 or not 0.0 <= self.min_p <= 1.0:
+            raise SaliError(f"top_p and min_p must lie in [0, 1] (got {self.top_p}, {self.min_p})")
+        if self.top_k < 0:
+            raise SaliError(f"top_k must be ≥ 0, not {self.top_k}")
+        if not (self.repeat_penalty > 0 and math.isfinite(self.repeat_penalty)):
+            raise SaliError(f"repeat_penalty must be a finite number > 0, not {self.repeat_penalty}")
+        if not (math.isfinite(self.frequency_penalty) and math.isfinite(self.presence_penalty)):
+            raise SaliError("frequency_penalty and presence_penalty must be finite numbers")
+
+    @property
+    def penalised(self) -> bool:
+        return self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
 
 @dataclass
 class Completion:
-    """One finished generation."""
+    """One generation: filled in as it runs, final once its :class:`Stream` ends.
 
-    text: str
-    tokens: list[int]
-    finish_reason: str  # "eos" | "stop" | "length"
-    prompt_tokens: int
-    seconds: float
+    finish_reason: ``eos`` (the model ended its turn), ``stop`` (a stop string), ``length``
+    (``max_tokens`` reached), ``context`` (the context window is full) or ``cancelled``.
+    """
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    prompt_tokens: int = 0
+    seconds: float = 0.0  # wall time from the start of the prompt's evaluation to the end
+    first_token_seconds: float | None = None  # time to the first generated token
     head_calls: int = 0
     head_seconds: float = 0.0
 
     @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
     def tokens_per_second(self) -> float:
         return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """Token counts as OpenAI reports them."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens),
+                "total_tokens": self.prompt_tokens + len(self.tokens)}
+
+
+class Stream:
+    """The text of a generation piece by piece; :attr:`completion` is the result object.
+
+    Iterating yields ``str`` pieces; once the iteration ends (or :meth:`close` stops it early)
+    ``completion`` holds the whole text, tokens, finish reason and timings.
+    """
+
+    def __init__(self, pieces: Iterator[str], completion: Completion):
+        self._pieces = pieces
+        self.completion = completion
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop generating; the model is free for the next generation."""
+        self._pieces.close()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def finish(self) -> Completion:
+        """Run to the end and return the :class:`Completion`."""
+        for _ in self:
+            pass
+        return self.completion
+
+
+class SaliWarning(UserWarning):
+    """Something the user asked for cannot be done on this machine, and sali goes on without it."""
 
 
 class HeadError(SaliError):
@@ -118,23 +198,23 @@ class HeadSampler:
         self.seconds += time.perf_counter() - start
 
     def _apply(self, cur) -> None:
-        address = ctypes.cast(cur.data, ctypes.c_void_p).value
-        size = int(cur.size)
-        given = np.frombuffer((ctypes.c_char * (size * TOKEN_DATA.itemsize)).from_address(address), TOKEN_DATA)
+        given = candidates(cur)
         if self.verify or self.probe is not None:
             raw = self.get_logits().copy()
             if self.verify:
-                self._check(given, raw)
+                check_candidates(given, raw, self.n_vocab, self.head.k if self.active else 0)
             if self.probe is not None:
                 self.probe(raw)
         if not self.active:
             return
         head = self.head
+        size = given.shape[0]
         if size != min(head.k, self.n_vocab):
             raise RuntimeError(f"the head expects the base's top {head.k} candidates, llama.cpp passed {size}")
         promote_logits = self.get_logits()[head.promote] if head.promote.size else head.promote
         ids, adjusted = head.adjust(given["id"], given["logit"], promote_logits, self.alpha)
         count = ids.shape[0]
+        address = ctypes.cast(cur.data, ctypes.c_void_p).value
         out = np.frombuffer((ctypes.c_char * (count * TOKEN_DATA.itemsize)).from_address(address), TOKEN_DATA)
         out["id"] = ids
         out["logit"] = adjusted
@@ -143,17 +223,71 @@ class HeadSampler:
         cur.sorted = False
         cur.selected = -1
 
-    def _check(self, given: np.ndarray, raw: np.ndarray) -> None:
-        if not self.active:
-            if len(given) != self.n_vocab or not np.array_equal(given["id"], np.arange(self.n_vocab)):
-                raise RuntimeError("llama.cpp's candidate array is not the whole vocabulary in token-id order")
-            if not np.array_equal(given["logit"], raw):
-                raise RuntimeError("llama.cpp's candidate logits differ from its raw logits")
+
+def candidates(cur) -> np.ndarray:
+    """A structured view (no copy) of a ``llama_token_data_array``'s ``size`` candidates."""
+    address = ctypes.cast(cur.data, ctypes.c_void_p).value
+    size = int(cur.size)
+    return np.frombuffer((ctypes.c_char * (size * TOKEN_DATA.itemsize)).from_address(address), TOKEN_DATA)
+
+
+def check_candidates(given: np.ndarray, raw: np.ndarray, n_vocab: int, top_k: int) -> None:
+    """What the head relies on from llama.cpp's sampler chain, checked against the ``(V,)`` raw
+    logits: with no sampler before the callback (``top_k`` 0), the whole vocabulary in token-id
+    order with exactly the raw logits; after a native top-k, exactly the k largest raw logits."""
+    if not top_k:
+        if len(given) != n_vocab or not np.array_equal(given["id"], np.arange(n_vocab)):
+            raise RuntimeError(f"llama.cpp's candidate array ({len(given)} entries) is not the whole vocabulary "
+                               f"({n_vocab}) in token-id order")
+        if not np.array_equal(given["logit"], raw):
+            raise RuntimeError("llama.cpp's candidate logits differ from its raw logits")
+        return
+    if len(given) != min(top_k, n_vocab):
+        raise RuntimeError(f"llama.cpp's top-{top_k} sampler passed {len(given)} candidates")
+    if not np.array_equal(raw[given["id"]], given["logit"]):
+        raise RuntimeError("the top-k candidates' logits differ from the raw logits")
+    if given["logit"].min() < np.sort(raw)[-len(given)]:
+        raise RuntimeError("llama.cpp's top-k candidates are not the k largest logits")
+
+
+_CONTRACT = {"checked": False}
+_CONTRACT_LOCK = threading.Lock()
+
+
+def _check_sampler_contract(model: "Model") -> None:
+    """Once per process, before the first token is sampled: run llama.cpp's sampler chain on the
+    current logits with a probing callback, alone and after a native top-k, and check what it
+    hands over (:func:`check_candidates`). sali uses llama-cpp-python's private sampler classes;
+    a build that changed them would otherwise decode silently wrong."""
+    from llama_cpp._internals import LlamaSampler
+
+    with _CONTRACT_LOCK:
+        if _CONTRACT["checked"]:
             return
-        if not np.array_equal(raw[given["id"]], given["logit"]):
-            raise RuntimeError("the top-k candidates' logits differ from the raw logits")
-        if given["logit"].min() < np.sort(raw)[-len(given)]:
-            raise RuntimeError("llama.cpp's top-k candidates are not the k largest logits")
+        for k in (0, min(8, model.n_vocab)):
+            failures: list[BaseException] = []
+
+            def probe(cur_p, k=k, failures=failures) -> None:
+                try:
+                    check_candidates(candidates(cur_p.contents), model._raw_logits().copy(), model.n_vocab, k)
+                except BaseException as exc:  # noqa: BLE001 - reported below; ctypes would swallow it
+                    failures.append(exc)
+
+            chain = LlamaSampler()
+            try:
+                if k:
+                    chain.add_top_k(k)
+                chain.add_custom(probe)
+                chain.add_greedy()
+                chain.sample(model.llm._ctx, -1)
+            finally:
+                chain.close()
+            if failures:
+                from importlib.metadata import version
+
+                raise SaliError(f"llama-cpp-python {version('llama-cpp-python')} does not hand the head the candidates it "
+                                f"relies on ({failures[0]}); install the version pyproject.toml pins")
+        _CONTRACT["checked"] = True
 
 
 class Model:
@@ -178,6 +312,10 @@ class Model:
         # llama.cpp logs warnings (e.g. context longer than trained) to stderr; keep only errors.
         llama_cpp._logger.logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
         self._llama_cpp = llama_cpp
+        if n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+            warnings.warn(f"this llama.cpp build cannot offload to a GPU: -ngl {n_gpu_layers} ignored, every layer "
+                          "stays on the CPU (README: GPU offload)", SaliWarning, stacklevel=2)
+            n_gpu_layers = 0
         threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
         try:
             # llama.cpp prints load-time notes straight to file descriptor 2; hide them unless verbose
@@ -194,10 +332,14 @@ class Model:
         except (ValueError, RuntimeError, OSError) as exc:
             raise SaliError(f"llama.cpp could not load {self.path}: truncated or corrupt GGUF? ({exc})") from None
         self.n_vocab = self.llm.n_vocab()
-        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp may round the context up; llama-cpp-python's token buffer keeps the size asked for
+        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self._vocab = self.llm._model.vocab
         self._fingerprint: str | None = None
         self._logits_view: tuple[int, np.ndarray] | None = None
+        # one llama.cpp context decodes one sequence at a time: generations take turns on it
+        self._lock = threading.Lock()
+        self._owner: int | None = None
 
     @property
     def name(self) -> str:
@@ -275,6 +417,39 @@ class Model:
         llm.n_tokens = common
         llm.eval(list(tokens[common:]))
 
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Hold the context for one generation; other threads wait their turn (FIFO enough for
+        a server's queue). A second generation opened in the thread already holding it would
+        deadlock: it is refused instead."""
+        if self._owner == threading.get_ident():
+            raise SaliError("a generation on this model is still open in this thread; finish or close it first")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    # ---- stepping by hand (proxy-tuning: several models in lockstep) --------------------------
+    def prefill(self, prompt_tokens: Sequence[int]) -> np.ndarray:
+        """Evaluate a prompt; returns the ``(V,)`` logits view for the next token (valid until the next call)."""
+        self._prefill(prompt_tokens)
+        return self._raw_logits()
+
+    def feed(self, token: int) -> np.ndarray:
+        """Append one token; returns the next ``(V,)`` logits view."""
+        self.llm.eval([token])
+        return self._raw_logits()
+
+    @property
+    def room(self) -> int:
+        """Tokens the context can still take."""
+        return self.n_ctx - self.llm.n_tokens
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.llm.detokenize(list(tokens)).decode("utf-8", "replace")
+
     def sample_tokens(
         self,
         prompt_tokens: Sequence[int],
@@ -286,47 +461,61 @@ class Model:
         probe: Callable[[np.ndarray], None] | None = None,
         stats: HeadSampler | None = None,
     ) -> Iterator[int]:
-        """Yield sampled token ids until an end-of-generation token, `max_tokens` or the context end."""
+        """Yield sampled token ids until an end-of-generation token, `max_tokens` or the context
+        end; the generator's return value is the finish reason (``eos``, ``length``, ``context``).
+
+        The chain: [native top-k(head.k)] → head callback → penalties → top-k → top-p → min-p →
+        temperature → sampling (or greedy).
+        """
         if not prompt_tokens:
             raise SaliError("the prompt is empty")
         if len(prompt_tokens) >= self.n_ctx:
-            raise SaliError(f"the prompt is {len(prompt_tokens)} tokens but the context holds {self.n_ctx} (raise --ctx)")
+            raise SaliError(f"the prompt is {len(prompt_tokens)} tokens but the context holds {self.n_ctx}, "
+                            f"{len(prompt_tokens) - self.n_ctx + 1} too many (raise --ctx)")
+        sampling.check()
         if head is not None:
             self.check_head(head)
         from llama_cpp._internals import LlamaSampler
 
         hook = stats or HeadSampler(head, alpha, self._raw_logits, self.n_vocab, verify=verify, probe=probe)
-        chain = LlamaSampler()
-        try:
-            if hook.active:
-                chain.add_top_k(hook.head.k)  # native selection: the callback gets only the top k
-            chain.add_custom(hook)
-            if sampling.temperature <= 0:
-                chain.add_greedy()
-            else:
-                if sampling.top_k > 0:
-                    chain.add_top_k(sampling.top_k)
-                if sampling.top_p < 1.0:
-                    chain.add_top_p(sampling.top_p, 1)
-                if sampling.min_p > 0.0:
-                    chain.add_min_p(sampling.min_p, 1)
-                chain.add_temp(sampling.temperature)
-                chain.add_dist(sampling.seed)
-            self._prefill(prompt_tokens)
-            for _ in range(sampling.max_tokens):
-                token = chain.sample(self.llm._ctx, -1)
-                if isinstance(hook.error, KeyboardInterrupt):
-                    raise KeyboardInterrupt  # Ctrl-C landed inside the callback
-                if hook.error is not None:
-                    raise HeadError(f"the head failed while sampling, generation stopped: {hook.error!r}")
-                if self.is_end(token) and not sampling.ignore_eos:
-                    return
-                yield token
-                if self.llm.n_tokens + 1 >= self.n_ctx:
-                    return
-                self.llm.eval([token])
-        finally:
-            chain.close()
+        with self._turn():
+            chain = LlamaSampler()
+            try:
+                if hook.active:
+                    chain.add_top_k(hook.head.k)  # native selection: the callback gets only the top k
+                chain.add_custom(hook)
+                if sampling.penalised:
+                    chain.add_penalties(self.n_vocab, sampling.penalty_last_n, sampling.repeat_penalty,
+                                        sampling.frequency_penalty, sampling.presence_penalty)
+                if sampling.temperature <= 0:
+                    chain.add_greedy()
+                else:
+                    if sampling.top_k > 0:
+                        chain.add_top_k(sampling.top_k)
+                    if sampling.top_p < 1.0:
+                        chain.add_top_p(sampling.top_p, 1)
+                    if sampling.min_p > 0.0:
+                        chain.add_min_p(sampling.min_p, 1)
+                    chain.add_temp(sampling.temperature)
+                    chain.add_dist(sampling.seed)
+                self._prefill(prompt_tokens)
+                if not _CONTRACT["checked"]:
+                    _check_sampler_contract(self)
+                for _ in range(sampling.max_tokens):
+                    token = chain.sample(self.llm._ctx, -1)
+                    if isinstance(hook.error, KeyboardInterrupt):
+                        raise KeyboardInterrupt  # Ctrl-C landed inside the callback
+                    if hook.error is not None:
+                        raise HeadError(f"the head failed while sampling, generation stopped: {hook.error!r}")
+                    if self.is_end(token) and not sampling.ignore_eos:
+                        return "eos"
+                    yield token
+                    if self.llm.n_tokens + 1 >= self.n_ctx:
+                        return "context"
+                    self.llm.eval([token])
+                return "length"
+            finally:
+                chain.close()
 
     def stream(
         self,
@@ -334,44 +523,58 @@ class Model:
         sampling: Sampling,
         head: Head | None = None,
         alpha: float = 1.0,
-        result: dict | None = None,
-    ) -> Iterator[str]:
-        """Yield the generated text piece by piece, honouring stop strings.
+        cancel: threading.Event | None = None,
+    ) -> Stream:
+        """Generate from a formatted prompt string (or its token ids), honouring stop strings.
 
-        `prompt` is a formatted prompt string or its token ids. When `result` is a dict it
-        receives ``tokens``, ``finish_reason``, ``prompt_tokens``, ``head_calls`` and
-        ``head_seconds`` once the stream ends (also when the consumer stops early).
+        Returns a :class:`Stream` of text pieces whose ``completion`` is the result. Setting
+        `cancel` (from any thread) stops the generation at the next token (``cancelled``).
         """
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        done = Completion(prompt_tokens=len(tokens))
+        return Stream(self._pieces(tokens, sampling, head, alpha, cancel, done), done)
+
+    def _pieces(self, tokens, sampling: Sampling, head, alpha, cancel, done: Completion) -> Iterator[str]:
         hook = HeadSampler(head, alpha, self._raw_logits, self.n_vocab)
-        out = result if result is not None else {}
-        out.update(tokens=[], finish_reason="length", prompt_tokens=len(tokens))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         holdback = max((len(s) for s in sampling.stop), default=1) - 1
         pending = ""
-        generated = 0
+        start = time.perf_counter()
+        source = self.sample_tokens(tokens, sampling, head, alpha, stats=hook)
         try:
-            for token in self.sample_tokens(tokens, sampling, head, alpha, stats=hook):
-                out["tokens"].append(token)
-                generated += 1
+            while True:
+                if cancel is not None and cancel.is_set():
+                    done.finish_reason = "cancelled"
+                    return
+                try:
+                    token = next(source)
+                except StopIteration as end:
+                    done.finish_reason = end.value
+                    break
+                if done.first_token_seconds is None:
+                    done.first_token_seconds = time.perf_counter() - start
+                done.tokens.append(token)
                 pending += decoder.decode(self.llm.detokenize([token]))
                 cut = _find_stop(pending, sampling.stop)
                 if cut is not None:
+                    done.finish_reason = "stop"
                     if pending[:cut]:
+                        done.text += pending[:cut]
                         yield pending[:cut]
-                    out["finish_reason"] = "stop"
                     return
                 safe = len(pending) - holdback if sampling.stop else len(pending)
                 if safe > 0:
+                    done.text += pending[:safe]
                     yield pending[:safe]
                     pending = pending[safe:]
-            else_reason = "length" if generated >= sampling.max_tokens else "eos"
-            out["finish_reason"] = else_reason
             pending += decoder.decode(b"", final=True)
             if pending:
+                done.text += pending
                 yield pending
         finally:
-            out["head_calls"], out["head_seconds"] = hook.calls, hook.seconds
+            source.close()
+            done.head_calls, done.head_seconds = hook.calls, hook.seconds
+            done.seconds = time.perf_counter() - start
 
     def complete(
         self,
@@ -381,28 +584,22 @@ class Model:
         alpha: float = 1.0,
     ) -> Completion:
         """Generate to the end and return the whole :class:`Completion`."""
-        result: dict = {}
-        start = time.perf_counter()
-        text = "".join(self.stream(prompt, sampling, head, alpha, result))
-        return Completion(
-            text=text,
-            tokens=result["tokens"],
-            finish_reason=result["finish_reason"],
-            prompt_tokens=result["prompt_tokens"],
-            seconds=time.perf_counter() - start,
-            head_calls=result["head_calls"],
-            head_seconds=result["head_seconds"],
-        )
+        return self.stream(prompt, sampling, head, alpha).finish()
 
     def teacher_forced_logits(self, prompt_tokens: Sequence[int], response_tokens: Sequence[int]) -> np.ndarray:
         """Raw logits ``(T, V)`` float32 at the positions that predict each of the ``T`` response
         tokens, from one batched pass over prompt + response (no sampling)."""
-        llm = self.llm
         sequence = list(prompt_tokens) + list(response_tokens)[:-1]
         if len(sequence) >= self.n_ctx:
             raise SaliError(f"prompt + response is {len(sequence)} tokens but the context holds {self.n_ctx} (raise --ctx)")
         first = len(prompt_tokens) - 1  # position predicting response token 0
         out = np.empty((len(response_tokens), self.n_vocab), dtype=np.float32)
+        with self._turn():
+            self._forced_pass(sequence, first, out)
+        return out
+
+    def _forced_pass(self, sequence: list[int], first: int, out: np.ndarray) -> None:
+        llm = self.llm
         llm.n_tokens = 0
         llm._ctx.kv_cache_seq_rm(-1, 0, -1)
         for start in range(0, len(sequence), llm.n_batch):
@@ -416,7 +613,6 @@ class Model:
                     out[position - first] = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
         # the KV cache now holds this sequence, not what input_ids says: make the next call re-evaluate
         llm.n_tokens = 0
-        return out
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

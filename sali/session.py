@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from sali.api import Sali, load
 from sali.errors import SaliError
 from sali.head import Head
-from sali.prompts import describe_format, parse_format, render
-from sali.runtime import Model, Sampling
+from sali.runtime import Sampling, Stream
 
 
 def resolve_model_path(model: Path | None) -> Path:
@@ -45,19 +45,17 @@ def resolve_head_path(head: Path | str | None) -> Path | None:
 
 @dataclass
 class Session:
-    """A loaded model with an optional head, a prompt format and sampling settings.
+    """A loaded model with an optional head, sampling settings and a conversation.
 
-    ``messages`` holds the conversation as role/content dicts; ``render_prompt`` turns it into
-    text in the chosen format.
+    ``messages`` holds the conversation as role/content dicts (without the system message,
+    kept in ``system``). With the head off the prompt format stays the head's and alpha is 0,
+    which reproduces the plain base exactly.
     """
 
-    model: Model
-    head: Head | None
-    fmt: dict[str, Any]
+    engine: Sali
     sampling: Sampling
     alpha: float = 1.0
     head_on: bool = True
-    head_path: Path | None = None
     system: str | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
 
@@ -74,52 +72,38 @@ class Session:
         threads: int | None = None,
         ctx: int = 2048,
     ) -> "Session":
-        head_file = resolve_head_path(head_path)
-        head = Head.load(head_file) if head_file is not None else None
-        model = Model(resolve_model_path(model_path), n_gpu_layers=n_gpu_layers, n_threads=threads, n_ctx=ctx, seed=sampling.seed)
-        if head is not None:
-            model.check_head(head, head_name=str(head_file))
-        fmt = choose_format(fmt_spec, head, model)
-        stops = tuple(sampling.stop) + default_stops(fmt)
-        sampling.stop = tuple(dict.fromkeys(s for s in stops if s))
-        return cls(model=model, head=head, fmt=fmt, sampling=sampling, alpha=alpha, head_path=head_file)
+        engine = load(model_path, head_path, fmt=fmt_spec, alpha=alpha, n_gpu_layers=n_gpu_layers,
+                      n_threads=threads, n_ctx=ctx, seed=sampling.seed)
+        return cls(engine=engine, sampling=sampling, alpha=alpha)
 
     @property
-    def active_head(self) -> Head | None:
-        return self.head if self.head_on else None
+    def model(self):
+        return self.engine.model
 
-    def render_prompt(self, messages: list[dict[str, str]]) -> str:
-        full = ([{"role": "system", "content": self.system}] if self.system else []) + messages
-        return render(
-            self.fmt,
-            full,
-            chat_template=self.model.chat_template,
-            bos_token=self.model.bos_text,
-            eos_token=self.model.eos_text,
-        )
+    @property
+    def head(self) -> Head | None:
+        chosen = self.engine.head()
+        return chosen.head if chosen else None
 
-    def stream(self, messages: list[dict[str, str]], result: dict | None = None) -> Iterator[str]:
-        prompt = self.render_prompt(messages)
-        return self.model.stream(prompt, self.sampling, self.active_head, self.alpha, result)
+    @property
+    def head_path(self) -> Path | None:
+        chosen = self.engine.head()
+        return chosen.path if chosen else None
+
+    @property
+    def fmt(self) -> dict[str, Any]:
+        return self.engine.format_for()
+
+    def full(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + messages
+
+    def stream(self, messages: list[dict[str, str]]) -> Stream:
+        """The reply to `messages` (after the system message) as a :class:`Stream`."""
+        return self.engine.chat(self.full(messages), alpha=self.alpha if self.head_on else 0.0, stream=True,
+                                sampling=self.sampling)
 
     def describe(self) -> str:
-        head = "none"
-        if self.head is not None:
-            head = f"{self.head_path.name if self.head_path else 'head'} ({'on' if self.head_on else 'off'}, alpha {self.alpha:g})"
-        return f"model {self.model.name} · head {head} · format {describe_format(self.fmt)}"
-
-
-def choose_format(spec: str | None, head: Head | None, model: Model) -> dict[str, Any]:
-    """--format if given, else the head's training format, else chat (plain without a template)."""
-    if spec:
-        fmt = parse_format(spec)
-    elif head is not None:
-        fmt = head.base_format
-    else:
-        fmt = {"type": "chat" if model.chat_template else "plain"}
-    if fmt["type"] == "chat" and not model.chat_template:
-        raise SaliError(f"{model.name} has no chat template; pass --format plain or a template with {{prompt}}")
-    return fmt
+        return self.engine.describe(alpha=self.alpha, head_on=self.head_on)
 
 
 def default_stops(fmt: dict[str, Any]) -> tuple[str, ...]:

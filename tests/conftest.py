@@ -110,6 +110,16 @@ def make_head(model, *, k: int = 16, rank: int = 4, seed: int = 0, scale: float 
     )
 
 
+def forcing_and_steering_heads(model, folder: Path) -> tuple[Path, Path]:
+    """Two head files for `model`: force77.npz (always token 77, never an end token) and
+    steer.npz (random weights that change what the model says)."""
+    bias = np.zeros(model.n_vocab, dtype=np.float32)
+    bias[77] = 1000.0
+    make_head(model, scale=0.0, bias=bias, promote=[77]).save(folder / "force77.npz")
+    make_head(model, k=8, rank=4, scale=1.0, promote=[5, 9, 40]).save(folder / "steer.npz")
+    return folder / "force77.npz", folder / "steer.npz"
+
+
 @dataclass
 class Pair:
     """The tiny base/aligned pair of tests/tiny_pair.py (HF folders, GGUFs, prompt files)."""

@@ -95,6 +95,10 @@ def test_interactive_chat_in_a_pseudo_terminal(tiny, chat_head, tmp_path):
         child.expect("head off")
         child.sendline(f"/save {transcript}")
         child.expect("saved")
+        child.expect("you")
+        # readline reads the ^D itself once it has switched the terminal to raw mode (echo off);
+        # sent earlier, the line discipline may consume it as end-of-file before readline starts
+        child.waitnoecho(timeout=60)
         child.sendeof()
         child.expect(pexpect.EOF)
     finally:
@@ -102,3 +106,68 @@ def test_interactive_chat_in_a_pseudo_terminal(tiny, chat_head, tmp_path):
     assert child.exitstatus == 0
     messages = json.loads(transcript.read_text())["messages"]
     assert messages[0] == {"role": "user", "content": "Hello"}
+
+
+@pytest.fixture(scope="module")
+def steer_head(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat-steer") / "steer.npz"
+    make_head(tiny_model, k=8, rank=4, scale=1.0, promote=[5, 9, 40]).save(path)
+    return path
+
+
+def spawn_chat(*args: str):
+    pexpect = pytest.importorskip("pexpect")
+    return pexpect.spawn(sys.executable, ["-m", "sali", "chat", *args], cwd=str(ROOT),
+                         env={"COLUMNS": "100", "TERM": "dumb", "PATH": "/usr/bin:/bin"}, encoding="utf-8", timeout=120)
+
+
+def test_ctrl_c_stops_a_reply_and_leaves_no_state_behind(tiny, steer_head, tmp_path):
+    """Ctrl-C mid-reply stops it and the chat goes on; the same question asked again after
+    /reset gets exactly the reply a freshly started chat gives (same seed, same sampling)."""
+    pexpect = pytest.importorskip("pexpect")
+    args = [str(tiny.f32), "-H", str(steer_head), "-n", "1500", "--ctx", "2048", "-t", "1"]
+    fresh = run_sali("chat", *args, input="Hello\n", timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    expected = fresh.stdout.strip()
+    transcript = tmp_path / "pty.json"
+    child = spawn_chat(*args)
+    try:
+        child.expect("temperature 0.8, top-k 40, top-p 0.95, min-p 0.05")  # the banner names the sampling
+        child.expect("you")
+        child.sendline("Hello")
+        child.expect("assistant")
+        child.expect(r"\S")  # the reply has started
+        child.sendintr()
+        child.expect_exact("(reply stopped)")
+        child.expect("you")
+        child.sendline("/reset")
+        child.expect("conversation reset")
+        child.sendline("Hello")
+        child.expect("assistant")
+        child.expect("you", timeout=300)  # the whole reply, then the next prompt
+        child.sendline(f"/save {transcript}")
+        child.expect("saved")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    messages = json.loads(transcript.read_text())["messages"]
+    assert messages == [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": expected}]
+
+
+def test_long_chat_drops_oldest_turns_and_refuses_a_message_too_long(tiny, tmp_path):
+    transcript = tmp_path / "long.json"
+    turns = [f"turn {i}: tell me about the river and the baker and the window again" for i in range(8)]
+    script = "\n".join(turns + ["river " * 300, f"/save {transcript}"]) + "\n"
+    done = run_sali("chat", str(tiny.f32), "--system", "Be brief.", "-n", "8", "--ctx", "160", "-t", "1",
+                    "--temperature", "0", input=script)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("older turns are dropped") == 1  # said once
+    refusal = [line for line in done.stderr.splitlines() if "context holds 160" in line]
+    assert len(refusal) == 1 and refusal[0].startswith("error: the message is ") and "too many" in refusal[0]
+    saved = json.loads(transcript.read_text())
+    assert saved["system"] == "Be brief."
+    users = [m["content"] for m in saved["messages"] if m["role"] == "user"]
+    assert users[-1] == turns[-1] and turns[0] not in users  # the oldest went, the newest stayed
+    assert all("river river" not in u for u in users)  # the refused message was not kept

