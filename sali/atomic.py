@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from sali.errors import SaliError
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
@@ -21,8 +23,13 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     (``np.savez`` appends ``.npz`` otherwise). On any exception the temporary file is removed.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".part", dir=target.parent)
+    try:
+        if target.is_dir():
+            raise IsADirectoryError("it is a folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".part", dir=target.parent)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL character in the name
+        raise SaliError(f"cannot write {target}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -31,7 +38,10 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         # umask 022), and put its bytes on disk before the rename makes it the target
         os.chmod(tmp_path, 0o666 & ~_umask())
         _fsync(tmp_path, os.O_RDONLY)
-        os.replace(tmp_path, target)
+        try:
+            os.replace(tmp_path, target)
+        except OSError as exc:
+            raise SaliError(f"cannot write {target}: {exc.strerror or exc}") from None
         _fsync(target.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0), best_effort=True)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

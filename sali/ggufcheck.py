@@ -12,7 +12,8 @@ message). :func:`check_gguf` therefore refuses, with one :class:`~sali.errors.Sa
 3. what the reader accepts but llama.cpp should never be handed: tensors whose data lies
    outside the file or overlaps another tensor's, rows that are not whole quantisation blocks,
    more than 4 dimensions, misaligned offsets, zero or non-integer model sizes (block count,
-   embedding length, head counts that do not divide), token tables whose lengths disagree.
+   embedding length, head counts that do not divide), token tables whose lengths disagree or
+   that list a token twice.
 
 Checks cost one pass over the header (the tensor data is never read).
 """
@@ -260,6 +261,8 @@ def _check_fields(reader) -> None:
         if tokens.types != [_gtype("ARRAY"), _gtype("STRING")] or not tokens.data:
             raise _Bad("tokenizer.ggml.tokens must be a non-empty list of strings")
         n_tokens = len(tokens.data)
+        if len({bytes(tokens.parts[i]) for i in tokens.data}) != n_tokens:  # llama.cpp aborts on these
+            raise _Bad("tokenizer.ggml.tokens lists a token twice")
         for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
             if key in fields and len(fields[key].data) != n_tokens:
                 raise _Bad(f"{key} has {len(fields[key].data)} entries for {n_tokens} tokens")

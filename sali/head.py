@@ -187,13 +187,14 @@ class Head(_HeadMeta):
                 f"{path} is a white-box (lmhead) head: merge it into the base GGUF with "
                 "`sali convert --merge-head` and run the merged model instead"
             )
-        head = cls(
-            U=arrays["U"].astype(np.float32),
-            W=arrays["W"].astype(np.float32),
-            bias=arrays["bias"].astype(np.float32),
-            promote=np.asarray(arrays["promote"], dtype=np.int64),
-            meta=meta,
-        )
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused by validate()
+            head = cls(
+                U=arrays["U"].astype(np.float32),
+                W=arrays["W"].astype(np.float32),
+                bias=arrays["bias"].astype(np.float32),
+                promote=np.asarray(arrays["promote"], dtype=np.int64),
+                meta=meta,
+            )
         head.validate(str(path))
         return head
 
@@ -371,7 +372,12 @@ def read_archive(path: str | Path, names: tuple[str, ...]) -> tuple[dict[str, An
 
 def _read_member(archive, name: str, path: Path) -> np.ndarray:
     try:
-        return archive[name]
+        array = archive[name]
+        if not isinstance(array, np.ndarray):  # NpzFile hands back raw bytes for a non-.npy member
+            raise SaliError(f"{path}: member {name!r} is not a NumPy array")
+        return array
+    except SaliError:
+        raise
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise SaliError(
@@ -443,7 +449,8 @@ class LMHead(_HeadMeta):
     @classmethod
     def load(cls, path: str | Path) -> "LMHead":
         meta, arrays = read_archive(path, LM_ARRAYS)
-        head = cls(P=arrays["P"].astype(np.float32), Q=arrays["Q"].astype(np.float32), meta=meta)
+        with np.errstate(over="ignore"):  # beyond float32: inf, refused by validate()
+            head = cls(P=arrays["P"].astype(np.float32), Q=arrays["Q"].astype(np.float32), meta=meta)
         head.validate(str(path))
         return head
 
