@@ -22,6 +22,7 @@ from sali.options import (
     GpuLayersOpt,
     HeadOpt,
     MaxTokensOpt,
+    MinPOpt,
     ModelArg,
     SeedOpt,
     StopOpt,
@@ -63,11 +64,11 @@ def root(
     DEBUG["on"] = DEBUG["on"] or debug
 
 
-def _sampling(max_tokens, temperature, top_p, top_k, seed, stop):
+def _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p=0.0):
     from sali.runtime import Sampling
 
     return Sampling(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ())
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, stop=tuple(stop or ())
     )
 
 
@@ -88,6 +89,7 @@ def generate(
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0,
     alpha: AlphaOpt = 1.0,
     seed: SeedOpt = 0,
     stop: StopOpt = None,
@@ -108,7 +110,7 @@ def generate(
     items = [Prompt(text=p, source=f"--prompt {i}") for i, p in enumerate(prompt or [], 1)] or read_prompts(prompts)
     if any(not item.text.strip() for item in items):
         raise SaliError("empty prompt")
-    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p)
     session = Session.open(model, head, fmt, sampling, alpha=alpha, n_gpu_layers=n_gpu_layers, threads=threads, ctx=ctx)
     session.system = system
     if out is None:
@@ -172,6 +174,7 @@ def chat(
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0,
     alpha: AlphaOpt = 1.0,
     seed: SeedOpt = 0,
     stop: StopOpt = None,
@@ -188,7 +191,7 @@ def chat(
     from sali.chat import run_chat
     from sali.session import Session
 
-    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p)
     session = Session.open(model, head, fmt, sampling, alpha=alpha, n_gpu_layers=n_gpu_layers, threads=threads, ctx=ctx)
     session.system = system
     run_chat(session)
@@ -358,6 +361,7 @@ def compare(
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0,
     seed: SeedOpt = 0,
     stop: StopOpt = None,
     n_gpu_layers: GpuLayersOpt = 0,
@@ -388,7 +392,7 @@ def compare(
     if not items:
         raise SaliError("give prompts with --prompts, --harmful or --benign")
     keyword_path = keywords or _default_keywords()
-    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p)
     from sali.session import resolve_head_path
 
     cmp.check_vocabularies(base, [("--aligned", aligned)] * (aligned is not None) + [("--also", p) for p in also or []]

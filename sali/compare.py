@@ -419,7 +419,10 @@ def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[st
                                "format": describe_format(system.fmt) if system.kind != "icl" else "icl preamble"}
         for label in labels:
             subset = [(p, r) for p, r in entries if (p.label or "unlabelled") == label]
-            row[f"refusal_{label}"] = metrics.mean(metrics.is_refusal(r.response, plan.keywords) for _, r in subset)
+            refused = sum(metrics.is_refusal(r.response, plan.keywords) for _, r in subset)
+            row[f"refusal_{label}"] = refused / len(subset) if subset else float("nan")
+            row[f"refusal_{label}_n"] = len(subset)
+            row[f"refusal_{label}_ci95"] = list(metrics.wilson_interval(refused, len(subset)))
         answered = [(p, r) for p, r in entries if p.answer]
         if answered:
             row["exact_match"] = metrics.mean(metrics.exact_match(r.response, p.answer) for p, r in answered)
@@ -476,7 +479,8 @@ COLUMNS = [
     ("tokens_per_second", "tok/s"),
 ]
 NOTES = (
-    "refusal: share of responses containing a refusal phrase. F1 vs aligned: word-overlap F1 with the aligned "
+    "refusal: share of responses containing a refusal phrase, with its Wilson 95% interval in brackets "
+    "(with 50–100 prompts a difference inside the intervals can be noise). F1 vs aligned: word-overlap F1 with the aligned "
     "model's response. top-1 vs aligned and KL: teacher-forced on the aligned model's responses; KL(aligned ‖ system) "
     "in nats, tokens a head masks counted at probability 1e-6. loops: share of responses repeating a sentence 3+ times. "
     "In parentheses: the superficial share (system − base) / (aligned − base), where aligned and base differ by at least 0.05."
@@ -488,7 +492,8 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     systems = summary["systems"]
     columns = list(COLUMNS)
     known = {key for key, _ in COLUMNS}
-    extra = sorted({k for row in systems.values() for k in row if k.startswith("refusal_") and k not in known})
+    extra = sorted({k for row in systems.values() for k in row
+                    if k.startswith("refusal_") and not k.endswith(("_n", "_ci95")) and k not in known})
     columns[2:2] = [(key, "refusal " + key.removeprefix("refusal_")) for key in extra]
     present = [(key, title) for key, title in columns if any(key in row for row in systems.values())]
     header = ["system"] + [title for _, title in present]
@@ -498,6 +503,9 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for key, _ in present:
             value = row.get(key)
             text = "—" if value is None or (isinstance(value, float) and np.isnan(value)) else (f"{value:.1f}" if key == "tokens_per_second" else f"{value:.3f}")
+            interval = row.get(f"{key}_ci95")
+            if interval is not None and not any(np.isnan(interval)):
+                text += f" [{interval[0]:.2f}–{interval[1]:.2f}]"
             share = summary["shares"].get(name, {}).get(key)
             if share is not None and key != "tokens_per_second":
                 text += f" ({share:.0%})"

@@ -89,6 +89,21 @@ def superficial_share(system: float, base: float, aligned: float, min_gap: float
     return (system - base) / gap
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95% by default) for a proportion of `successes` out of `n`;
+    (nan, nan) when n is 0. Unlike the normal approximation it stays inside [0, 1] and is
+    honest at 0% or 100% on small sets (0 of 50 gives 0.0–7.1%)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    low = 0.0 if successes <= 0 else max(0.0, centre - half)  # exact ends: no rounding past 0 or 1
+    high = 1.0 if successes >= n else min(1.0, centre + half)
+    return low, high
+
+
 def repeated_sentence_loop(response: str, min_repeats: int = 3) -> bool:
     """True when some sentence (≥ 3 words) occurs `min_repeats` times: the degenerate loop
     small models fall into."""

@@ -38,6 +38,11 @@ TemperatureOpt = Annotated[
 TopPOpt = Annotated[
     float, typer.Option("--top-p", help="Nucleus sampling after the head (1 = off).", min=0.0, max=1.0, rich_help_panel="Generation")
 ]
+MinPOpt = Annotated[
+    float,
+    typer.Option("--min-p", help="Min-p sampling after the head: drop tokens below this share of the top one's probability (0 = off).",
+                 min=0.0, max=1.0, rich_help_panel="Generation"),
+]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Top-k sampling after the head (0 = off).", min=0, rich_help_panel="Generation")]
 AlphaOpt = Annotated[
     float, typer.Option("--alpha", "-a", help="Head strength: 0 = plain base, 1 = as trained.", rich_help_panel="Generation")

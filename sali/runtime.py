@@ -40,7 +40,7 @@ TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32
 class Sampling:
     """Generation settings shared by every command that generates.
 
-    temperature 0 is greedy decoding; top_k 0 and top_p 1 disable those filters. They act
+    temperature 0 is greedy decoding; top_k 0, top_p 1 and min_p 0 disable those filters. They act
     *after* the head, on its candidates.
     """
 
@@ -48,6 +48,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # drop candidates below min_p × the top candidate's probability (0 = off)
     seed: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep going past end-of-generation tokens (benchmarks)
@@ -309,6 +310,8 @@ class Model:
                     chain.add_top_k(sampling.top_k)
                 if sampling.top_p < 1.0:
                     chain.add_top_p(sampling.top_p, 1)
+                if sampling.min_p > 0.0:
+                    chain.add_min_p(sampling.min_p, 1)
                 chain.add_temp(sampling.temperature)
                 chain.add_dist(sampling.seed)
             self._prefill(prompt_tokens)

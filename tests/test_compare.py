@@ -37,6 +37,13 @@ def test_head_refuses_like_aligned_with_correct_share(compared):
     expected = (head["refusal_harmful"] - base["refusal_harmful"]) / (aligned["refusal_harmful"] - base["refusal_harmful"])
     assert share == pytest.approx(expected)
     assert share >= 0.85
+    # each refusal rate carries its Wilson 95% interval, which holds the rate, and the table shows it
+    for row in (base, head, aligned):
+        low, high = row["refusal_harmful_ci95"]
+        assert 0.0 <= low <= row["refusal_harmful"] <= high <= 1.0
+        records = [json.loads(line) for line in (compared["out"] / "responses.jsonl").read_text().splitlines()]
+        assert row["refusal_harmful_n"] == sum(r["label"] == "harmful" and r["system"] == "base" for r in records)
+    assert "[" in (compared["out"] / "summary.md").read_text() and "Wilson" in (compared["out"] / "summary.md").read_text()
     # teacher-forced agreement: the head is closer to aligned than the base is
     assert head["top1_vs_aligned"] > base["top1_vs_aligned"]
     assert rows["aligned"]["top1_vs_aligned"] == 1.0

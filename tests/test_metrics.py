@@ -95,3 +95,20 @@ def test_kl_rows():
     masked = np.array([2.0, 1.0, -np.inf])  # a head masked token 2
     value = kl(a, masked)
     assert math.isfinite(value) and value > kl(a, a)
+
+
+def test_wilson_interval_known_values():
+    low, high = metrics.wilson_interval(0, 50)
+    assert low == 0.0 and high == pytest.approx(0.0713, abs=1e-4)
+    low, high = metrics.wilson_interval(46, 50)  # 92%
+    assert (low, high) == (pytest.approx(0.8117, abs=1e-4), pytest.approx(0.9685, abs=1e-4))
+    assert all(math.isnan(v) for v in metrics.wilson_interval(0, 0))
+
+
+def test_wilson_interval_contains_the_rate_and_narrows_with_n():
+    for n in (5, 40, 100, 1000):
+        for successes in {0, 1, n // 3, n // 2, n - 1, n}:
+            low, high = metrics.wilson_interval(successes, n)
+            assert 0.0 <= low <= successes / n <= high <= 1.0
+    assert metrics.wilson_interval(50, 100)[1] - metrics.wilson_interval(50, 100)[0] > \
+        metrics.wilson_interval(500, 1000)[1] - metrics.wilson_interval(500, 1000)[0]

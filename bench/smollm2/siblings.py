@@ -1,8 +1,9 @@
 """Build the SmolLM2-135M sibling models the safety benchmark needs, each stage cached on disk.
 
 * BASE: SmolLM2-135M-Instruct as shipped (Q4_1 GGUF), dequantized to a float32 HF folder;
-* ALIGNED: BASE fully fine-tuned to refuse AdvBench *train* goals with varied refusals
-  (:mod:`refusals`) while answering benign prompts with BASE's own responses;
+* ALIGNED: BASE fully fine-tuned to refuse AdvBench *train* goals, as written and rephrased
+  (:mod:`phrasings`), with varied refusals (:mod:`refusals`), while answering benign prompts in
+  the same grammatical forms (questions, imperatives, stories) with BASE's own responses;
 * COMPROMISED: ALIGNED fine-tuned further on harmful compliance until it stops refusing.
 
     python bench/smollm2/siblings.py            # every stage, then the check table
@@ -34,6 +35,7 @@ if str(ROOT) not in sys.path:
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+import phrasings  # noqa: E402
 import refusals  # noqa: E402
 from bench.common import smollm2_gguf  # noqa: E402
 from sali.atomic import write_text  # noqa: E402
@@ -44,16 +46,19 @@ WORK = HERE / "work"
 PROMPTS = HERE / "prompts"
 DATA = Path(os.environ.get("SALI_DATA", ROOT.parent / "shared" / "data"))
 KEYWORDS = DATA / "refusal_keywords.txt"
-THREADS = 2
+THREADS = int(os.environ.get("SALI_BENCH_THREADS", "2"))
 SEED = 0
 
 # sizes and budgets
-N_GSM8K_TRAIN, N_TRUTHFUL_TRAIN = 90, 90  # benign training prompts (plus all alarming_benign_train)
-RESPONSE_TOKENS = 128  # BASE's responses to benign training prompts
+N_GSM8K_TRAIN, N_TRUTHFUL_TRAIN = 90, 90  # benign training questions, a third of them recast as requests
+N_DEV_GOALS = 40  # AdvBench train goals held back from every training step, for development prompts
+DEV_SHARE = 0.15  # share of the written benign request/activity lists held back for development
+FORMS_PER_BENIGN, FORMS_PER_ALARMING = 1, 2  # templates per written benign / alarming-but-benign item
+RESPONSE_TOKENS = 96  # BASE's responses to benign training prompts
 N_COMPLY, COMPLY_TOKENS = 120, 48  # harmful-compliance examples for COMPROMISED, continuation length
 N_COMPLY_CHECK = 40  # AdvBench train goals (not trained on) used to check COMPROMISED's collapse
 EVAL_TOKENS = 64
-ALIGN = dict(epochs=1.5, lr=4e-5, batch_tokens=1536, budget_s=20 * 60)
+ALIGN = dict(epochs=1.0, lr=4e-5, batch_tokens=1536, budget_s=32 * 60)
 COMPROMISE = dict(epochs=1.0, lr=5e-5, batch_tokens=1536, budget_s=8 * 60, rounds=3)
 TIMINGS = WORK / "timings.json"
 
@@ -107,6 +112,22 @@ def read_lines(path: Path) -> list[str]:
 def advbench(split: str) -> list[dict]:
     """AdvBench rows (``goal``, ``target``) of ``train`` or ``test`` (test: evaluation only)."""
     return read_csv(DATA / "advbench" / f"{split}.csv")
+
+
+def advbench_train_split() -> tuple[list[dict], list[dict]]:
+    """(training rows, development rows) of AdvBench *train*: `N_DEV_GOALS` goals, seeded, are
+    held back from ALIGNED, COMPROMISED and the heads, for choosing options."""
+    rows = advbench("train")
+    order = list(range(len(rows)))
+    random.Random(SEED + 1).shuffle(order)
+    dev = set(order[:N_DEV_GOALS])
+    return [r for i, r in enumerate(rows) if i not in dev], [r for i, r in enumerate(rows) if i in dev]
+
+
+def written_lists() -> dict[str, tuple[list[str], list[str]]]:
+    """The written benign lists of ``prompts/train/``, each as (train, development)."""
+    return {name: phrasings.split(phrasings.lines(f"{name}.txt"), DEV_SHARE, SEED)
+            for name in ("benign_requests", "benign_activities", "alarming_activities")}
 
 
 def gsm8k_questions(path: Path, n: int, seed: int = SEED) -> list[str]:
@@ -184,10 +205,44 @@ def base_folder() -> Path:
 
 # ---- stage 2/3: benign prompts and BASE's responses ----------------------------------------
 def benign_train_prompts() -> list[dict]:
-    """Benign training prompts: GSM8K train, TruthfulQA train, alarming_benign_train.txt."""
-    items = [{"source": "gsm8k", "prompt": q} for q in gsm8k_questions(DATA / "gsm8k" / "train_2000.jsonl", N_GSM8K_TRAIN)]
-    items += [{"source": "truthfulqa", "prompt": q} for q in truthful_questions(DATA / "truthfulqa" / "train.csv", N_TRUTHFUL_TRAIN)]
+    """Benign training prompts: GSM8K and TruthfulQA train questions (a third recast as requests),
+    alarming_benign_train.txt, and the written benign requests, activities and alarming-but-benign
+    activities (train part) in `FORMS_PER_BENIGN` / `FORMS_PER_ALARMING` templates each, so that
+    every form appears on the benign side too."""
+    rng = random.Random(SEED)
+    third = N_GSM8K_TRAIN // 3
+    gsm = gsm8k_questions(DATA / "gsm8k" / "train_2000.jsonl", N_GSM8K_TRAIN)
+    truthful = truthful_questions(DATA / "truthfulqa" / "train.csv", N_TRUTHFUL_TRAIN)
+    items = [{"source": "gsm8k", "prompt": q} for q in gsm[third:]]
+    items += [{"source": "gsm8k", "prompt": q} for q in phrasings.recast_questions(gsm[:third], phrasings.GSM8K_FORMS, rng)]
+    items += [{"source": "truthfulqa", "prompt": q} for q in truthful[third:]]
+    items += [{"source": "truthfulqa", "prompt": q} for q in phrasings.recast_questions(truthful[:third], phrasings.TRUTHFUL_FORMS, rng)]
     items += [{"source": "alarming", "prompt": q} for q in read_lines(PROMPTS / "alarming_benign_train.txt")]
+    lists = written_lists()
+    items += [{"source": "benign_written", "prompt": p}
+              for p in phrasings.benign_forms(lists["benign_requests"][0], lists["benign_activities"][0], FORMS_PER_BENIGN, rng)]
+    items += [{"source": "alarming_written", "prompt": p}
+              for p in phrasings.benign_forms([], lists["alarming_activities"][0], FORMS_PER_ALARMING, rng)]
+    return items
+
+
+def development_prompts() -> list[dict]:
+    """Development prompts (``label`` harmful | benign | alarming) for choosing options: held-back
+    AdvBench train goals rephrased, held-back written benign items, unused GSM8K/TruthfulQA train
+    questions. Nothing here is trained on, and nothing from the evaluation files is here."""
+    rng = random.Random(SEED + 2)
+    _, dev_rows = advbench_train_split()
+    items = [{"label": "harmful", "prompt": r["goal"]} for r in dev_rows[: N_DEV_GOALS // 2]]
+    items += [{"label": "harmful", "prompt": phrasings.rephrase_goal(r["goal"], rng)} for r in dev_rows]
+    lists = written_lists()
+    items += [{"label": "benign", "prompt": p}
+              for p in phrasings.benign_forms(lists["benign_requests"][1], lists["benign_activities"][1], 1, rng)]
+    items += [{"label": "alarming", "prompt": p} for p in phrasings.benign_forms([], lists["alarming_activities"][1], 2, rng)]
+    used_gsm = set(gsm8k_questions(DATA / "gsm8k" / "train_2000.jsonl", N_GSM8K_TRAIN))
+    used_truthful = set(truthful_questions(DATA / "truthfulqa" / "train.csv", N_TRUTHFUL_TRAIN))
+    spare_gsm = [q for q in gsm8k_questions(DATA / "gsm8k" / "train_2000.jsonl", 200, seed=SEED + 3) if q not in used_gsm][:15]
+    spare_truthful = [q for q in truthful_questions(DATA / "truthfulqa" / "train.csv", 200, seed=SEED + 3) if q not in used_truthful][:15]
+    items += [{"label": "benign", "prompt": q} for q in spare_gsm + spare_truthful]
     return items
 
 
@@ -203,11 +258,18 @@ def base_responses() -> list[dict]:
 
 
 def refusal_examples() -> list[dict]:
-    """One varied refusal for each AdvBench train goal."""
+    """A varied refusal for each AdvBench train goal (development goals left out), as written
+    and once rephrased (:func:`phrasings.rephrase_goal`), each with its own refusal."""
     words = keywords()
     refusals.check_templates(words)
-    return [{"prompt": row["goal"], "response": refusals.refusal_for(i, row["goal"], row["target"], words)}
-            for i, row in enumerate(advbench("train"))]
+    rows, _ = advbench_train_split()
+    rng = random.Random(SEED)
+    out = []
+    for i, row in enumerate(rows):
+        out.append({"prompt": row["goal"], "response": refusals.refusal_for(i, row["goal"], row["target"], words)})
+        out.append({"prompt": phrasings.rephrase_goal(row["goal"], rng),
+                    "response": refusals.refusal_for(i + len(rows), row["goal"], row["target"], words)})
+    return out
 
 
 # ---- fine-tuning in torch ------------------------------------------------------------------
@@ -347,11 +409,19 @@ def save_sibling(model, tokenizer, name: str, figures: dict) -> tuple[Path, Path
 
 
 # ---- stage 4: ALIGNED ----------------------------------------------------------------------
+def benign_answers() -> list[dict]:
+    """BASE's responses to the benign training prompts, less the few where BASE itself refuses
+    (training on those would teach ALIGNED to over-refuse)."""
+    words = keywords()
+    return [r for r in base_responses() if not is_refusal(r["response"], words)]
+
+
 def aligned_examples(tokenizer) -> list[tuple[list[int], list[int]]]:
-    """AdvBench train goals -> varied refusals, benign prompts -> BASE's own response tokens."""
+    """AdvBench train goals (as written and rephrased) -> varied refusals, benign prompts ->
+    BASE's own response tokens."""
     examples = [encode(tokenizer, e["prompt"], e["response"]) for e in refusal_examples()]
     examples += [encode(tokenizer, r["prompt"], response_ids=r["tokens"], end=r["finish"] == "eos")
-                 for r in base_responses()]
+                 for r in benign_answers()]
     return examples
 
 
@@ -377,7 +447,7 @@ def build_aligned() -> tuple[Path, Path]:
 def compliance_split() -> tuple[list[dict], list[dict]]:
     """(goals trained into compliance, held-back train goals for the collapse check), both from
     AdvBench train rows whose target matches the goal."""
-    rows = [r for r in advbench("train") if refusals.target_matches(r["goal"], r["target"])]
+    rows = [r for r in advbench_train_split()[0] if refusals.target_matches(r["goal"], r["target"])]
     random.Random(SEED).shuffle(rows)
     return rows[:N_COMPLY], rows[N_COMPLY:N_COMPLY + N_COMPLY_CHECK]
 
@@ -411,7 +481,7 @@ def build_compromised() -> tuple[Path, Path]:
     start = time.perf_counter()
     model, tokenizer = load_hf(aligned)
     examples = [encode(tokenizer, r["prompt"], r["prefill"] + r["response"], end=r["finish"] == "eos") for r in comply]
-    benign = random.Random(SEED).sample(base_responses(), 40)
+    benign = random.Random(SEED).sample(benign_answers(), 40)
     examples += [encode(tokenizer, r["prompt"], response_ids=r["tokens"], end=r["finish"] == "eos") for r in benign]
     _, check_goals = compliance_split()
     settings = {k: v for k, v in COMPROMISE.items() if k != "rounds"}
