@@ -160,7 +160,7 @@ def run_chat(session: Session, stdin: TextIO = sys.stdin) -> None:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
             pass
-        console.print(f"[dim]{session.describe()}[/]")
+        console.print(session.describe(), style="dim", markup=False)  # names are text, never markup
         console.print("[dim]/help for commands, Ctrl-C stops a reply, Ctrl-D quits[/]")
         chat.run(lambda: console.input("[bold green]you[/] "))
     else:
