@@ -44,7 +44,8 @@ def test_callback_logits_equal_llama_cpp_logits(tiny_model):
     other = llama_cpp.Llama(model_path=str(tiny_model.path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
     other.eval(ids + generated)
     for step, logits in enumerate(seen):
-        np.testing.assert_allclose(logits, other.scores[len(ids) - 1 + step], atol=1e-4)
+        # one-token and batched evaluation sum in different orders: float32 rounding, up to ~5e-4 here
+        np.testing.assert_allclose(logits, other.scores[len(ids) - 1 + step], atol=1e-3)
     other.close()
 
 
