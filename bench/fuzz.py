@@ -1,6 +1,6 @@
 """Fuzz sali's inputs: every damaged file or odd line must work or give sali's one-line error.
 
-    python bench/fuzz.py --examples 20000 [--seed 0] [--kinds head,prompt,gguf,chat]
+    python bench/fuzz.py --examples 20000 [--seed 0] [--kinds head,prompt,gguf,chat,http]
 
 Kinds (the share of --examples each gets):
 
@@ -16,6 +16,11 @@ Kinds (the share of --examples each gets):
   metadata and tensor-info table (and now and then anywhere). Checked in-process
   (:func:`sali.ggufcheck.check_gguf`); a file the check lets through is loaded by llama.cpp and
   generates 2 tokens in a worker subprocess, so a crash is seen as a signal.
+* ``http`` (5% more): request bodies for a real ``sali serve`` on the tiny model (loopback only):
+  valid chat and completion bodies with fields dropped, replaced by junk of the wrong type or
+  out of range, unknown fields added, truncated or byte-damaged JSON, random bytes. A 2xx answer
+  counts as accepted, a 4xx with an OpenAI-style JSON error as refused, a 5xx or a non-JSON
+  error as other exception, a dead server as crash, no answer within 60 s as hang.
 * ``chat`` (2%): random lines (slash commands with junk arguments, user turns) fed to ``sali chat``
   with stdin piped, 20 lines a session, each session a subprocess with a time limit; every line of
   a session counts with the session's outcome.
@@ -54,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sali.errors import SaliError  # noqa: E402
 
 OUTCOMES = ("accepted", "refused", "other exception", "crash", "hang")
-SHARES = {"head": 0.44, "prompt": 0.44, "gguf": 0.10, "chat": 0.02}
+SHARES = {"head": 0.44, "prompt": 0.44, "gguf": 0.10, "chat": 0.02, "http": 0.05}
 CHAT_LINES = 20
 IN_PROCESS_LIMIT = 10  # seconds per in-process input before it counts as a hang
 JUNK = [None, True, False, 0, -1, 1.5, float("nan"), 10**30, "", "x", "[/x]", [], [1, 2], {}, {"type": 3}, "\u0000", "😀" * 3]
@@ -365,6 +370,102 @@ def run_chat(model: Path, head: Path, script: str, folder: Path, limit: float = 
     return "other exception", f"exit {done.returncode}: {lines[-1] if lines else ''} on {script!r}"
 
 
+# ---- HTTP request bodies for sali serve ------------------------------------------------------------
+HTTP_BODIES = {
+    "/v1/chat/completions": {"model": "tiny+head", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                             "temperature": 0.5, "top_p": 0.9, "seed": 1, "stop": ["x"], "stream": False, "alpha": 1.0},
+    "/v1/completions": {"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0, "min_p": 0.1,
+                        "repeat_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": 0.5, "stream": False},
+}
+HTTP_JUNK = JUNK + [-5, 10**9, 2**63, "tiny", "tiny+head", "../head.npz", "/etc/passwd", [{"role": "user"}],
+                    [{"role": "robot", "content": "x"}], [{"role": "user", "content": ["x"]}], {"a": [1, {"b": None}]}]
+
+
+def http_request(rng: random.Random) -> tuple[str, bytes]:
+    """(path, body): a valid body damaged in one or more ways."""
+    path = rng.choice(list(HTTP_BODIES))
+    body = json.loads(json.dumps(HTTP_BODIES[path]))
+    for _ in range(rng.randint(1, 3)):
+        action = rng.random()
+        keys = list(body) or ["model"]
+        if action < 0.25:
+            body.pop(rng.choice(keys), None)
+        elif action < 0.6:
+            body[rng.choice(keys)] = rng.choice(HTTP_JUNK)
+        elif action < 0.7:
+            body[rng.choice(["extra", "n", "logprobs", "tools", "user", "\u0000"])] = rng.choice(HTTP_JUNK)
+        elif action < 0.8 and isinstance(body.get("messages"), list):
+            body["messages"] = [rng.choice(HTTP_JUNK) for _ in range(rng.randint(0, 3))]
+        else:
+            body["stream"] = rng.random() < 0.5
+    data = json.dumps(body, allow_nan=True).encode()
+    roll = rng.random()
+    if roll < 0.08:
+        data = truncate(data, rng)
+    elif roll < 0.14:
+        data = flip_bits(data, rng)
+    elif roll < 0.17:
+        data = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64)))
+    return path, data
+
+
+class HttpTarget:
+    """A real `sali serve` on the tiny model and a head, on a free loopback port."""
+
+    def __init__(self, model: Path, head: Path, folder: Path, startup: float = 120.0):
+        import socket
+
+        import httpx
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(timeout=60.0)
+        self.log = open(folder / "serve.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sali", "serve", str(model), "-H", str(head), "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--ctx", "256", "-t", "1", "--format", "plain"], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + startup
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if self.client.get(f"{self.base}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError(f"sali serve did not start; see {folder / 'serve.log'}")
+
+    def send(self, path: str, data: bytes) -> tuple[str, str]:
+        import httpx
+
+        what = f"POST {path} {data[:160]!r}"
+        try:
+            response = self.client.post(self.base + path, content=data, headers={"Content-Type": "application/json"})
+            _ = response.content  # a stream is read to its end
+        except httpx.TimeoutException:
+            return "hang", what
+        except httpx.TransportError as exc:
+            if self.proc.poll() is not None:
+                return "crash", f"server exited {self.proc.returncode}: {what}"
+            return "other exception", f"{type(exc).__name__}: {what}"
+        if response.status_code < 400:
+            return "accepted", ""
+        try:
+            ok = 400 <= response.status_code < 500 and "message" in response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        return ("refused", "") if ok else ("other exception", f"{response.status_code} {response.text[:120]!r}: {what}")
+
+    def close(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
 # ---- the run ----------------------------------------------------------------------------------------
 class _Hang(BaseException):
     pass
@@ -430,7 +531,7 @@ def fuzz(examples: int, seed: int, kinds: list[str], folder: Path, report=print)
                 tallies["gguf"].add(outcome, detail)
         finally:
             worker.close()
-    if "chat" in kinds:
+    if "chat" in kinds or "http" in kinds:
         from sali.head import Head
 
         model = Model(model_path, n_threads=1, n_ctx=64)
@@ -439,6 +540,16 @@ def fuzz(examples: int, seed: int, kinds: list[str], folder: Path, report=print)
         head = Head.create(weights.standard_normal((V, 4)), weights.standard_normal((V, 4)), np.zeros(V), [3, 9], k=16,
                            vocab_fingerprint=model.fingerprint).save(folder / "head.npz")
         model.close()
+    if "http" in kinds:
+        server = HttpTarget(model_path, head, folder)
+        try:
+            for _ in range(quota["http"]):
+                tallies["http"].add(*server.send(*http_request(rng)))
+            if server.proc.poll() is not None:
+                tallies["http"].add("crash", f"server exited {server.proc.returncode} by the end", inputs=0)
+        finally:
+            server.close()
+    if "chat" in kinds:
         work = folder / "chat"
         work.mkdir(exist_ok=True)
         for _ in range(max(1, round(quota["chat"] / CHAT_LINES))):
@@ -460,7 +571,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=2000, help="inputs in all, split over the kinds")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    parser.add_argument("--kinds", default="head,prompt,gguf,chat", help="comma-separated subset of head,prompt,gguf,chat")
+    parser.add_argument("--kinds", default="head,prompt,gguf,chat,http", help="comma-separated subset of head,prompt,gguf,chat,http")
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = set(kinds) - set(SHARES)

@@ -5,6 +5,7 @@ Every request loop here is bounded in count and time; the servers listen on 127.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -14,6 +15,8 @@ import time
 from contextlib import contextmanager
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from conftest import ROOT, THREADS, forcing_and_steering_heads, run_sali
 
 httpx = pytest.importorskip("httpx")
@@ -235,6 +238,33 @@ def test_invalid_json_oversized_body_bad_completion_and_unknown_route(server):
         assert response.status_code == status, response.text
         assert words in response.json()["error"]["message"]
     assert httpx.get(f"{base}/health").json()["status"] == "ok"  # still serving
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+FIELDS = ["model", "messages", "prompt", "max_tokens", "temperature", "top_p", "min_p", "seed", "stop", "stream", "alpha",
+          "repeat_penalty", "frequency_penalty", "presence_penalty", "n"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+       replaced=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=4),
+       dropped=st.sets(st.sampled_from(FIELDS), max_size=3))
+def test_fuzzed_request_bodies_get_a_reply_or_a_4xx_json_error(server, path, replaced, dropped):
+    """Fields of the wrong type, out of range or missing: 2xx, or an OpenAI-style 4xx error, never a 5xx."""
+    body = {"model": "tiny-f32+steer", "max_tokens": 3}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"})
+    body.update(replaced)
+    for name in dropped:
+        body.pop(name, None)
+    response = httpx.post(server[0] + path, content=json.dumps(body, allow_nan=True), timeout=60,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert response.json()["error"]["message"]
 
 
 def test_api_key_guards_every_route_but_health_and_sigint_stops_cleanly(tiny):
