@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+
+import pytest
 import sys
 from pathlib import Path
 
@@ -51,3 +53,44 @@ def test_heldout_sets_share_no_line_with_training_lists():
     for name in ("benign_requests.txt", "benign_activities.txt", "alarming_activities.txt"):
         for item in phrasings.lines(name):
             assert not any(item.lower() in line for line in heldout), item
+
+
+def test_sibling_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tiny, tmp_path, monkeypatch):
+    """An interrupted fine-tune (Ctrl-C after two steps) resumed from its checkpoint ends with
+    the weights of an uninterrupted run, and the checkpoint is gone afterwards."""
+    import siblings
+    import torch
+    from transformers import LlamaForCausalLM
+
+    rng = random.Random(0)
+    examples = [([rng.randrange(3, 200) for _ in range(rng.randint(3, 8))], [rng.randrange(3, 200) for _ in range(rng.randint(2, 6))])
+                for _ in range(24)]
+    settings_ = dict(epochs=1.0, lr=1e-3, batch_tokens=64, budget_s=600, label="test", pad_id=0)
+
+    def load():
+        torch.manual_seed(0)
+        return LlamaForCausalLM.from_pretrained(tiny.hf_dir, dtype=torch.float32)
+
+    reference = load()
+    figures = siblings.finetune(reference, examples, **settings_)
+    assert figures["steps"] == figures["planned_steps"] >= 4
+
+    checkpoint = tmp_path / "ckpt.pt"
+    real_loss, calls = siblings.response_loss, []
+
+    def interrupted_loss(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(siblings, "response_loss", interrupted_loss)
+    with pytest.raises(KeyboardInterrupt):
+        siblings.finetune(load(), examples, checkpoint=checkpoint, checkpoint_every_s=0.0, **settings_)
+    assert checkpoint.is_file()
+    monkeypatch.setattr(siblings, "response_loss", real_loss)
+    resumed = load()
+    again = siblings.finetune(resumed, examples, checkpoint=checkpoint, checkpoint_every_s=0.0, **settings_)
+    assert again["steps"] == figures["steps"] and not checkpoint.exists()
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)

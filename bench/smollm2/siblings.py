@@ -345,9 +345,14 @@ def response_loss(model, ids, attention, loss_mask):
 
 
 def finetune(model, examples: list, *, epochs: float, lr: float, batch_tokens: int, budget_s: float,
-             label: str, pad_id: int, seed: int = SEED) -> dict:
+             label: str, pad_id: int, seed: int = SEED, checkpoint: Path | None = None, checkpoint_every_s: float = 300.0) -> dict:
     """Full fine-tune with AdamW (10-step warm-up, cosine decay to 10%), gradient clip 1.0.
-    Stops early (and says so) when the wall-time budget (s) runs out. Returns figures."""
+    Stops early (and says so) when the wall-time budget (s, summed over resumed runs) runs out.
+
+    With `checkpoint`, the model, optimizer and step are saved there (atomically) every
+    `checkpoint_every_s` seconds, and an interrupted run resumes from the last save: the batch
+    generator is seeded, so the resumed run sees the same batches as an uninterrupted one. The
+    file is removed when training ends. Returns figures."""
     import torch
 
     torch.manual_seed(seed)
@@ -362,10 +367,30 @@ def finetune(model, examples: list, *, epochs: float, lr: float, batch_tokens: i
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    identity = {"examples": len(examples), "steps": steps, "lr": lr, "batch_tokens": batch_tokens, "seed": seed}
+    first, before_s, losses = 0, 0.0, []
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["identity"] == identity:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            first, before_s, losses = state["step"], state["seconds"], state["losses"]
+            print(f"  [{label}] resuming at step {first + 1}/{steps} from {checkpoint.name}", flush=True)
+
+    def save(done: int, seconds: float) -> None:
+        tmp = checkpoint.with_name(checkpoint.name + ".part")
+        torch.save({"identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": done, "seconds": seconds, "losses": losses}, tmp)
+        os.replace(tmp, checkpoint)
+
     model.train()
-    start, losses, step = time.perf_counter(), [], 0
+    start, saved_at, step = time.perf_counter(), time.perf_counter(), first - 1
     print(f"{label}: {len(examples)} examples, {steps} steps, lr {lr:g}", flush=True)
-    for step, batch in zip(range(steps), batches(examples, batch_tokens, seed)):
+    generator = batches(examples, batch_tokens, seed)
+    for _ in range(first):
+        next(generator)  # the batches an earlier, interrupted run already trained on
+    for step, batch in zip(range(first, steps), generator):
         loss = response_loss(model, *collate(batch, pad_id))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -373,16 +398,21 @@ def finetune(model, examples: list, *, epochs: float, lr: float, batch_tokens: i
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        elapsed = time.perf_counter() - start
+        elapsed = before_s + time.perf_counter() - start
         if step % 5 == 0 or step + 1 == steps:
             recent = sum(losses[-5:]) / len(losses[-5:])
-            eta = elapsed / (step + 1) * (steps - step - 1)
+            eta = (time.perf_counter() - start) / (step + 1 - first) * (steps - step - 1)
             print(f"  [{label}] step {step + 1}/{steps} loss {recent:.3f} ({elapsed:.0f} s, ~{eta:.0f} s left)", flush=True)
         if elapsed > budget_s:
             print(f"  [{label}] wall-time budget of {budget_s:.0f} s reached: stopping at step {step + 1}/{steps}", flush=True)
             break
+        if checkpoint is not None and time.perf_counter() - saved_at > checkpoint_every_s:
+            save(step + 1, elapsed)
+            saved_at = time.perf_counter()
     model.eval()
-    return {"steps": step + 1, "planned_steps": steps, "seconds": round(time.perf_counter() - start, 1),
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return {"steps": step + 1, "planned_steps": steps, "seconds": round(before_s + time.perf_counter() - start, 1),
             "first_loss": round(sum(losses[:5]) / len(losses[:5]), 4), "last_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4)}
 
 
@@ -436,7 +466,7 @@ def build_aligned() -> tuple[Path, Path]:
     model, tokenizer = load_hf(base)
     examples = aligned_examples(tokenizer)
     figures = finetune(model, examples, label="aligned", pad_id=tokenizer.pad_token_id,
-                       **ALIGN)
+                       checkpoint=WORK / "aligned.checkpoint.pt", **ALIGN)
     figures.update(examples=len(examples), **ALIGN)
     save_sibling(model, tokenizer, "aligned", figures)
     record_time("build_aligned", time.perf_counter() - start)
