@@ -1,12 +1,13 @@
-"""The SmolLM2 study's training prompts: harmful and benign sides share their grammatical forms."""
+"""The SmolLM2 study's siblings: training prompts whose forms are shared by harmful and benign
+requests, and a fine-tune that resumes from its checkpoint."""
 
 from __future__ import annotations
 
 import random
-
-import pytest
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "smollm2"))
 
