@@ -7,6 +7,7 @@ round, plain and head-on decoding run back to back (order alternating), so machi
 hits both alike; the figure reported is the median of the paired ratios.
 
     python bench/decode_overhead.py [--rounds 5] [--tokens 96] [--threads 2] [--head H.npz]
+    python bench/decode_overhead.py --smoke --model tiny.gguf   # seconds: the test suite's smoke run
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def random_head(model: Model, k: int, rank: int, seed: int = 0) -> Head:
         rng.standard_normal((V, rank)).astype(np.float32) * scale,
         rng.standard_normal((V, rank)).astype(np.float32) * scale,
         rng.standard_normal(V).astype(np.float32) * scale,
-        rng.choice(V, size=64, replace=False),
+        rng.choice(V, size=min(64, V), replace=False),
         k=k,
         vocab_fingerprint=model.fingerprint,
         base_model=model.name,
@@ -59,7 +60,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--head", type=Path, help="a real head file instead of a random one")
     parser.add_argument("--model", type=Path, help="a GGUF instead of SmolLM2-135M-Instruct Q4_1")
+    parser.add_argument("--smoke", action="store_true", help="1 round, 4 tokens, 1 thread, k 16, rank 4: checks the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.tokens, args.threads, args.k, args.rank = 1, 4, 1, 16, 4
 
     path = args.model or smollm2_gguf()
     model = Model(path, n_threads=args.threads, n_ctx=1024)

@@ -13,6 +13,7 @@ one process, on the same prompts, alternating the two methods over rounds; the m
 printed, then the head file size for V = 49152 (k = 64, rank = 32).
 
     python bench/extract_speed.py [--prompts 16] [--tokens 48] [--rounds 3] [--threads 2]
+    python bench/extract_speed.py --smoke --model tiny-hf/   # seconds: the test suite's smoke run
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="sali's prompts per extraction batch")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", type=Path, help="a Hugging Face model folder instead of SmolLM2-135M-Instruct")
+    parser.add_argument("--smoke", action="store_true", help="2 prompts, 4 tokens, 1 round, 1 thread: checks the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.prompts, args.tokens, args.batch, args.rounds, args.threads = 2, 4, 2, 1, 1
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -93,29 +98,37 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     quiet_transformers()
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    if args.model:
+        name = args.model.name
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    else:
+        gguf = smollm2_gguf()
+        name = gguf.name
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     prompts = (QUESTIONS * (args.prompts // len(QUESTIONS) + 1))[: args.prompts]
     rows = [extract.format_ids(tokenizer, {"type": "chat"}, p) for p in prompts]
     stop = extract.end_ids(tokenizer, model)
+    stops = {"aligned": stop, "base": stop}  # one model plays both roles
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings = extract.ExtractSettings(
         base="smollm2", aligned="smollm2", base_identity="", aligned_identity="", base_format={"type": "chat"},
-        prompts_sha="", n_prompts=len(prompts), max_new_tokens=args.tokens, k_store=256, target_k=256,
+        prompts_sha="", n_prompts=len(prompts), max_new_tokens=args.tokens, k_store=min(256, len(tokenizer)),
+        target_k=min(256, len(tokenizer)),
         batch_prompts=args.batch, dtype="float32",
     )
-    print(f"model {gguf.name} as base and aligned · {len(prompts)} prompts · ≤{args.tokens} new tokens · threads {args.threads}")
+    print(f"model {name} as base and aligned · {len(prompts)} prompts · ≤{args.tokens} new tokens · threads {args.threads}")
 
     def ours() -> int:
         count = 0
         for start in range(0, len(rows), args.batch):
             part = rows[start : start + args.batch]
-            count += len(extract.extract_batch(model, model, part, part, pad, stop, settings)["token"])
+            count += len(extract.extract_batch(model, model, part, part, pad, stops, settings)["token"])
         return count
 
     def reference() -> int:
-        return step_by_step(model, model, rows, rows, args.tokens, stop, 256, 256)
+        return step_by_step(model, model, rows, rows, args.tokens, stop, settings.target_k, settings.k_store)
 
     ours()  # warm-up
     ratios, ours_rates, ref_rates = [], [], []
@@ -137,7 +150,7 @@ def main() -> None:
     V = model.config.vocab_size
     rng = np.random.default_rng(0)
     dense = Head.create(rng.standard_normal((V, 32)) * 0.05, rng.standard_normal((V, 32)) * 0.05, rng.standard_normal(V) * 0.05,
-                        rng.choice(V, 64, replace=False), k=64, vocab_fingerprint="bench")
+                        rng.choice(V, min(64, V), replace=False), k=min(64, V), vocab_fingerprint="bench")
     with tempfile.TemporaryDirectory() as tmp:
         size = dense.save(Path(tmp) / "h.npz").stat().st_size
     print(f"head file, V={V}, k=64, rank=32, every row non-zero (worst case): {size / 1e6:.2f} MB")

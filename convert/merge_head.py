@@ -26,7 +26,7 @@ def merge_lmhead(base_gguf: str | Path, head_path: str | Path, out: str | Path, 
     """Write `out`: `base_gguf` with the head's delta (times `alpha`) merged into its output matrix."""
     import gguf
 
-    from sali.runtime import check_gguf
+    from sali.ggufcheck import check_gguf
 
     base_gguf, out = Path(base_gguf), Path(out)
     check_gguf(base_gguf)

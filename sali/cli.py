@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sali import __version__
@@ -136,15 +137,16 @@ def generate(
 
 
 def _generate_to_file(session, items, out: Path) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from sali.atomic import atomic_path
+    from sali.progress import progress as progress_display
 
     records = []
-    with Progress(
-        TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True
+    with progress_display(
+        err, TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
     ) as progress:
-        task = progress.add_task("generate", total=len(items))
+        task = progress.add_task("generating", total=len(items))
         for item in items:
             done = session.stream([{"role": "user", "content": item.text}]).finish()
             records.append(
@@ -167,7 +169,7 @@ def _generate_to_file(session, items, out: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    err.print(f"wrote {len(records)} completions to {out}")
+    err.print(f"wrote {len(records)} completions to {escape(str(out))}")
 
 
 @app.command()
@@ -272,7 +274,7 @@ def convert(
 
         with err.status("merging the head into the output matrix"):
             path = merge_lmhead(source, merge_head, out, alpha)
-        err.print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
+        err.print(f"wrote {escape(str(path))} ({Path(path).stat().st_size / 1e6:.1f} MB)")
         return
     from sali.convert.hf_to_gguf import convert_checkpoint
 
@@ -286,7 +288,7 @@ def convert(
 
         path = convert_checkpoint(source, out, outtype, progress=report)
     size = Path(path).stat().st_size
-    err.print(f"wrote {path} ({size / 1e6:.1f} MB, {outtype})")
+    err.print(f"wrote {escape(str(path))} ({size / 1e6:.1f} MB, {escape(outtype)})")
 
 
 @app.command()
@@ -424,9 +426,10 @@ def compare(
 
     [dim]sali compare --base base.gguf -H safety.npz --aligned chat.gguf --harmful advbench.csv --benign questions.csv -o results/[/]
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from sali import compare as cmp
+    from sali.progress import progress as progress_display
     from sali.metrics import load_keywords
     from sali.prompts import read_prompts
 
@@ -444,18 +447,20 @@ def compare(
     sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p)
     from sali.session import resolve_head_path
 
+    cmp.check_vocabularies(base, [("--aligned", aligned)] * (aligned is not None) + [("--also", p) for p in also or []]
+                           + [("--proxy", p) for p in proxy or ()])
     systems = cmp.build_systems(
         base, [resolve_head_path(h) for h in head or []], aligned, list(also or []), None if icl is None else ("" if icl == "default" else icl), proxy, fmt, alpha
     )
     cache_dir = cache or (out / "cache" if out else _default_compare_cache())
     plan = cmp.Plan(systems=systems, prompts=items, sampling=sampling, out=out, cache=cache_dir,
                     keywords=load_keywords(keyword_path), threads=threads, n_gpu_layers=n_gpu_layers, ctx=ctx)
-    err.print(f"[dim]{len(items)} prompts × {len(systems)} systems: {', '.join(s.name for s in systems)}[/]")
+    err.print(f"[dim]{len(items)} prompts × {len(systems)} systems: {escape(', '.join(s.name for s in systems))}[/]")
     import time as _time
 
     started = _time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as progress:
-        tasks = {s.name: progress.add_task(f"generating · {s.name}", total=len(items)) for s in systems}
+    with progress_display(err, TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
+        tasks = {s.name: progress.add_task(f"generating · {escape(s.name)}", total=len(items)) for s in systems}
 
         def report(name: str, done: int, total: int) -> None:
             progress.update(tasks[name], completed=done)
@@ -473,21 +478,17 @@ def compare(
     for i, title in enumerate(header):
         table.add_column(title, justify="left" if i == 0 else "right")
     for cells in rows:
-        table.add_row(*cells)
+        table.add_row(*(escape(cell) for cell in cells))
     Console().print(table)
     if out is not None:
         written = cmp.write_outputs(plan, results, summary)
-        err.print(f"wrote {', '.join(p.name for p in written)} to {out}")
+        err.print(f"wrote {escape(', '.join(p.name for p in written))} to {escape(str(out))}")
     err.print(f"[dim]{plan.generations} new generations, {summary['seconds']} s[/]")
 
 
 def _default_keywords() -> Path:
-    """The AdvBench keyword list in ../shared/data beside the project (or the working folder)."""
-    relative = Path("shared") / "data" / "refusal_keywords.txt"
-    for root in (Path(__file__).resolve().parents[2], Path.cwd().parent, Path.cwd()):
-        if (root / relative).is_file():
-            return root / relative
-    raise SaliError("no refusal keyword list found (../shared/data/refusal_keywords.txt); pass --keywords FILE")
+    """The AdvBench refusal keyword list shipped in the package (a copy of shared/data's)."""
+    return Path(__file__).resolve().parent / "data" / "refusal_keywords.txt"
 
 
 def _default_compare_cache() -> Path:
@@ -512,8 +513,8 @@ def head_list() -> None:
     for name, path in heads.items():
         head = load_any(path)
         meta = head.meta
-        table.add_row(name, meta.get("kind", "?"), str(meta.get("base_model", "?")), str(meta.get("k", "—")),
-                      str(meta.get("rank", "?")), f"{path.stat().st_size / 1e6:.1f} MB")
+        cells = (name, meta.get("kind", "?"), meta.get("base_model", "?"), meta.get("k", "—"), meta.get("rank", "?"))
+        table.add_row(*(escape(str(cell)) for cell in cells), f"{path.stat().st_size / 1e6:.1f} MB")
     Console().print(table)
 
 
@@ -525,7 +526,7 @@ def head_info(path: Annotated[str, typer.Argument(help="Head file (.npz) or ship
 
     path = resolve_head_path(path)
     head = load_any(path)
-    table = Table(title=str(path), show_header=False, title_justify="left")
+    table = Table(title=escape(str(path)), show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     meta = dict(head.meta)
@@ -534,10 +535,10 @@ def head_info(path: Annotated[str, typer.Argument(help="Head file (.npz) or ship
             meta.pop(key)
             continue
         if key in meta:
-            table.add_row(key, str(meta.pop(key)))
+            table.add_row(key, escape(str(meta.pop(key))))
     from sali.prompts import describe_format
 
-    table.add_row("base prompt format", describe_format(head.base_format))
+    table.add_row("base prompt format", escape(describe_format(head.base_format)))
     meta.pop("base_format", None)
     if isinstance(head, LMHead):
         table.add_row("kind", "lmhead (white-box: merge into the base GGUF with sali convert --merge-head)")
@@ -551,11 +552,37 @@ def head_info(path: Annotated[str, typer.Argument(help="Head file (.npz) or ship
     table.add_row("file size", f"{path.stat().st_size / 1e6:.2f} MB")
     training = meta.pop("training", None)
     for key, value in sorted(meta.items()):
-        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+        table.add_row(escape(key), escape(json.dumps(value) if isinstance(value, (dict, list)) else str(value)))
     if isinstance(training, dict):
         for key, value in training.items():
-            table.add_row(f"training.{key}", json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+            table.add_row(escape(f"training.{key}"), escape(json.dumps(value) if isinstance(value, (dict, list)) else str(value)))
     Console().print(table)
+
+
+@app.command()
+def doctor(
+    model: Annotated[
+        Optional[Path],
+        typer.Argument(help="GGUF to run the generation canary on (default: a tiny model sali writes itself).", show_default=False),
+    ] = None,
+) -> None:
+    """Check this installation: the llama.cpp build (CPU features, GPU offload), torch, and a short generation in a subprocess.
+
+    If the generation dies of a signal (e.g. an illegal instruction), doctor says so and prints the command that rebuilds llama-cpp-python for a portable CPU baseline.
+
+    [dim]sali doctor
+    sali doctor model.gguf[/]
+    """
+    from sali.doctor import build_report, run_canary
+
+    for name, value in build_report():
+        print(f"{name + ':':<24}{value}")
+    print(f"{'generation canary:':<24}running in a subprocess on {model or 'a tiny model written by sali'} ...", flush=True)
+    passed, lines = run_canary(model)
+    for line in lines:
+        print(line)  # plain print: the rebuild command must not be wrapped or restyled
+    if not passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

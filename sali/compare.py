@@ -153,6 +153,22 @@ def build_systems(
     return systems
 
 
+def check_vocabularies(base: Path, others: list[tuple[str, Path]]) -> None:
+    """Refuse, naming both fingerprints, any model (``(role, path)``: ``--aligned``, ``--also``,
+    ``--proxy``) whose token list differs from the base's: compare measures them against the
+    base token by token, and the heads only fit the base's vocabulary."""
+    from sali.ggufcheck import vocab_fingerprint
+
+    base_fp = vocab_fingerprint(base)
+    for role, path in others:
+        other_fp = vocab_fingerprint(path)
+        if other_fp != base_fp:
+            raise SaliError(
+                f"{role} model {path.name} has vocabulary {other_fp}, but the base {base.name} has {base_fp}; "
+                "compare needs models that share the base's token list"
+            )
+
+
 # ---- generation --------------------------------------------------------------------------------
 class Cache:
     """Append-only JSONL per system: one line per finished prompt. A line cut short by an

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,8 @@ class _HeadMeta:
     @property
     def base_format(self) -> dict[str, Any]:
         """How the base saw prompts in training: ``{"type": "plain"|"chat"|"template", ...}``."""
-        return dict(self.meta.get("base_format") or {"type": "chat"})
+        fmt = self.meta.get("base_format")
+        return dict(fmt) if fmt is not None else {"type": "chat"}
 
     def _write(self, path: str | Path, arrays: dict[str, np.ndarray], dtype: str) -> Path:
         """Write metadata + `arrays` (floating ones cast to `dtype`) atomically as a compressed .npz."""
@@ -155,16 +155,13 @@ class Head(_HeadMeta):
             raise SaliError(f"{source}: head metadata lacks {', '.join(missing)}")
         if meta["format"] != FORMAT_NAME:
             raise SaliError(f"{source}: not a sali head (format {meta['format']!r})")
-        if not isinstance(meta["version"], int) or meta["version"] > FORMAT_VERSION:
-            raise SaliError(
-                f"{source}: head format version {meta['version']} is newer than this sali "
-                f"supports ({FORMAT_VERSION}); upgrade sali"
-            )
+        _check_version(meta["version"], source)
         if meta["kind"] not in KINDS:
             raise SaliError(f"{source}: unknown head kind {meta['kind']!r} (known: {', '.join(KINDS)})")
         if meta.get("features") not in FEATURES:
-            raise SaliError(f"{source}: unknown head features {meta['features']!r}")
-        V, r, k = int(meta["vocab_size"]), int(meta["rank"]), int(meta["k"])
+            raise SaliError(f"{source}: unknown head features {meta.get('features')!r}")
+        V, r, k = (_count(meta, key, source) for key in ("vocab_size", "rank", "k"))
+        check_format(meta.get("base_format"), source)
         expected = {"U": (V, r), "W": (V, r), "bias": (V,)}
         for name, shape in expected.items():
             actual = getattr(self, name).shape
@@ -191,13 +188,14 @@ class Head(_HeadMeta):
                 f"{path} is a white-box (lmhead) head: merge it into the base GGUF with "
                 "`sali convert --merge-head` and run the merged model instead"
             )
-        head = cls(
-            U=arrays["U"].astype(np.float32),
-            W=arrays["W"].astype(np.float32),
-            bias=arrays["bias"].astype(np.float32),
-            promote=np.asarray(arrays["promote"], dtype=np.int64),
-            meta=meta,
-        )
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused by validate()
+            head = cls(
+                U=arrays["U"].astype(np.float32),
+                W=arrays["W"].astype(np.float32),
+                bias=arrays["bias"].astype(np.float32),
+                promote=np.asarray(arrays["promote"], dtype=np.int64),
+                meta=meta,
+            )
         head.validate(str(path))
         return head
 
@@ -291,6 +289,34 @@ class Head(_HeadMeta):
         return counts
 
 
+def _count(meta: dict[str, Any], key: str, source: str) -> int:
+    """A positive integer metadata field (a JSON number without fraction), else one clear error."""
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SaliError(f"{source}: head metadata {key} must be a positive whole number, not {value!r:.60}")
+    return value
+
+
+def _check_version(version: Any, source: str) -> None:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise SaliError(f"{source}: head format version must be a whole number, not {version!r:.60}")
+    if version > FORMAT_VERSION:
+        raise SaliError(
+            f"{source}: head format version {version} is newer than this sali supports ({FORMAT_VERSION}); upgrade sali"
+        )
+
+
+def check_format(fmt: Any, source: str) -> None:
+    """Refuse a stored prompt format (``base_format``; None means chat) that
+    :func:`sali.prompts.render` cannot use."""
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("plain", "chat", "template"):
+        raise SaliError(f"{source}: head metadata base_format must be plain, chat or a template, not {fmt!r:.60}")
+    if fmt["type"] == "template" and not (isinstance(fmt.get("template"), str) and "{prompt}" in fmt["template"]):
+        raise SaliError(f"{source}: head metadata base_format is a template without {{prompt}}")
+
+
 def top_k_ids(logits: np.ndarray, k: int) -> np.ndarray:
     """Ids of the `k` largest entries of ``logits`` (``(V,)``), in no particular order; exact.
 
@@ -324,8 +350,8 @@ def read_archive(path: str | Path, names: tuple[str, ...]) -> tuple[dict[str, An
         raise SaliError(f"head file not found: {path}")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise SaliError(f"{path}: not a sali head file (not a readable .npz archive: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - see _why
+        raise SaliError(f"{path}: not a sali head file (not a readable .npz archive: {_why(exc)})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise SaliError(f"{path}: not a sali head file (a bare .npy array, not an .npz archive)")
     with archive:
@@ -348,16 +374,30 @@ def read_archive(path: str | Path, names: tuple[str, ...]) -> tuple[dict[str, An
 
 def _read_member(archive, name: str, path: Path) -> np.ndarray:
     try:
-        return archive[name]
+        array = archive[name]
+        if not isinstance(array, np.ndarray):  # NpzFile hands back raw bytes for a non-.npy member
+            raise SaliError(f"{path}: member {name!r} is not a NumPy array")
+        return array
+    except SaliError:
+        raise
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise SaliError(
                 f"{path}: array {name!r} holds pickled Python objects; sali never "
                 "unpickles head files — refusing to load it"
             ) from None
-        raise SaliError(f"{path}: array {name!r} is unreadable ({exc})") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise SaliError(f"{path}: array {name!r} is unreadable ({exc})") from None
+        raise SaliError(f"{path}: array {name!r} is unreadable ({_why(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - see _why
+        raise SaliError(f"{path}: array {name!r} is unreadable ({_why(exc)})") from None
+
+
+# A damaged archive fails inside zipfile, zlib or NumPy's .npy parser with almost any exception
+# type (BadZipFile, zlib.error, NotImplementedError for an unknown compression method,
+# RuntimeError for a set encryption bit, ValueError, MemoryError for a huge declared shape...):
+# at this boundary every one of them means "this file is unreadable", never a bug in sali.
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
 
 
 def _decode_meta(array: np.ndarray, path: Path) -> dict[str, Any]:
@@ -369,8 +409,8 @@ def _decode_meta(array: np.ndarray, path: Path) -> dict[str, Any]:
         else:
             raise ValueError(f"dtype {array.dtype}")
         meta = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
-        raise SaliError(f"{path}: head metadata is not UTF-8 JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SaliError(f"{path}: head metadata is not UTF-8 JSON ({_why(exc)})") from None
     if not isinstance(meta, dict):
         raise SaliError(f"{path}: head metadata is not a JSON object")
     return meta
@@ -399,9 +439,9 @@ class LMHead(_HeadMeta):
                 raise SaliError(f"{source}: head metadata lacks {key}")
         if meta["format"] != FORMAT_NAME or meta["kind"] != "lmhead":
             raise SaliError(f"{source}: not a sali white-box head")
-        if not isinstance(meta["version"], int) or meta["version"] > FORMAT_VERSION:
-            raise SaliError(f"{source}: head format version {meta['version']} is newer than this sali supports ({FORMAT_VERSION}); upgrade sali")
-        V, H, r = int(meta["vocab_size"]), int(meta["hidden_size"]), int(meta["rank"])
+        _check_version(meta["version"], source)
+        V, H, r = (_count(meta, key, source) for key in ("vocab_size", "hidden_size", "rank"))
+        check_format(meta.get("base_format"), source)
         for name, shape in (("P", (V, r)), ("Q", (H, r))):
             if getattr(self, name).shape != shape:
                 raise SaliError(f"{source}: array {name} has shape {getattr(self, name).shape}, but the metadata says {shape}")
@@ -411,7 +451,8 @@ class LMHead(_HeadMeta):
     @classmethod
     def load(cls, path: str | Path) -> "LMHead":
         meta, arrays = read_archive(path, LM_ARRAYS)
-        head = cls(P=arrays["P"].astype(np.float32), Q=arrays["Q"].astype(np.float32), meta=meta)
+        with np.errstate(over="ignore"):  # beyond float32: inf, refused by validate()
+            head = cls(P=arrays["P"].astype(np.float32), Q=arrays["Q"].astype(np.float32), meta=meta)
         head.validate(str(path))
         return head
 

@@ -49,6 +49,9 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise SaliError(f"{path}: not UTF-8 text (bad byte at line {line}); save it as UTF-8") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise SaliError(f"{path}: holds a NUL byte at line {line}; a prompt file is plain text")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         prompts = _read_jsonl(text, path)
@@ -58,7 +61,24 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         prompts = [Prompt(line.strip(), source=f"{path.name}:{i}") for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not prompts:
         raise SaliError(f"{path}: no prompts in the file")
+    for prompt in prompts:
+        _check_text(prompt, path)
     return prompts
+
+
+def _check_text(prompt: Prompt, path: Path) -> None:
+    """JSON escapes can smuggle in what UTF-8 text cannot hold: lone surrogates (``\\ud800``)
+    and NUL characters, which no tokenizer or output file accepts."""
+    for name in ("text", "label", "answer"):
+        value = getattr(prompt, name)
+        if value is None:
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SaliError(f"{prompt.source or path}: the {name} holds an unpaired UTF-16 surrogate (not valid Unicode text)") from None
+        if "\x00" in value:
+            raise SaliError(f"{prompt.source or path}: the {name} holds a NUL character")
 
 
 def _read_jsonl(text: str, path: Path) -> list[Prompt]:
@@ -70,22 +90,30 @@ def _read_jsonl(text: str, path: Path) -> list[Prompt]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SaliError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise SaliError(f"{path}:{number}: JSON nested too deeply") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise SaliError(f"{path}:{number}: each line needs a string field \"prompt\"")
+        if not row["prompt"].strip():
+            raise SaliError(f"{path}:{number}: the prompt is empty")
         prompts.append(_prompt_from_row(row, row["prompt"], f"{path.name}:{number}"))
     return prompts
 
 
 def _read_csv(text: str, path: Path) -> list[Prompt]:
     reader = csv.DictReader(io.StringIO(text))
-    column = next((c for c in PROMPT_COLUMNS if c in (reader.fieldnames or [])), None)
-    if column is None:
-        raise SaliError(f"{path}: needs a column named {', '.join(PROMPT_COLUMNS)} (found: {', '.join(reader.fieldnames or []) or 'none'})")
-    return [
-        _prompt_from_row(row, row[column], f"{path.name}:{number}")
-        for number, row in enumerate(reader, 2)
-        if (row.get(column) or "").strip()
-    ]
+    try:
+        column = next((c for c in PROMPT_COLUMNS if c in (reader.fieldnames or [])), None)
+        if column is None:
+            found = ", ".join(reader.fieldnames or [])[:200] or "none"
+            raise SaliError(f"{path}: needs a column named {', '.join(PROMPT_COLUMNS)} (found: {found})")
+        return [
+            _prompt_from_row(row, row[column], f"{path.name}:{number}")
+            for number, row in enumerate(reader, 2)
+            if (row.get(column) or "").strip()
+        ]
+    except csv.Error as exc:  # e.g. a field longer than the csv module's limit (128 KiB)
+        raise SaliError(f"{path}:{reader.line_num}: unreadable CSV ({exc})") from None
 
 
 def _prompt_from_row(row: dict[str, Any], text: str, source: str) -> Prompt:

@@ -32,10 +32,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from sali.errors import SaliError
+from sali.ggufcheck import check_gguf
 from sali.head import Head
 from sali.vocab import fingerprint
 
-GGUF_MAGIC = b"GGUF"
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
@@ -317,9 +317,11 @@ class Model:
                           "stays on the CPU (README: GPU offload)", SaliWarning, stacklevel=2)
             n_gpu_layers = 0
         threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
+        from sali.llamalog import capture_errors, load_error
+
         try:
             # llama.cpp prints load-time notes straight to file descriptor 2; hide them unless verbose
-            with suppress_stdout_stderr(disable=verbose):
+            with capture_errors() as log, suppress_stdout_stderr(disable=verbose):
                 self.llm = llama_cpp.Llama(
                     model_path=str(self.path),
                     n_gpu_layers=n_gpu_layers,
@@ -330,7 +332,7 @@ class Model:
                     verbose=verbose,
                 )
         except (ValueError, RuntimeError, OSError) as exc:
-            raise SaliError(f"llama.cpp could not load {self.path}: truncated or corrupt GGUF? ({exc})") from None
+            raise load_error(self.path, exc, log) from None
         self.n_vocab = self.llm.n_vocab()
         # llama.cpp may round the context up; llama-cpp-python's token buffer keeps the size asked for
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
@@ -622,15 +624,3 @@ class Model:
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:
     found = [text.find(stop) for stop in stops if stop and stop in text]
     return min(found) if found else None
-
-
-def check_gguf(path: Path) -> None:
-    """Fail with one line unless `path` is an existing file that starts with the GGUF magic."""
-    if not path.exists():
-        raise SaliError(f"model file not found: {path}")
-    if not path.is_file():
-        raise SaliError(f"not a file: {path}")
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic != GGUF_MAGIC:
-        raise SaliError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sali import __version__
 from sali.errors import SaliError
+from sali.progress import progress as progress_display
 from sali.prompts import parse_format, read_prompts
 
 
@@ -101,23 +103,23 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         trajectories=job.trajectories,
     )
     cache_root = job.cache or default_cache()
-    console.print(f"[dim]extraction cache: {cache_root / settings.key()}[/]")
+    console.print(f"[dim]extraction cache: {escape(str(cache_root / settings.key()))}[/]")
 
     def load():
         kwargs = dict(dtype=dtype, device=device, device_map=job.device_map, trust_remote_code=job.trust_remote_code)
         return (hfmodels.load_model(base_src, **kwargs), hfmodels.load_model(aligned_src, **kwargs), base_tok, aligned_tok)
 
     start = time.perf_counter()
-    with Progress(
+    with progress_display(
+        console,
         TextColumn("extracting"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("prompts · {task.fields[positions]:,} positions · {task.fields[rate]:.0f} pos/s"),
         TimeElapsedColumn(),
-        console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("extract", total=len(prompts), positions=0, rate=0.0)
+        task = progress.add_task("extracting (prompts)", total=len(prompts), positions=0, rate=0.0)
         first: dict[str, float] = {}
 
         def report(done: int, total: int, positions: int) -> None:
@@ -179,15 +181,15 @@ def load_output_matrix(source, trust_remote_code: bool):
 
 
 def _train_with_progress(console: Console, epochs: int, train):
-    with Progress(
+    with progress_display(
+        console,
         TextColumn("training"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("epochs · held-out loss {task.fields[loss]:.4f} · top-1 {task.fields[top1]:.3f}"),
         TimeElapsedColumn(),
-        console=console,
     ) as progress:
-        task = progress.add_task("train", total=epochs, loss=float("nan"), top1=float("nan"))
+        task = progress.add_task("training (epochs)", total=epochs, loss=float("nan"), top1=float("nan"))
 
         def on_epoch(epoch: int, figures: dict[str, float]) -> None:
             progress.update(task, completed=epoch, loss=figures["loss"], top1=figures.get("top1_head", float("nan")))
@@ -230,7 +232,7 @@ def _figures(result, data, extract_seconds: float, n_prompts: int, job: TrainJob
 
 
 def _print_summary(console: Console, figures: dict[str, Any], path: Path) -> None:
-    table = Table(title=f"head written to {path}", title_justify="left")
+    table = Table(title=f"head written to {escape(str(path))}", title_justify="left")
     table.add_column("held-out figure")
     table.add_column("base", justify="right")
     table.add_column("base + head", justify="right")

@@ -126,7 +126,7 @@ def bad_files(tiny, tiny_model, tmp_path_factory):
     [
         ("missing model", "not found"),
         ("not gguf", "not a GGUF file"),
-        ("truncated gguf", "could not load"),
+        ("truncated gguf", "truncated?"),
         ("empty prompt file", "no prompts"),
         ("non-utf8 prompt file", "not UTF-8"),
         ("missing prompt file", "not found"),

@@ -132,3 +132,41 @@ def test_alpha_scales_every_head_system(compared, tmp_path):
     # at full strength the same head refuses where the base does not
     full = json.loads((compared["out"] / "summary.json").read_text())["systems"]["base+" + compared["head"].stem]
     assert full["refusal_harmful"] > off["refusal_harmful"] + 0.5
+
+
+def test_ctrl_c_during_compare_resumes_to_the_same_results(compared, tmp_path):
+    """Ctrl-C (SIGINT) once the response cache holds an entry: one line, exit 130; the rerun
+    resumes from the cache and writes what an uninterrupted run wrote."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    out = tmp_path / "out"
+    args = [a if a != str(compared["out"]) else str(out) for a in compared["args"]]
+    child = subprocess.Popen([sys.executable, "-m", "sali", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(p.stat().st_size for p in (out / "cache").glob("*.jsonl")):
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGINT)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "interrupted"
+    assert not (out / "responses.jsonl").exists()
+    done = run_sali(*args, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+    def records(folder):
+        rows = [json.loads(line) for line in (folder / "responses.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert records(out) == records(compared["out"])
+    first, resumed = (json.loads((f / "summary.json").read_text()) for f in (compared["out"], out))
+    assert resumed["new_generations"] < first["new_generations"]
+    for name, row in first["systems"].items():
+        assert {k: v for k, v in resumed["systems"][name].items() if k != "tokens_per_second"} == \
+            {k: v for k, v in row.items() if k != "tokens_per_second"}

@@ -91,19 +91,24 @@ def test_second_run_reuses_extraction_and_same_seed_gives_same_head(pair, traine
         np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
 
 
-def test_interrupted_extraction_resumes_to_the_same_head(pair, trained, tmp_path):
-    """Kill `sali train` (SIGKILL) once its first shard is written, rerun: the same head results."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_interrupted_extraction_resumes_to_the_same_head(pair, trained, tmp_path, sig):
+    """Kill `sali train` (SIGKILL) or press Ctrl-C (SIGINT) once its first shard is written,
+    rerun: the same head results. Ctrl-C ends the run with one line and exit status 130."""
     reference, _, _ = trained
     cache = tmp_path / "cache"
     out = tmp_path / "resumed.npz"
     args = [sys.executable, "-m", "sali", "train", "--base", str(pair.base), "--aligned", str(pair.aligned),
             "-P", str(pair.train_prompts), "-o", str(out), "--cache", str(cache), *TRAIN_ARGS]
-    child = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list(cache.rglob("shard-00000.npz")):
         time.sleep(0.05)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    os.kill(child.pid, sig)
+    _, stderr = child.communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert child.returncode == 130
+        assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "interrupted", stderr
     shards = list(cache.rglob("shard-*.npz"))
     assert 1 <= len(shards) < 8, "the run was not interrupted during extraction"
     assert not out.exists()
