@@ -623,4 +623,6 @@ def main() -> None:
         err.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)",
                   markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
+    if code == 130:  # typer turns Ctrl-C into exit status 130 without a word
+        err.print("interrupted")
     sys.exit(code if isinstance(code, int) else 0)

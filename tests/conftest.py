@@ -193,6 +193,14 @@ def trained(pair, tmp_path_factory):
 
 
 
+def interruptible() -> None:
+    """preexec_fn for a child that must see Ctrl-C: a shell runs background jobs with SIGINT
+    ignored, and a Python started that way keeps ignoring it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def one_error_line(done) -> str:
     """The command failed with exactly one line on stderr, an `error:` line, and no traceback."""
     assert done.returncode != 0, done.stdout

@@ -143,12 +143,12 @@ def test_ctrl_c_during_compare_resumes_to_the_same_results(compared, tmp_path):
     import sys
     import time
 
-    from conftest import ROOT
+    from conftest import ROOT, interruptible
 
     out = tmp_path / "out"
     args = [a if a != str(compared["out"]) else str(out) for a in compared["args"]]
     child = subprocess.Popen([sys.executable, "-m", "sali", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.time() + 300
     while time.time() < deadline and not any(p.stat().st_size for p in (out / "cache").glob("*.jsonl")):
         time.sleep(0.02)

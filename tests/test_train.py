@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, TRAIN_ARGS, one_error_line, run_sali, starts_refusal, train
+from conftest import ROOT, TRAIN_ARGS, interruptible, one_error_line, run_sali, starts_refusal, train
 
 from sali.head import Head, LMHead
 from sali.runtime import Model, Sampling
@@ -100,7 +100,8 @@ def test_interrupted_extraction_resumes_to_the_same_head(pair, trained, tmp_path
     out = tmp_path / "resumed.npz"
     args = [sys.executable, "-m", "sali", "train", "--base", str(pair.base), "--aligned", str(pair.aligned),
             "-P", str(pair.train_prompts), "-o", str(out), "--cache", str(cache), *TRAIN_ARGS]
-    child = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=interruptible)
     deadline = time.time() + 300
     while time.time() < deadline and not list(cache.rglob("shard-00000.npz")):
         time.sleep(0.05)
