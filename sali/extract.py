@@ -251,24 +251,31 @@ def run_extraction(
     prompts: list[str],
     load: Callable[[], tuple[Any, Any, Any, Any]],
     progress: Callable[[int, int, int], None] | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> Path:
     """Extract every missing shard into ``cache_root/<key>`` and return that folder.
 
     `load` returns ``(base_model, aligned_model, base_tokenizer, aligned_tokenizer)``; it is only
     called when some shard is missing. `progress(prompts_done, prompts_total, positions)` is
-    called after each shard.
+    called after each shard. ``part = (rank, count)``: this process's share in a data-parallel
+    run, the shards whose index ``b`` has ``b % count == rank`` (shards are named by their batch
+    of prompts alone, so any number of processes writes the same files).
     """
+    rank, count = part
     folder = Path(cache_root) / settings.key()
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".shard-*.part"):  # left by a run killed mid-write
-        stale.unlink(missing_ok=True)
     write_text(folder / "settings.json", json.dumps(asdict(settings), indent=2) + "\n")
     batches = [list(range(i, min(i + settings.batch_prompts, len(prompts)))) for i in range(0, len(prompts), settings.batch_prompts)]
-    missing = [b for b, _ in enumerate(batches) if not (folder / shard_name(b)).is_file()]
-    positions = sum(_shard_positions(folder / shard_name(b)) for b in range(len(batches)) if b not in missing)
-    done_prompts = len(prompts) - sum(len(batches[b]) for b in missing)
+    mine = [b for b in range(len(batches)) if b % count == rank]
+    for b in mine:
+        for stale in folder.glob(f".{shard_name(b)}.*.part"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
+    missing = [b for b in mine if not (folder / shard_name(b)).is_file()]
+    positions = sum(_shard_positions(folder / shard_name(b)) for b in mine if b not in missing)
+    total = sum(len(batches[b]) for b in mine)
+    done_prompts = total - sum(len(batches[b]) for b in missing)
     if progress:
-        progress(done_prompts, len(prompts), positions)
+        progress(done_prompts, total, positions)
     if not missing:
         return folder
     base, aligned, base_tok, aligned_tok = load()
@@ -293,7 +300,7 @@ def run_extraction(
         positions += len(arrays["token"])
         done_prompts += len(indices)
         if progress:
-            progress(done_prompts, len(prompts), positions)
+            progress(done_prompts, total, positions)
     return folder
 
 
