@@ -12,7 +12,6 @@ import sys
 from typing import Callable, TextIO
 
 from rich.console import Console
-from rich.markup import escape
 
 from sali.atomic import write_text
 from sali.errors import SaliError
@@ -185,8 +184,8 @@ def run_chat(session: Session, stdin: TextIO = sys.stdin) -> None:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
             pass
-        console.print(f"[dim]{escape(session.describe())}[/]")
-        console.print(f"[dim]{escape(describe_sampling(session.sampling))}[/]")
+        console.print(session.describe(), style="dim", markup=False)  # names are text, never markup
+        console.print(describe_sampling(session.sampling), style="dim", markup=False)
         console.print("[dim]/help for commands, Ctrl-C stops a reply, Ctrl-D quits[/]")
         chat.run(lambda: console.input("[bold green]you[/] "))
     else:

@@ -110,8 +110,8 @@ def run_canary(model: Path | None) -> tuple[bool, list[str]]:
         except ValueError:
             name = f"signal {number}"
         what = {
-            "SIGILL": "illegal instruction: this llama.cpp build uses CPU instructions this machine cannot run "
-            "(a native build made elsewhere, or llama.cpp's AMX kernels on some Xeons)",
+            "SIGILL": "illegal instruction: this llama.cpp build uses CPU instructions this machine cannot run, "
+            "e.g. a native build made on another host, or llama.cpp's AMX kernels on some Xeons",
             "SIGSEGV": "segmentation fault inside llama.cpp",
             "SIGBUS": "bus error inside llama.cpp (a truncated or changing model file?)",
             "SIGFPE": "arithmetic fault inside llama.cpp",

@@ -169,3 +169,19 @@ def test_teacher_forced_logits_equal_step_by_step_decoding(tiny_model):
     # batched and one-token decoding sum in different orders: equal up to float32 rounding
     np.testing.assert_allclose(forced, stepwise, rtol=0, atol=2e-3)
     assert (forced.argmax(-1) == stepwise.argmax(-1)).all()
+
+
+# ---- the GGUF check reads what the gguf package's reader reads -----------------------------------------
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_gguf_header_walk_agrees_with_the_gguf_reader(tiny, canary, outtype):
+    import gguf
+
+    from sali.ggufcheck import check_gguf
+
+    for path in (tiny.gguf(outtype), canary):
+        header, reader = check_gguf(path), gguf.GGUFReader(path)
+        assert set(header.fields) == set(reader.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+        assert [(t[0], list(t[1]), t[2], header.data_offset + t[3]) for t in header.tensors] == \
+            [(t.name, t.shape.tolist(), int(t.tensor_type), int(t.data_offset)) for t in reader.tensors]
+        tokens = reader.fields["tokenizer.ggml.tokens"]
+        assert header.fields["tokenizer.ggml.tokens"] == [bytes(tokens.parts[i]) for i in tokens.data]

@@ -213,6 +213,8 @@ def decode_overhead(head: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke run of every stage")
+    parser.add_argument("--no-compromised", action="store_true",
+                        help="skip COMPROMISED (its build, the recovery comparison): about 20 minutes less")
     parser.add_argument("--design", action="store_true",
                         help="also run the head design study (k x rank grid, white-box head) and the precision transfer (~25 min more)")
     args = parser.parse_args()
@@ -229,7 +231,7 @@ def main() -> None:
     base_q4 = smollm2_gguf()
     base_dir = siblings.base_folder()
     aligned_dir, aligned_gguf = siblings.build_aligned()
-    compromised_dir, compromised_gguf = siblings.build_compromised()
+    compromised = [] if args.no_compromised else [siblings.build_compromised()[1]]
     stage("prompts")
     sets = prompt_sets(args.quick)
     stage("heads")
@@ -240,10 +242,11 @@ def main() -> None:
     head = pick_head(dev_summary, candidates)
     print(f"  chosen on development prompts: {head.stem}", flush=True)
     stage("main comparison")
-    heldout_summary = compare(RUN / "heldout", sets["heldout"], base_q4, [head], aligned_gguf, [compromised_gguf], 48)
-    main_summary = compare(RUN / "main", sets["eval"], base_q4, [head], aligned_gguf, [compromised_gguf], 48)
+    heldout_summary = compare(RUN / "heldout", sets["heldout"], base_q4, [head], aligned_gguf, compromised, 48)
+    main_summary = compare(RUN / "main", sets["eval"], base_q4, [head], aligned_gguf, compromised, 48)
     # recovery at a stronger head: COMPROMISED is the "base" of this comparison
-    recovery_summary = compare(RUN / "recovery", sets["eval"], compromised_gguf, [head], aligned_gguf, [], 48, RECOVERY_ALPHA)
+    recovery_summary = (compare(RUN / "recovery", sets["eval"], compromised[0], [head], aligned_gguf, [], 48, RECOVERY_ALPHA)
+                        if compromised else None)
     stage("sampling")
     sampled = [sampled_refusals(RUN / f"heldout-sampled-{seed}.jsonl", sets["heldout"], base_q4, head, seed) for seed in SAMPLING_SEEDS]
     design = white_summary = precision_summary = None
