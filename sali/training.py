@@ -105,6 +105,7 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         batch_prompts=job.extract_batch,
         dtype=dtype,
         trajectories=job.trajectories,
+        hidden=job.kind == "lmhead",  # a top-k head never reads hidden states: smaller shards
     )
     cache_root = job.cache or default_cache()
     console.print(f"[dim]extraction cache: {escape(str(cache_root / settings.key()))}[/]")

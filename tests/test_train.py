@@ -63,8 +63,22 @@ def test_head_fingerprint_matches_the_gguf(pair, trained):
 def test_lmhead_merged_into_gguf_recovers_refusals(pair, trained, tmp_path):
     _, cache, _ = trained
     head_path = tmp_path / "white.npz"
-    train(pair, head_path, cache, "--kind", "lmhead")  # reuses the cached extraction
+    train(pair, head_path, cache, "--kind", "lmhead")  # extracts again: top-k shards hold no hidden states
     assert isinstance(LMHead.load(head_path), LMHead)
+    folders = {p.parent for p in cache.rglob("shard-*.npz")}
+    assert len(folders) == 2
+    holds = {folder: "hidden" in np.load(folder / "shard-00000.npz").files for folder in folders}
+    assert sorted(holds.values()) == [False, True]
+    sizes = {holds[f]: sum(p.stat().st_size for p in f.glob("shard-*.npz")) for f in folders}
+    print(f"shards with hidden states {sizes[True]:,} bytes, without {sizes[False]:,} ({sizes[False] / sizes[True]:.2f}x)")
+    assert sizes[False] < sizes[True]
+    # a top-k run finding only the white-box run's shards reuses them (they hold all it reads)
+    white = next(f for f in folders if holds[f])
+    shutil.copytree(white, tmp_path / "reuse" / white.name)
+    train(pair, tmp_path / "topk.npz", tmp_path / "reuse")
+    assert [p.name for p in (tmp_path / "reuse").iterdir()] == [white.name]
+    reference = Head.load(trained[0])
+    np.testing.assert_array_equal(Head.load(tmp_path / "topk.npz").U, reference.U)
     info = run_sali("head", "info", str(head_path))
     assert info.returncode == 0 and "lmhead" in info.stdout
     # a top-k runtime refuses it with a pointer to the merge
