@@ -61,6 +61,12 @@ def current(device: str) -> Processes:
 def launch(arguments: list[str], processes: int) -> int:
     """Run ``sali <arguments>`` in `processes` processes on this machine through accelerate's
     launcher; returns its exit status."""
+    import importlib.util
+
+    from sali.errors import SaliError
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise SaliError("--processes needs Hugging Face accelerate: pip install 'sali[train]'")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sali", *arguments]
     return subprocess.run(command).returncode
