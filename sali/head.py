@@ -29,7 +29,6 @@ promote    i32 (m,)      the promotion set ``A``
 from __future__ import annotations
 
 import json
-import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
