@@ -150,8 +150,10 @@ def test_gguf_fingerprint_read_without_llama_cpp_matches_the_loaded_model(tiny_m
 
 
 # ---- teacher forcing equals step-by-step decoding -----------------------------------------------------
-def test_teacher_forced_logits_equal_step_by_step_decoding(tiny_model):
-    model = tiny_model
+def test_teacher_forced_logits_equal_step_by_step_decoding(tiny):
+    from sali.runtime import Model
+
+    model = Model(tiny.f32, n_threads=int(THREADS), n_ctx=512, seed=0)  # its own: decoding here moves the KV cache
     prompt = model.tokenize("The cat sat on the warm window sill")
     response = model.tokenize("and watched the birds in the garden.")[1:] if model.llm._model.add_bos_token() else model.tokenize(
         "and watched the birds in the garden.")
@@ -169,6 +171,7 @@ def test_teacher_forced_logits_equal_step_by_step_decoding(tiny_model):
     # batched and one-token decoding sum in different orders: equal up to float32 rounding
     np.testing.assert_allclose(forced, stepwise, rtol=0, atol=2e-3)
     assert (forced.argmax(-1) == stepwise.argmax(-1)).all()
+    model.close()
 
 
 # ---- the GGUF check reads what the gguf package's reader reads -----------------------------------------
