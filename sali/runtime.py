@@ -1,13 +1,13 @@
 """llama.cpp runtime: load a GGUF, apply a head to every sampled token, stream text.
 
 The head runs as a custom sampler in llama.cpp's sampler chain, right after llama.cpp's own
-top-k sampler: it receives the base's k best candidates, reads the promotion set's logits from
-llama.cpp's raw logits buffer (``llama_get_logits_ith``), computes the adjusted logits with
-:meth:`sali.head.Head.adjust`, and writes the ``|C|`` candidates back into the chain's token
-array, shrinking it to them (the mask). Greedy or temperature / top-k / top-p sampling then runs
-natively on those candidates. Selecting the top k in C rather than NumPy matters: right after a
-forward pass every NumPy call runs cache-cold, and a NumPy selection over 49k logits measured
-~100 µs a token there, against ~25 µs for the whole callback on the native top k.
+top-k sampler: it receives the base's k best candidates and, in one compiled call
+(:meth:`sali.head.Head.adjust_into`, :mod:`sali.kernel`), reads the promotion set's logits from
+llama.cpp's raw logits buffer (``llama_get_logits_ith``), computes the adjusted logits and writes
+the ``|C|`` candidates back into the chain's token array in place, shrinking it to them (the
+mask). Greedy or temperature / top-k / top-p sampling then runs natively on those candidates.
+Selecting the top k in C rather than NumPy matters: right after a forward pass every NumPy call
+runs cache-cold, and a NumPy selection over 49k logits measured ~100 µs a token there.
 
 ctypes swallows exceptions raised inside a callback (it prints them and returns), which would
 silently decode *without* the head. The sampler therefore stores any exception, and the
