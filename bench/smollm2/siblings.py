@@ -58,7 +58,7 @@ RESPONSE_TOKENS = 96  # BASE's responses to benign training prompts
 N_COMPLY, COMPLY_TOKENS = 120, 48  # harmful-compliance examples for COMPROMISED, continuation length
 N_COMPLY_CHECK = 40  # AdvBench train goals (not trained on) used to check COMPROMISED's collapse
 EVAL_TOKENS = 64
-ALIGN = dict(epochs=1.0, lr=4e-5, batch_tokens=1536, budget_s=32 * 60)
+ALIGN = dict(epochs=1.0, lr=4e-5, batch_tokens=1536, budget_s=75 * 60)  # a cap, not a target: one epoch must finish
 COMPROMISE = dict(epochs=1.0, lr=5e-5, batch_tokens=1536, budget_s=8 * 60, rounds=3)
 TIMINGS = WORK / "timings.json"
 
