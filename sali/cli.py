@@ -358,6 +358,16 @@ def train(
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Allow code shipped in a model folder to run.")
     ] = False,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            help="Extract in N processes on this machine (one per GPU, or CPU processes over gloo) through "
+            "accelerate's launcher; for several machines run `accelerate launch ... -m sali train` yourself.",
+            min=1,
+            rich_help_panel="Hardware",
+        ),
+    ] = 1,
 ) -> None:
     """Distill a head from a base/aligned pair of Hugging Face models.
 
@@ -367,6 +377,10 @@ def train(
     """
     from sali.training import TrainJob, run
 
+    if processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        from sali.parallel import launch
+
+        raise typer.Exit(launch(_without_option(sys.argv[1:], "--processes"), processes))
     if dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise SaliError(f"--dtype must be auto, float32, float16 or bfloat16, not {dtype!r}")
     if device not in ("auto", "cpu", "cuda", "mps"):
@@ -484,6 +498,19 @@ def compare(
         written = cmp.write_outputs(plan, results, summary)
         err.print(f"wrote {escape(', '.join(p.name for p in written))} to {escape(str(out))}")
     err.print(f"[dim]{plan.generations} new generations, {summary['seconds']} s[/]")
+
+
+def _without_option(arguments: list[str], name: str) -> list[str]:
+    """`arguments` less every ``name VALUE`` and ``name=VALUE``."""
+    kept, skip = [], False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == name:
+            skip = True
+        elif not argument.startswith(name + "="):
+            kept.append(argument)
+    return kept
 
 
 def _default_keywords() -> Path:

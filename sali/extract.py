@@ -11,8 +11,9 @@ For each batch of prompts:
    response position (the distillation target).
 3. BASE reads the same response tokens after the prompt in *the base's* format, also in one
    teacher-forced pass: its full-vocabulary log-probs, of which only the top ``k_store``
-   (ids + values), the values at ALIGNED's top-K ids, and the final hidden state (the input of
-   the output projection, for the white-box head) are kept.
+   (ids + values) and the values at ALIGNED's top-K ids are kept, and for the white-box head
+   (``--kind lmhead``) alone the final hidden state, the input of the output projection. A
+   top-k run reuses a white-box run's cache (its shards hold everything a top-k head reads).
 
 Prompts are left-padded and responses right-padded so every row's response starts in the same
 column; ``logits_to_keep`` then computes logits only at response positions.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,10 +61,18 @@ class ExtractSettings:
     dtype: str
     trajectories: str = "aligned"  # "aligned" or "aligned+base": whose responses are read
     version: int = EXTRACT_VERSION
+    hidden: bool = True  # keep the base's final hidden states (only the white-box head reads them)
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if self.hidden:
+            del fields["hidden"]  # the key every cache had before the field existed
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def arrays(self) -> tuple[str, ...]:
+        """The :data:`SHARD_ARRAYS` a shard of these settings holds."""
+        return SHARD_ARRAYS if self.hidden else tuple(n for n in SHARD_ARRAYS if n != "hidden")
 
 
 def model_identity(source: Source) -> str:
@@ -147,7 +156,7 @@ def teacher_forced(model, prompt_rows: list[list[int]], responses: list[list[int
     """One forward pass over left-padded prompts + right-padded responses.
 
     Returns ``(logits, hidden)``: ``(B, T, V)`` float32 logits and ``(B, T, H)`` final hidden
-    states at the positions that predict response tokens ``0..T-1`` (T = longest response).
+    states (in the model's dtype) at the positions that predict response tokens ``0..T-1`` (T = longest response).
     """
     import torch
 
@@ -181,7 +190,7 @@ def teacher_forced(model, prompt_rows: list[list[int]], responses: list[list[int
     hidden = captured["hidden"]
     if logits.shape[1] != longest:  # a model that ignores logits_to_keep: cut the columns here
         logits, hidden = logits[:, keep], hidden[:, keep]
-    return logits, hidden.float()
+    return logits, hidden
 
 
 TRAJECTORIES = ("aligned", "aligned+base")
@@ -205,8 +214,8 @@ def extract_batch(base, aligned, base_rows, aligned_rows, pad, stops, settings: 
             part["source"] = np.full(len(part["token"]), SOURCES[name], dtype=np.int8)
             parts.append(part)
     if not parts:
-        return {name: np.zeros((0,)) for name in SHARD_ARRAYS} | {"responses": responses["aligned"]}
-    out = {name: np.concatenate([part[name] for part in parts]) for name in SHARD_ARRAYS}
+        return {name: np.zeros((0,)) for name in settings.arrays()} | {"responses": responses["aligned"]}
+    out = {name: np.concatenate([part[name] for part in parts]) for name in settings.arrays()}
     out["responses"] = responses["aligned"]
     return out
 
@@ -218,7 +227,7 @@ def read_responses(base, aligned, base_rows, aligned_rows, responses, pad, setti
 
     keep_rows = [i for i, r in enumerate(responses) if r]
     if not keep_rows:
-        return {name: np.zeros((0,)) for name in SHARD_ARRAYS if name != "source"}
+        return {name: np.zeros((0,)) for name in settings.arrays() if name != "source"}
     al_logits, _ = teacher_forced(aligned, [aligned_rows[i] for i in keep_rows], [responses[i] for i in keep_rows], pad)
     base_logits, hidden = teacher_forced(base, [base_rows[i] for i in keep_rows], [responses[i] for i in keep_rows], pad)
     select = torch.zeros(al_logits.shape[:2], dtype=torch.bool)
@@ -226,13 +235,12 @@ def read_responses(base, aligned, base_rows, aligned_rows, responses, pad, setti
         select[j, : len(responses[i])] = True
     al_logits = al_logits[select.to(al_logits.device)]
     base_lp = torch.log_softmax(base_logits[select.to(base_logits.device)], dim=-1)
-    hidden = hidden[select.to(hidden.device)]
     al_values, al_ids = al_logits.topk(settings.target_k, dim=-1)
     base_values, base_ids = base_lp.topk(settings.k_store, dim=-1)
     rows = np.concatenate([np.full(len(responses[i]), i, dtype=np.int32) for i in keep_rows])
     steps = np.concatenate([np.arange(len(responses[i]), dtype=np.int32) for i in keep_rows])
     tokens = np.concatenate([np.asarray(responses[i], dtype=np.int32) for i in keep_rows])
-    return {
+    arrays = {
         "row": rows,
         "step": steps,
         "token": tokens,
@@ -241,8 +249,10 @@ def read_responses(base, aligned, base_rows, aligned_rows, responses, pad, setti
         "al_ids": al_ids.cpu().numpy().astype(np.int32),
         "al_logits": al_values.cpu().numpy().astype(np.float16),
         "base_at_al": base_lp.gather(-1, al_ids).cpu().numpy().astype(np.float16),
-        "hidden": hidden.cpu().numpy().astype(np.float16),
     }
+    if settings.hidden:
+        arrays["hidden"] = hidden[select.to(hidden.device)].float().cpu().numpy().astype(np.float16)
+    return arrays
 
 
 def run_extraction(
@@ -251,24 +261,34 @@ def run_extraction(
     prompts: list[str],
     load: Callable[[], tuple[Any, Any, Any, Any]],
     progress: Callable[[int, int, int], None] | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> Path:
     """Extract every missing shard into ``cache_root/<key>`` and return that folder.
 
     `load` returns ``(base_model, aligned_model, base_tokenizer, aligned_tokenizer)``; it is only
     called when some shard is missing. `progress(prompts_done, prompts_total, positions)` is
-    called after each shard.
+    called after each shard. ``part = (rank, count)``: this process's share in a data-parallel
+    run, the shards whose index ``b`` has ``b % count == rank`` (shards are named by their batch
+    of prompts alone, so any number of processes writes the same files).
     """
+    rank, count = part
+    with_hidden = replace(settings, hidden=True)
+    if not settings.hidden and (Path(cache_root) / with_hidden.key()).is_dir():
+        settings = with_hidden  # a cache that also holds hidden states serves a top-k head as well
     folder = Path(cache_root) / settings.key()
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".shard-*.part"):  # left by a run killed mid-write
-        stale.unlink(missing_ok=True)
     write_text(folder / "settings.json", json.dumps(asdict(settings), indent=2) + "\n")
     batches = [list(range(i, min(i + settings.batch_prompts, len(prompts)))) for i in range(0, len(prompts), settings.batch_prompts)]
-    missing = [b for b, _ in enumerate(batches) if not (folder / shard_name(b)).is_file()]
-    positions = sum(_shard_positions(folder / shard_name(b)) for b in range(len(batches)) if b not in missing)
-    done_prompts = len(prompts) - sum(len(batches[b]) for b in missing)
+    mine = [b for b in range(len(batches)) if b % count == rank]
+    for b in mine:
+        for stale in folder.glob(f".{shard_name(b)}.*.part"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
+    missing = [b for b in mine if not (folder / shard_name(b)).is_file()]
+    positions = sum(_shard_positions(folder / shard_name(b)) for b in mine if b not in missing)
+    total = sum(len(batches[b]) for b in mine)
+    done_prompts = total - sum(len(batches[b]) for b in missing)
     if progress:
-        progress(done_prompts, len(prompts), positions)
+        progress(done_prompts, total, positions)
     if not missing:
         return folder
     base, aligned, base_tok, aligned_tok = load()
@@ -293,7 +313,7 @@ def run_extraction(
         positions += len(arrays["token"])
         done_prompts += len(indices)
         if progress:
-            progress(done_prompts, len(prompts), positions)
+            progress(done_prompts, total, positions)
     return folder
 
 
@@ -317,10 +337,11 @@ def load_shards(folder: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as shard:
             if shard["token"].shape[0]:
                 for name in SHARD_ARRAYS:
-                    parts[name].append(shard[name])
+                    if name in shard.files:  # "hidden" only where the settings kept it
+                        parts[name].append(shard[name])
             responses.update(json.loads(shard["responses_json"].tobytes().decode("utf-8")))
     if not parts["token"]:
         raise SaliError("the aligned model produced no response tokens for any prompt")
-    data = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    data = {name: np.concatenate(chunks) for name, chunks in parts.items() if chunks}
     data["responses"] = responses  # type: ignore[assignment]
     return data

@@ -29,7 +29,6 @@ promote    i32 (m,)      the promotion set ``A``
 from __future__ import annotations
 
 import json
-import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 from sali import __version__
 from sali.atomic import atomic_path
 from sali.errors import SaliError
+from sali.kernel import head_kernel, token_fields
 
 FORMAT_NAME = "sali-head"
 FORMAT_VERSION = 1
@@ -110,7 +110,7 @@ class Head(_HeadMeta):
         **meta: Any,
     ) -> "Head":
         """Build a head from arrays; extra keyword arguments go into the metadata."""
-        U = np.asarray(U, dtype=np.float32)
+        U = np.ascontiguousarray(U, dtype=np.float32)
         full_meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -126,7 +126,7 @@ class Head(_HeadMeta):
         full_meta.update(meta)
         head = cls(
             U=U,
-            W=np.asarray(W, dtype=np.float32),
+            W=np.ascontiguousarray(W, dtype=np.float32),
             bias=np.asarray(bias, dtype=np.float32),
             promote=np.unique(np.asarray(promote, dtype=np.int64)),
             meta=full_meta,
@@ -218,7 +218,7 @@ class Head(_HeadMeta):
     def adjust(
         self, top_ids: np.ndarray, top_logits: np.ndarray, promote_logits: np.ndarray, alpha: float = 1.0
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The head itself, given the base's top k: the one implementation every path uses.
+        """The head itself, given the base's top k (computed by :meth:`adjust_into`).
 
         Args:
             top_ids: ``(k,)`` ids of the base's k largest logits (any order, any integer dtype).
@@ -227,29 +227,41 @@ class Head(_HeadMeta):
             alpha: head strength.
 
         Returns:
-            ``(ids, adjusted)``: ``(c,)`` candidate ids ``C = S ∪ A`` (no duplicates) and their
-            ``(c,)`` float32 adjusted logits; every other token is masked.
+            ``(ids, adjusted)``: ``(c,)`` int32 candidate ids ``C = S ∪ A`` (no duplicates) and
+            their ``(c,)`` float32 adjusted logits; every other token is masked.
         """
-        # Called once per generated token right after a forward pass has flushed the caches,
-        # where every NumPy call costs several µs: hence few calls, bias folded into W, no copies.
-        shifted = top_logits - top_logits.max()
-        features = shifted - np.float32(math.log(float(np.exp(shifted).sum())))
-        mixed, stamps, call = self._buffers()
-        np.matmul(features, self.U[top_ids], out=mixed[:-1])
-        if self.promote.size:
-            # promoted tokens not already in the top k; marking with this call's own number
-            # leaves nothing to undo, so an interrupt mid-call cannot leak into the next one
-            stamps[top_ids] = call
-            fresh = stamps[self.promote] != call
-            ids = np.concatenate((top_ids, self.promote[fresh]))
-            base = np.concatenate((top_logits, promote_logits[fresh]))
-        else:
-            ids, base = top_ids, top_logits
-        delta = self._w_bias()[ids] @ mixed  # W_j · mixed + b_j
-        if alpha != 1.0:
-            delta *= np.float32(alpha)
-        delta += base
-        return ids, delta
+        k = len(top_ids)
+        ids, logits = token_fields(k + self.promote.size)
+        ids[:k], logits[:k] = top_ids, top_logits
+        promote_logits = np.ascontiguousarray(promote_logits, dtype=np.float32)
+        count = self.adjust_into(ids[:k], logits[:k], promote_logits, np.arange(self.promote.size), ids, logits, alpha)
+        return ids[:count].copy(), logits[:count].copy()
+
+    def adjust_into(
+        self, top_ids: np.ndarray, top_logits: np.ndarray, source: np.ndarray, source_at: np.ndarray,
+        out_ids: np.ndarray, out_logits: np.ndarray, alpha: float = 1.0,
+    ) -> int:
+        """:meth:`adjust` written into ``out_ids[:c]`` and ``out_logits[:c]``; returns ``c``.
+
+        The base logit of promoted token ``promote[a]`` is ``source[source_at[a]]`` (float32
+        contiguous, int64 indices): the runtime passes llama.cpp's raw ``(V,)`` logits and
+        ``self.promote``, so nothing is gathered in Python.
+
+        The id and logit arrays are views laid out as llama.cpp's candidate array
+        (:func:`sali.kernel.token_fields`), and the outputs may be the very arrays the inputs are
+        views of: the runtime rewrites llama.cpp's candidates in place. The arithmetic is the one
+        compiled function :func:`sali.kernel.head_kernel`; this thread's scratch makes one head
+        safe to use from several threads at once (sali serve).
+        """
+        scratch = self._scratch
+        call = getattr(scratch, "call", 0) + 1
+        if call == 1 or call >= 2**31 - 1:
+            scratch.mixed = np.ones(self.rank + 1, dtype=np.float32)
+            scratch.stamps = np.zeros(self.vocab_size, dtype=np.int32)
+            call = 1
+        scratch.call = call
+        return head_kernel()(top_ids, top_logits, source, source_at, out_ids, out_logits, self.U, self._w_bias(),
+                             self.promote, scratch.stamps, call, scratch.mixed, float(alpha))
 
     def apply(self, logits: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Apply the head to one full logits vector ``(V,)`` (token-id order): selects the top k,
@@ -263,18 +275,6 @@ class Head(_HeadMeta):
         out = np.full(logits.shape, -np.inf, dtype=np.float32)
         out[ids] = adjusted
         return out
-
-    def _buffers(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """This thread's scratch: ``(r + 1,)`` mixed features then a constant 1 that picks up the
-        bias; ``(V,)`` int32 stamps marking the current top k; the number of this call."""
-        scratch = self._scratch
-        call = getattr(scratch, "call", 0) + 1
-        if call == 1 or call >= 2**31 - 1:
-            scratch.mixed = np.ones(self.rank + 1, dtype=np.float32)
-            scratch.stamps = np.zeros(self.vocab_size, dtype=np.int32)
-            call = 1
-        scratch.call = call
-        return scratch.mixed, scratch.stamps, call
 
     def _w_bias(self) -> np.ndarray:
         """``(V, r + 1)``: W with the bias as its last column (built once)."""

@@ -135,3 +135,38 @@ def kl_rows(aligned_log_probs: np.ndarray, system_logits: np.ndarray, floor: flo
         terms = np.where(p > 0, p * (aligned_log_probs - log_q), 0.0)
     return terms.sum(axis=-1)
 
+
+
+def top_k_targets(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What the KL on a reference model's top k needs, from its ``(T, V)`` logits:
+
+    ``(top1, ids, log_probs, tail)``: ``(T,)`` int32 argmax; ``(T, k)`` int32 ids of the k most
+    likely tokens; ``(T, k)`` float32 their log-probs (normalised over the whole vocabulary);
+    ``(T,)`` float64 the probability mass outside them. ``k`` is capped at ``V``."""
+    logits = np.asarray(logits)
+    T, V = logits.shape
+    k = min(k, V)
+    ids = np.argpartition(logits, V - k, axis=-1)[:, V - k:] if k < V else np.broadcast_to(np.arange(V), (T, V))
+    log_probs = np.take_along_axis(log_softmax_rows(logits), ids, axis=-1)
+    tail = np.clip(1.0 - np.exp(log_probs).sum(axis=-1), 0.0, 1.0)
+    return logits.argmax(-1).astype(np.int32), ids.astype(np.int32), log_probs.astype(np.float32), tail
+
+
+def kl_top_k(ids: np.ndarray, log_probs: np.ndarray, tail: np.ndarray, system_logits: np.ndarray,
+             floor: float = 1e-10) -> np.ndarray:
+    """KL(reference ‖ system) in nats per row over the reference's top k plus one bucket for the rest
+    of the vocabulary: ``Σ_{i∈K} p_i log(p_i/q_i) + p_rest log(p_rest/q_rest)``.
+
+    ``ids``, ``log_probs``, ``tail``: as :func:`top_k_targets` returns them; ``system_logits``:
+    ``(T, V)``; ``-inf`` logits (tokens a head masks) get probability `floor`, as does an empty
+    rest. A lower bound on the full KL (merging tokens never raises it), equal to it when the k
+    tokens hold all of the reference's mass."""
+    log_q = np.take_along_axis(log_softmax_rows(system_logits), ids, axis=-1)
+    log_q = np.maximum(log_q, math.log(floor))
+    log_p = log_probs.astype(np.float64)
+    p = np.exp(log_p)
+    head = (p * (log_p - log_q)).sum(axis=-1)
+    q_rest = np.maximum(1.0 - np.exp(log_q).sum(axis=-1), floor)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rest = np.where(tail > 0, tail * (np.log(tail) - np.log(q_rest)), 0.0)
+    return head + rest

@@ -1,13 +1,13 @@
 """llama.cpp runtime: load a GGUF, apply a head to every sampled token, stream text.
 
 The head runs as a custom sampler in llama.cpp's sampler chain, right after llama.cpp's own
-top-k sampler: it receives the base's k best candidates, reads the promotion set's logits from
-llama.cpp's raw logits buffer (``llama_get_logits_ith``), computes the adjusted logits with
-:meth:`sali.head.Head.adjust`, and writes the ``|C|`` candidates back into the chain's token
-array, shrinking it to them (the mask). Greedy or temperature / top-k / top-p sampling then runs
-natively on those candidates. Selecting the top k in C rather than NumPy matters: right after a
-forward pass every NumPy call runs cache-cold, and a NumPy selection over 49k logits measured
-~100 µs a token there, against ~25 µs for the whole callback on the native top k.
+top-k sampler: it receives the base's k best candidates and, in one compiled call
+(:meth:`sali.head.Head.adjust_into`, :mod:`sali.kernel`), reads the promotion set's logits from
+llama.cpp's raw logits buffer (``llama_get_logits_ith``), computes the adjusted logits and writes
+the ``|C|`` candidates back into the chain's token array in place, shrinking it to them (the
+mask). Greedy or temperature / top-k / top-p sampling then runs natively on those candidates.
+Selecting the top k in C rather than NumPy matters: right after a forward pass every NumPy call
+runs cache-cold, and a NumPy selection over 49k logits measured ~100 µs a token there.
 
 ctypes swallows exceptions raised inside a callback (it prints them and returns), which would
 silently decode *without* the head. The sampler therefore stores any exception, and the
@@ -36,6 +36,7 @@ from sali.ggufcheck import check_gguf
 from sali.head import Head
 from sali.vocab import fingerprint
 
+_NO_LOGITS = np.zeros(0, dtype=np.float32)  # source of promoted logits for a head without promotion set
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
@@ -166,6 +167,7 @@ class HeadSampler:
 
     Attributes:
         calls, seconds: number of calls and total time spent inside them (s).
+        durations: when a list, every call's time (s) is appended to it (benchmarks).
         error: the first exception raised inside the callback, if any.
         verify: also check what llama.cpp hands over against the raw logits (slow; for tests):
             without a head, the whole vocabulary in token-id order with exactly the raw logits;
@@ -182,6 +184,10 @@ class HeadSampler:
     calls: int = 0
     seconds: float = 0.0
     error: BaseException | None = None
+    durations: list[float] | None = None  # when a list, each call's seconds are appended (benchmarks)
+    _address: int | None = None  # of the candidate array whose field views are cached below
+    _ids: np.ndarray | None = None  # (n_vocab,) int32 view of its ids
+    _logits: np.ndarray | None = None  # (n_vocab,) float32 view of its logits
 
     @property
     def active(self) -> bool:
@@ -194,31 +200,34 @@ class HeadSampler:
         except BaseException as exc:  # noqa: BLE001 - re-raised by the decoding loop
             if self.error is None:
                 self.error = exc
+        elapsed = time.perf_counter() - start
         self.calls += 1
-        self.seconds += time.perf_counter() - start
+        self.seconds += elapsed
+        if self.durations is not None:
+            self.durations.append(elapsed)
 
     def _apply(self, cur) -> None:
-        given = candidates(cur)
+        address = ctypes.cast(cur.data, ctypes.c_void_p).value
+        if address != self._address:  # llama.cpp builds the array anew per token, mostly at the same address
+            whole = np.frombuffer((ctypes.c_char * (self.n_vocab * TOKEN_DATA.itemsize)).from_address(address), TOKEN_DATA)
+            self._ids, self._logits, self._address = whole["id"], whole["logit"], address
+        size = cur.size
         if self.verify or self.probe is not None:
             raw = self.get_logits().copy()
             if self.verify:
-                check_candidates(given, raw, self.n_vocab, self.head.k if self.active else 0)
+                check_candidates(candidates(cur), raw, self.n_vocab, self.head.k if self.active else 0)
             if self.probe is not None:
                 self.probe(raw)
         if not self.active:
             return
         head = self.head
-        size = given.shape[0]
         if size != min(head.k, self.n_vocab):
             raise RuntimeError(f"the head expects the base's top {head.k} candidates, llama.cpp passed {size}")
-        promote_logits = self.get_logits()[head.promote] if head.promote.size else head.promote
-        ids, adjusted = head.adjust(given["id"], given["logit"], promote_logits, self.alpha)
-        count = ids.shape[0]
-        address = ctypes.cast(cur.data, ctypes.c_void_p).value
-        out = np.frombuffer((ctypes.c_char * (count * TOKEN_DATA.itemsize)).from_address(address), TOKEN_DATA)
-        out["id"] = ids
-        out["logit"] = adjusted
-        out["p"] = 0.0
+        ids, logits = self._ids, self._logits
+        # the candidates are rewritten in place (the head reads each input before writing its slot);
+        # p needs no writing: llama.cpp builds the array with p = 0 and its samplers recompute it
+        raw = self.get_logits() if head.promote.size else _NO_LOGITS
+        count = head.adjust_into(ids[:size], logits[:size], raw, head.promote, ids, logits, self.alpha)
         cur.size = count
         cur.sorted = False
         cur.selected = -1

@@ -59,7 +59,7 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
     """Run a whole training job; returns the head's metadata."""
     import torch
 
-    from sali import extract, hfmodels
+    from sali import extract, hfmodels, parallel
 
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -86,7 +86,11 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
     if fmt["type"] == "chat" and not base_tok.chat_template:
         raise SaliError(f"{base_src.name} has no chat template; use --base-format plain or a template with {{prompt}}")
     device = hfmodels.pick_device(job.device)
-    dtype = job.dtype if job.dtype != "auto" else ("float32" if device == "cpu" else "bfloat16" if device == "cuda" else "float16")
+    processes = parallel.current(device)  # under `accelerate launch`: this process's share and GPU
+    device = processes.device or device
+    if not processes.main:
+        console = Console(quiet=True)  # the main process reports
+    dtype = job.dtype if job.dtype != "auto" else ("float32" if device == "cpu" else "bfloat16" if device.startswith("cuda") else "float16")
     settings = extract.ExtractSettings(
         base=base_src.name,
         aligned=aligned_src.name,
@@ -101,6 +105,7 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         batch_prompts=job.extract_batch,
         dtype=dtype,
         trajectories=job.trajectories,
+        hidden=job.kind == "lmhead",  # a top-k head never reads hidden states: smaller shards
     )
     cache_root = job.cache or default_cache()
     console.print(f"[dim]extraction cache: {escape(str(cache_root / settings.key()))}[/]")
@@ -128,9 +133,14 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
             first.setdefault("p", positions)
             elapsed = now - first["t"]
             rate = (positions - first["p"]) / elapsed if elapsed > 0 else 0.0
-            progress.update(task, completed=done, positions=positions, rate=rate)
+            progress.update(task, completed=done, total=total, positions=positions, rate=rate)
 
-        folder = extract.run_extraction(settings, cache_root, prompts, load, report)
+        folder = extract.run_extraction(settings, cache_root, prompts, load, report, part=(processes.rank, processes.count))
+    if processes.count > 1:
+        console.print(f"[dim]process {processes.rank + 1} of {processes.count} extracted its share; waiting for the others[/]")
+    processes.wait_for_everyone()  # every shard exists from here on
+    if not processes.main:
+        return {}
     extract_seconds = time.perf_counter() - start
     data = extract.load_shards(folder)
     vocab_size = int(getattr(base_cfg, "vocab_size", 0) or len(base_tok))

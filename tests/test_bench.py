@@ -26,6 +26,19 @@ def test_extract_speed_smoke(tiny):
     assert "median speed-up:" in out and "head file, V=" in out
 
 
+def test_compare_memory_smoke(pair):
+    out = _run("bench/compare_memory.py", "--quick", "--base", str(pair.base_gguf), "--aligned", str(pair.aligned_gguf))
+    ratio = float(out.split("peak memory ratio")[1].split(":")[1].split()[0])
+    assert 0.9 < ratio < 1.2, out
+
+
+def test_gpu_check_smoke_on_the_cpu(pair):
+    """No CUDA machine here: the script's CPU path on the tiny pair; CPU against CPU is exact."""
+    out = _run("bench/gpu_check.py", "--device", "cpu", "--size", "tiny", "--pair", str(pair.folder),
+               "--prompts", "24", "--tokens", "8", timeout=600)
+    assert "positions/s" in out and "largest weight difference 0.00e+00" in out and "100.0%" in out, out
+
+
 @pytest.mark.parametrize("module", sorted(p.stem for p in (ROOT / "bench" / "smollm2").glob("*.py")))
 def test_smollm2_study_scripts_import(module):
     """The study's scripts take minutes to hours (run.py --quick: several minutes), so the suite

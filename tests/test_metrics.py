@@ -112,3 +112,24 @@ def test_wilson_interval_contains_the_rate_and_narrows_with_n():
             assert 0.0 <= low <= successes / n <= high <= 1.0
     assert metrics.wilson_interval(50, 100)[1] - metrics.wilson_interval(50, 100)[0] > \
         metrics.wilson_interval(500, 1000)[1] - metrics.wilson_interval(500, 1000)[0]
+
+
+def test_kl_top_k_is_exact_with_the_whole_vocabulary_and_a_lower_bound_below_it():
+    rng = np.random.default_rng(0)
+    aligned = rng.standard_normal((6, 50)) * 3
+    system = rng.standard_normal((6, 50)) * 3
+    system[0, aligned[0].argmax()] = -np.inf  # a head masked the aligned model's favourite
+    full = metrics.kl_rows(metrics.log_softmax_rows(aligned), system, floor=1e-6)
+    _, ids, lp, tail = metrics.top_k_targets(aligned, 50)
+    assert np.allclose(tail, 0.0, atol=1e-6)
+    assert np.allclose(metrics.kl_top_k(ids, lp, tail, system, floor=1e-6), full, rtol=1e-5, atol=1e-6)
+    previous = np.zeros(6)
+    for k in (1, 5, 20, 49):  # merging tokens into the rest never raises the KL; more tokens, closer to it
+        top1, ids, lp, tail = metrics.top_k_targets(aligned, k)
+        assert np.array_equal(top1, aligned.argmax(-1)) and ids.shape == (6, k)
+        assert np.allclose(np.exp(lp.astype(np.float64)).sum(-1) + tail, 1.0, atol=1e-5)
+        value = metrics.kl_top_k(ids, lp, tail, system, floor=1e-6)
+        assert np.all(value <= full + 1e-5) and np.all(value >= previous - 1e-5)
+        previous = value
+    same = metrics.kl_top_k(*metrics.top_k_targets(aligned, 10)[1:], aligned)
+    assert np.allclose(same, 0.0, atol=1e-5)

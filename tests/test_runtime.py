@@ -96,7 +96,7 @@ def test_same_seed_same_sample(tiny_model):
 def test_exception_in_head_stops_generation(tiny_model, monkeypatch):
     head = make_head(tiny_model)
     calls = {"n": 0}
-    original = Head.adjust
+    original = Head.adjust_into
 
     def failing(self, *args, **kwargs):
         calls["n"] += 1
@@ -104,7 +104,7 @@ def test_exception_in_head_stops_generation(tiny_model, monkeypatch):
             raise ValueError("boom in the head")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Head, "adjust", failing)
+    monkeypatch.setattr(Head, "adjust_into", failing)
     produced = []
     with pytest.raises(HeadError, match="boom in the head"):
         for token in tiny_model.sample_tokens(prompt_ids(tiny_model), GREEDY, head):

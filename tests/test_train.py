@@ -63,8 +63,22 @@ def test_head_fingerprint_matches_the_gguf(pair, trained):
 def test_lmhead_merged_into_gguf_recovers_refusals(pair, trained, tmp_path):
     _, cache, _ = trained
     head_path = tmp_path / "white.npz"
-    train(pair, head_path, cache, "--kind", "lmhead")  # reuses the cached extraction
+    train(pair, head_path, cache, "--kind", "lmhead")  # extracts again: top-k shards hold no hidden states
     assert isinstance(LMHead.load(head_path), LMHead)
+    folders = {p.parent for p in cache.rglob("shard-*.npz")}
+    assert len(folders) == 2
+    holds = {folder: "hidden" in np.load(folder / "shard-00000.npz").files for folder in folders}
+    assert sorted(holds.values()) == [False, True]
+    sizes = {holds[f]: sum(p.stat().st_size for p in f.glob("shard-*.npz")) for f in folders}
+    print(f"shards with hidden states {sizes[True]:,} bytes, without {sizes[False]:,} ({sizes[False] / sizes[True]:.2f}x)")
+    assert sizes[False] < sizes[True]
+    # a top-k run finding only the white-box run's shards reuses them (they hold all it reads)
+    white = next(f for f in folders if holds[f])
+    shutil.copytree(white, tmp_path / "reuse" / white.name)
+    train(pair, tmp_path / "topk.npz", tmp_path / "reuse")
+    assert [p.name for p in (tmp_path / "reuse").iterdir()] == [white.name]
+    reference = Head.load(trained[0])
+    np.testing.assert_array_equal(Head.load(tmp_path / "topk.npz").U, reference.U)
     info = run_sali("head", "info", str(head_path))
     assert info.returncode == 0 and "lmhead" in info.stdout
     # a top-k runtime refuses it with a pointer to the merge
@@ -186,3 +200,55 @@ def test_prompt_file_formats(tmp_path):
     assert (row.text, row.label, row.answer) == ("q", "harmful", "#### 4")
     assert read_prompts(tmp_path / "c.csv")[0].text == "Do a thing"
     assert read_prompts(tmp_path / "d.csv")[0].text == "Why?"
+
+
+def _shards(cache: Path) -> dict[str, dict[str, np.ndarray]]:
+    found = {}
+    for path in sorted(cache.rglob("shard-*.npz")):
+        with np.load(path, allow_pickle=False) as shard:
+            found[f"{path.parent.name}/{path.name}"] = {name: shard[name] for name in shard.files}
+    return found
+
+
+def _same_heads(a: Path, b: Path) -> None:
+    first, second = Head.load(a), Head.load(b)
+    for name in ("U", "W", "bias", "promote"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+
+
+def test_two_processes_through_accelerate_match_one_and_resume(pair, trained, tmp_path):
+    """`sali train --processes 2` (accelerate's launcher, gloo on the CPU): the same shards, under
+    the same cache key, and the same head as one process. A run that stopped with only some shards
+    written (shards are written atomically, so this is what an interruption leaves, plus a
+    half-written temporary file) resumes with 2 processes; then one process reuses them all."""
+    reference, one_cache, _ = trained
+    cache, out = tmp_path / "cache", tmp_path / "two.npz"
+    done = train(pair, out, cache, "--processes", "2")
+    assert "process 1 of 2" in done.stderr
+    two = _shards(cache)
+    folders = {name.split("/")[0] for name in two}  # the one-process cache may also hold a white-box run's
+    one = {name: arrays for name, arrays in _shards(one_cache).items() if name.split("/")[0] in folders}
+    assert len(folders) == 1 and list(one) == list(two) and len(two) >= 4
+    for name, arrays in one.items():
+        assert arrays.keys() == two[name].keys()
+        for key in arrays:
+            np.testing.assert_array_equal(arrays[key], two[name][key], err_msg=f"{name} {key}")
+    _same_heads(reference, out)
+
+    shard_paths = sorted(cache.rglob("shard-*.npz"))
+    for path in shard_paths[1:3]:  # one shard of each process
+        path.unlink()
+    (shard_paths[1].parent / f".{shard_paths[1].name}.x1y2.npz.part").write_bytes(b"half")
+    out.unlink()
+    train(pair, out, cache, "--processes", "2")
+    assert not list(cache.rglob("*.part"))
+    resumed = _shards(cache)
+    for name, arrays in one.items():
+        for key in arrays:
+            np.testing.assert_array_equal(arrays[key], resumed[name][key])
+    _same_heads(reference, out)
+    stamps = [p.stat().st_mtime_ns for p in shard_paths]
+    again = tmp_path / "one.npz"
+    train(pair, again, cache)
+    assert [p.stat().st_mtime_ns for p in shard_paths] == stamps  # nothing extracted again
+    _same_heads(reference, again)

@@ -1,0 +1,117 @@
+"""Generation: every system answers every prompt (cached), each model loaded once; proxy-tuning's
+own decoder (three models in lockstep)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sali.api import Sali, load
+from sali.compare.cache import Cache, Result
+from sali.compare.systems import Plan, System, prompt_key, prompt_text, render_for
+from sali.errors import SaliError
+from sali.prompts import Prompt
+from sali.runtime import Model, Sampling
+
+
+def generate_all(plan: Plan, progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict[str, Result]]:
+    """Responses of every system to every prompt: ``{system: {prompt_key: Result}}``."""
+    results: dict[str, dict[str, Result]] = {}
+    by_model: dict[Path, list[System]] = {}
+    for system in plan.systems:
+        by_model.setdefault(system.model, []).append(system)
+    for model_path, systems in by_model.items():
+        caches = {s.name: Cache(plan.cache, s, plan.sampling) for s in systems}
+        todo = [s for s in systems if any(prompt_key(p) not in caches[s.name].entries for p in plan.prompts)]
+        heads = list(dict.fromkeys(s.head for s in todo if s.head))
+        model = open_model(model_path, plan, heads) if todo else None
+        try:
+            for system in systems:
+                cache = caches[system.name]
+                runner = _runner(system, model, plan) if system in todo else None
+                for index, prompt in enumerate(plan.prompts):
+                    key = prompt_key(prompt)
+                    if key not in cache.entries:
+                        cache.add(key, runner(prompt))
+                        plan.generations += 1
+                    if progress:
+                        progress(system.name, index + 1, len(plan.prompts))
+                results[system.name] = cache.entries
+                if runner is not None and hasattr(runner, "close"):
+                    runner.close()
+        finally:
+            if model is not None:
+                model.close()
+    return results
+
+
+def open_model(path: Path, plan: Plan, heads: list[Path] = ()) -> Sali:
+    """One model with the plan's context, threads, GPU layers and seed (and `heads` ready to use)."""
+    return load(path, [str(h) for h in heads], n_gpu_layers=plan.n_gpu_layers, n_threads=plan.threads, n_ctx=plan.ctx,
+                seed=plan.sampling.seed)
+
+
+def _runner(system: System, handle: Sali, plan: Plan):
+    sampling = plan.sampling
+    if system.kind == "icl":
+        sampling = Sampling(**{**vars(plan.sampling), "stop": tuple(plan.sampling.stop) + ("\nUser:",)})
+    if system.kind == "proxy":
+        return ProxyRunner(system, handle.model, plan)
+    head = Path(system.head).stem if system.head else None
+
+    def run(prompt: Prompt) -> Result:
+        text = prompt_text(system, handle.model, prompt)
+        done = handle.generate(text, raw=True, head=head, alpha=system.alpha, sampling=sampling)
+        return Result(done.text.strip(), done.tokens, round(done.seconds, 4), done.finish_reason)
+
+    return run
+
+
+class ProxyRunner:
+    """Proxy-tuning decoding: three models in lockstep, greedy (or temperature) in NumPy."""
+
+    def __init__(self, system: System, base: Model, plan: Plan):
+        small_base, small_aligned = system.proxy
+        self.base = base
+        self.small_base = open_model(small_base, plan).model
+        self.small_aligned = open_model(small_aligned, plan).model
+        for other in (self.small_base, self.small_aligned):
+            if other.fingerprint != base.fingerprint:
+                raise SaliError(f"proxy model {other.name} has another vocabulary ({other.fingerprint}) than {base.name} ({base.fingerprint})")
+        self.system = system
+        self.sampling = plan.sampling
+        self.rng = np.random.default_rng(plan.sampling.seed)
+
+    def __call__(self, prompt: Prompt) -> Result:
+        start = time.perf_counter()
+        models = (self.base, self.small_base, self.small_aligned)
+        formats = (self.system.fmt, self.system.fmt, {"type": "chat"})
+        base, small_base, small_aligned = (m.prefill(m.tokenize(render_for(m, fmt, prompt.text))) for m, fmt in zip(models, formats))
+        tokens: list[int] = []
+        finish = "length"
+        for _ in range(self.sampling.max_tokens):
+            token = self._choose(base + small_aligned - small_base)
+            if self.base.is_end(token):
+                finish = "eos"
+                break
+            tokens.append(token)
+            if any(m.room <= 1 for m in models):
+                finish = "context"
+                break
+            base, small_base, small_aligned = (m.feed(token) for m in models)
+        text = self.base.detokenize(tokens)
+        return Result(text.strip(), tokens, round(time.perf_counter() - start, 4), finish)
+
+    def _choose(self, logits: np.ndarray) -> int:
+        if self.sampling.temperature <= 0:
+            return int(np.argmax(logits))
+        z = logits / self.sampling.temperature
+        p = np.exp(z - z.max())
+        return int(self.rng.choice(len(p), p=p / p.sum()))
+
+    def close(self) -> None:
+        self.small_base.close()
+        self.small_aligned.close()

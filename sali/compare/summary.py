@@ -1,0 +1,130 @@
+"""The figures of `sali compare` per system and prompt label, superficial shares, and the table
+(terminal and Markdown)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sali import metrics
+from sali.compare.cache import Result
+from sali.compare.forced import KL_TOP_K
+from sali.compare.systems import Plan, prompt_key
+from sali.prompts import describe_format
+
+
+def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every figure per system (and per label), plus the superficial shares."""
+    aligned = next((s for s in plan.systems if s.kind == "aligned"), None)
+    labels = sorted({p.label or "unlabelled" for p in plan.prompts})
+    rows = {}
+    for system in plan.systems:
+        res = results[system.name]
+        entries = [(p, res[prompt_key(p)]) for p in plan.prompts]
+        row: dict[str, Any] = {"kind": system.kind, "model": system.model.name, "head": system.head.name if system.head else None,
+                               "format": describe_format(system.fmt) if system.kind != "icl" else "icl preamble"}
+        for label in labels:
+            subset = [(p, r) for p, r in entries if (p.label or "unlabelled") == label]
+            refused = sum(metrics.is_refusal(r.response, plan.keywords) for _, r in subset)
+            row[f"refusal_{label}"] = refused / len(subset) if subset else float("nan")
+            row[f"refusal_{label}_n"] = len(subset)
+            row[f"refusal_{label}_ci95"] = list(metrics.wilson_interval(refused, len(subset)))
+        answered = [(p, r) for p, r in entries if p.answer]
+        if answered:
+            row["exact_match"] = metrics.mean(metrics.exact_match(r.response, p.answer) for p, r in answered)
+        if aligned is not None:
+            ref = results[aligned.name]
+            f1 = {prompt_key(p): metrics.token_f1(r.response, ref[prompt_key(p)].response) for p, r in entries}
+            row["f1_vs_aligned"] = metrics.mean(f1.values())
+            if len(labels) > 1:
+                for label in labels:
+                    row[f"f1_vs_aligned_{label}"] = metrics.mean(f1[prompt_key(p)] for p, _ in entries if (p.label or "unlabelled") == label)
+        row["loops"] = metrics.mean(metrics.repeated_sentence_loop(r.response) for _, r in entries)
+        tokens = sum(len(r.tokens) for _, r in entries)
+        seconds = sum(r.seconds for _, r in entries)
+        row["tokens_per_second"] = tokens / seconds if seconds > 0 else float("nan")
+        row["mean_tokens"] = tokens / max(len(entries), 1)
+        if system.name in forced:
+            row["top1_vs_aligned"] = forced[system.name]["top1"]
+            row["kl_vs_aligned"] = forced[system.name]["kl"]
+            for label, values in forced[system.name].get("by_label", {}).items():
+                row[f"top1_vs_aligned_{label}"] = values["top1"]
+                row[f"kl_vs_aligned_{label}"] = values["kl"]
+        rows[system.name] = row
+    shares = {}
+    if aligned is not None:
+        base_row, aligned_row = rows["base"], rows[aligned.name]
+        for name, row in rows.items():
+            if name in ("base", aligned.name):
+                continue
+            shares[name] = {
+                metric: metrics.superficial_share(row[metric], base_row[metric], aligned_row[metric])
+                for metric in row
+                if metric.startswith(("refusal_", "exact_match", "top1_vs_aligned", "kl_vs_aligned", "f1_vs_aligned"))
+                and isinstance(row.get(metric), float) and metric in base_row and metric in aligned_row
+            }
+    return {
+        "systems": rows,
+        "shares": shares,
+        "labels": labels,
+        "prompts": len(plan.prompts),
+        "by_position": {name: f.get("by_position", {}) for name, f in forced.items()},
+        "kl_top_k": KL_TOP_K if forced else None,
+        "sampling": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.sampling).items()},
+    }
+
+
+COLUMNS = [
+    ("refusal_harmful", "refusal harmful"),
+    ("refusal_benign", "refusal benign"),
+    ("refusal_unlabelled", "refusal"),
+    ("exact_match", "exact match"),
+    ("f1_vs_aligned", "F1 vs aligned"),
+    ("top1_vs_aligned", "top-1 vs aligned"),
+    ("kl_vs_aligned", "KL"),
+    ("loops", "loops"),
+    ("tokens_per_second", "tok/s"),
+]
+NOTES = (
+    "refusal: share of responses containing a refusal phrase, with its Wilson 95% interval in brackets "
+    "(with 50–100 prompts a difference inside the intervals can be noise). F1 vs aligned: word-overlap F1 with the aligned "
+    "model's response. top-1 vs aligned and KL: teacher-forced on the aligned model's responses; KL(aligned ‖ system) "
+    f"in nats over the aligned model's top {KL_TOP_K} tokens at each position plus one outcome for the rest of the vocabulary "
+    "(its tail mass), a lower bound on the full KL; tokens a head masks counted at probability 1e-6. loops: share of responses repeating a sentence 3+ times. "
+    "In parentheses: the superficial share (system − base) / (aligned − base), where aligned and base differ by at least 0.05."
+)
+
+
+def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the comparison table (shared by the terminal and Markdown output)."""
+    systems = summary["systems"]
+    columns = list(COLUMNS)
+    known = {key for key, _ in COLUMNS}
+    extra = sorted({k for row in systems.values() for k in row
+                    if k.startswith("refusal_") and not k.endswith(("_n", "_ci95")) and k not in known})
+    columns[2:2] = [(key, "refusal " + key.removeprefix("refusal_")) for key in extra]
+    present = [(key, title) for key, title in columns if any(key in row for row in systems.values())]
+    header = ["system"] + [title for _, title in present]
+    rows = []
+    for name, row in systems.items():
+        cells = [name]
+        for key, _ in present:
+            value = row.get(key)
+            text = "—" if value is None or (isinstance(value, float) and np.isnan(value)) else (f"{value:.1f}" if key == "tokens_per_second" else f"{value:.3f}")
+            interval = row.get(f"{key}_ci95")
+            if interval is not None and not any(np.isnan(interval)):
+                text += f" [{interval[0]:.2f}–{interval[1]:.2f}]"
+            share = summary["shares"].get(name, {}).get(key)
+            if share is not None and key != "tokens_per_second":
+                text += f" ({share:.0%})"
+            cells.append(text)
+        rows.append(cells)
+    return header, rows
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    header, rows = table_rows(summary)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return f"# sali compare\n\n{summary['prompts']} prompts.\n\n" + "\n".join(lines) + "\n\n" + NOTES + "\n"

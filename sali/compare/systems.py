@@ -1,0 +1,166 @@
+"""What `sali compare` compares: its systems (table rows), the run's plan, prompt rendering.
+
+Systems (each generates on every prompt; greedy by default):
+
+* ``base``: the base model alone, in the heads' training format;
+* ``base+<head>``: the base with each head;
+* ``aligned``: the aligned model in its own chat format;
+* ``<other>+<head>``: each ``--also`` model with each head (transfer across models or precisions);
+* ``base+icl``: the base prompted with a preamble of aligned example exchanges (in-context alignment);
+* ``proxy``: proxy-tuning, ``base logits + (small aligned - small base) logits`` at every step.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sali.errors import SaliError
+from sali.head import Head
+from sali.prompts import Prompt, parse_format, render
+from sali.runtime import Model, Sampling
+
+DEFAULT_PREAMBLE = Path(__file__).resolve().parent.parent / "data" / "icl_preamble.txt"
+
+
+@dataclass
+class System:
+    """One row of the comparison."""
+
+    name: str
+    model: Path
+    kind: str  # "plain" | "head" | "aligned" | "icl" | "proxy"
+    fmt: dict[str, Any]
+    head: Path | None = None
+    preamble: str | None = None
+    proxy: tuple[Path, Path] | None = None
+    alpha: float = 1.0  # head strength
+
+    def key(self, sampling: Sampling) -> str:
+        parts = [self.kind, _file_id(self.model), json.dumps(self.fmt, sort_keys=True), json.dumps(_sampling_key(sampling), sort_keys=True, default=list)]
+        if self.head:
+            parts.append(_file_id(self.head))
+            if self.alpha != 1.0:
+                parts.append(f"alpha={self.alpha!r}")
+        if self.preamble:
+            parts.append(self.preamble)
+        if self.proxy:
+            parts += [_file_id(p) for p in self.proxy]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def _sampling_key(sampling: Sampling) -> dict[str, Any]:
+    """The settings that name a cache: the penalty fields count only when set, so caches
+    written before they existed stay valid."""
+    plain = Sampling()
+    return {k: v for k, v in vars(sampling).items()
+            if k not in ("repeat_penalty", "frequency_penalty", "presence_penalty", "penalty_last_n") or v != getattr(plain, k)}
+
+
+@dataclass
+class Plan:
+    systems: list[System]
+    prompts: list[Prompt]
+    sampling: Sampling
+    out: Path | None
+    cache: Path
+    keywords: list[str]
+    threads: int | None = None
+    n_gpu_layers: int = 0
+    ctx: int = 2048
+    generations: int = 0  # new generations made by this run (cache misses)
+    timing: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=None)
+def load_head(path: Path) -> Head:
+    """Each head file is read and validated once per comparison, however many systems use it."""
+    return Head.load(path)
+
+
+def _file_id(path: Path) -> str:
+    stat = Path(path).stat()
+    return f"{Path(path).name}:{stat.st_size}:{int(stat.st_mtime)}"
+
+
+def prompt_key(prompt: Prompt) -> str:
+    return hashlib.sha256(prompt.text.encode("utf-8")).hexdigest()[:16]
+
+
+def build_systems(
+    base: Path,
+    heads: list[Path],
+    aligned: Path | None,
+    also: list[Path],
+    icl: str | None,
+    proxy: tuple[Path, Path] | None,
+    fmt_spec: str | None,
+    alpha: float = 1.0,
+) -> list[System]:
+    """The systems to compare, in table order. The base format is ``--format``, else the first
+    head's training format, else the base model's chat template. Every head runs at strength
+    `alpha`; its systems are named ``model+head@alpha`` when alpha is not 1."""
+    loaded = [load_head(h) for h in heads]
+    names = [h.stem for h in heads]
+    if len(set(names)) != len(names):
+        raise SaliError("two heads share a file name; rename one so the table can tell them apart")
+    if fmt_spec:
+        fmt = parse_format(fmt_spec)
+    elif loaded:
+        fmt = loaded[0].base_format
+    else:
+        fmt = {"type": "chat"}
+    tag = "" if alpha == 1.0 else f"@{alpha:g}"
+    systems = [System("base", base, "plain", fmt)]
+    for path, head in zip(heads, loaded):
+        systems.append(System(f"base+{path.stem}{tag}", base, "head", fmt if fmt_spec else head.base_format, head=path, alpha=alpha))
+    if icl is not None:
+        preamble_path = Path(icl) if icl else DEFAULT_PREAMBLE
+        if not preamble_path.is_file():
+            raise SaliError(f"ICL preamble not found: {preamble_path}")
+        systems.append(System("base+icl", base, "icl", {"type": "plain"}, preamble=preamble_path.read_text(encoding="utf-8")))
+    if proxy is not None:
+        systems.append(System("proxy", base, "proxy", fmt, proxy=proxy))
+    if aligned is not None:
+        systems.append(System("aligned", aligned, "aligned", {"type": "chat"}))
+    for other in also:
+        systems.append(System(other.stem, other, "plain", fmt))
+        for path, head in zip(heads, loaded):
+            systems.append(System(f"{other.stem}+{path.stem}{tag}", other, "head", fmt if fmt_spec else head.base_format, head=path, alpha=alpha))
+    return systems
+
+
+def check_vocabularies(base: Path, others: list[tuple[str, Path]]) -> None:
+    """Refuse, naming both fingerprints, any model (``(role, path)``: ``--aligned``, ``--also``,
+    ``--proxy``) whose token list differs from the base's: compare measures them against the
+    base token by token, and the heads only fit the base's vocabulary."""
+    from sali.ggufcheck import vocab_fingerprint
+
+    base_fp = vocab_fingerprint(base)
+    for role, path in others:
+        other_fp = vocab_fingerprint(path)
+        if other_fp != base_fp:
+            raise SaliError(
+                f"{role} model {path.name} has vocabulary {other_fp}, but the base {base.name} has {base_fp}; "
+                "compare needs models that share the base's token list"
+            )
+
+
+def icl_prompt(preamble: str, prompt: str) -> str:
+    return f"{preamble.rstrip()}\n\nUser: {prompt}\nAssistant:"
+
+
+def render_for(model: Model, fmt: dict[str, Any], text: str) -> str:
+    """`text` as one user turn in prompt format `fmt`, with `model`'s chat template and special tokens."""
+    return render(fmt, [{"role": "user", "content": text}], chat_template=model.chat_template,
+                  bos_token=model.bos_text, eos_token=model.eos_text)
+
+
+def prompt_text(system: System, model: Model, prompt: Prompt) -> str:
+    if system.kind == "icl":
+        return icl_prompt(system.preamble or "", prompt.text)
+    return render_for(model, system.fmt, prompt.text)
