@@ -23,6 +23,7 @@ from sali.options import (
     GpuLayersOpt,
     HeadOpt,
     MaxTokensOpt,
+    IgnoreEosOpt,
     MinPOpt,
     ModelArg,
     PresencePenaltyOpt,
@@ -68,12 +69,13 @@ def root(
 
 
 def _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p=0.0, repeat_penalty=1.0,
-              frequency_penalty=0.0, presence_penalty=0.0):
+              frequency_penalty=0.0, presence_penalty=0.0, ignore_eos=False):
     from sali.runtime import Sampling
 
     sampling = Sampling(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
         min_p=min_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        ignore_eos=ignore_eos,
     )
     sampling.check()
     return sampling
@@ -100,6 +102,7 @@ def generate(
     repeat_penalty: RepeatPenaltyOpt = 1.0,
     frequency_penalty: FrequencyPenaltyOpt = 0.0,
     presence_penalty: PresencePenaltyOpt = 0.0,
+    ignore_eos: IgnoreEosOpt = False,
     alpha: AlphaOpt = 1.0,
     seed: SeedOpt = 0,
     stop: StopOpt = None,
@@ -121,7 +124,7 @@ def generate(
     if any(not item.text.strip() for item in items):
         raise SaliError("empty prompt")
     sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p, repeat_penalty,
-                         frequency_penalty, presence_penalty)
+                         frequency_penalty, presence_penalty, ignore_eos)
     session = Session.open(model, head, fmt, sampling, alpha=alpha, n_gpu_layers=n_gpu_layers, threads=threads, ctx=ctx)
     session.system = system
     if out is None:
@@ -186,6 +189,7 @@ def chat(
     repeat_penalty: RepeatPenaltyOpt = 1.0,
     frequency_penalty: FrequencyPenaltyOpt = 0.0,
     presence_penalty: PresencePenaltyOpt = 0.0,
+    ignore_eos: IgnoreEosOpt = False,
     alpha: AlphaOpt = 1.0,
     seed: SeedOpt = 0,
     stop: StopOpt = None,
@@ -205,7 +209,7 @@ def chat(
     from sali.session import Session
 
     sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p, repeat_penalty,
-                         frequency_penalty, presence_penalty)
+                         frequency_penalty, presence_penalty, ignore_eos)
     session = Session.open(model, head, fmt, sampling, alpha=alpha, n_gpu_layers=n_gpu_layers, threads=threads, ctx=ctx)
     session.system = system
     run_chat(session)

@@ -76,3 +76,8 @@ PresencePenaltyOpt = Annotated[
     typer.Option("--presence-penalty", help="Subtract this once from any token already generated (OpenAI's; 0 = off).",
                  rich_help_panel="Generation"),
 ]
+IgnoreEosOpt = Annotated[
+    bool,
+    typer.Option("--ignore-eos", help="Keep generating past end-of-generation tokens, to --max-tokens (benchmarks, tests).",
+                 rich_help_panel="Generation"),
+]
