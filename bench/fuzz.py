@@ -493,8 +493,18 @@ def in_process(check: Callable[[Path], None], path: Path) -> tuple[str, str]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def fuzz(examples: int, seed: int, kinds: list[str], folder: Path, report=print) -> dict[str, Tally]:
-    """Run `examples` inputs split over `kinds` (see :data:`SHARES`); returns a tally per kind."""
+def fuzz(examples: int, seed: int, kinds: list[str], folder: Path, report=print, keep: Path | None = None) -> dict[str, Tally]:
+    """Run `examples` inputs split over `kinds` (see :data:`SHARES`); returns a tally per kind.
+    With `keep`, every file input with a bad outcome (other exception, crash, hang) is copied there."""
+
+    def kept(outcome: str, detail: str, path: Path) -> tuple[str, str]:
+        if keep is not None and outcome not in ("accepted", "refused"):
+            keep.mkdir(parents=True, exist_ok=True)
+            copy = keep / f"{outcome.replace(' ', '-')}-{len(list(keep.iterdir())):04d}{path.suffix}"
+            copy.write_bytes(path.read_bytes())
+            detail = f"{detail} [kept as {copy}]"
+        return outcome, detail
+
     from sali.canary import write_tiny_gguf
     from sali.ggufcheck import check_gguf
     from sali.runtime import Model
@@ -509,13 +519,13 @@ def fuzz(examples: int, seed: int, kinds: list[str], folder: Path, report=print)
         originals = _head_files(folder)
         for _ in range(quota["head"]):
             target.with_suffix(".npz").write_bytes(mutate_head(originals, rng))
-            tallies["head"].add(*in_process(check_head, target.with_suffix(".npz")))
+            tallies["head"].add(*kept(*in_process(check_head, target.with_suffix(".npz")), target.with_suffix(".npz")))
     if "prompt" in kinds:
         checker = PromptChecker(model_path)
         for _ in range(quota["prompt"]):
             suffix, data = make_prompt_file(rng)
             target.with_suffix(suffix).write_bytes(data)
-            tallies["prompt"].add(*in_process(checker, target.with_suffix(suffix)))
+            tallies["prompt"].add(*kept(*in_process(checker, target.with_suffix(suffix)), target.with_suffix(suffix)))
         checker.model.close()
     if "gguf" in kinds:
         original = model_path.read_bytes()
@@ -528,7 +538,7 @@ def fuzz(examples: int, seed: int, kinds: list[str], folder: Path, report=print)
                 outcome, detail = in_process(check_gguf, path)
                 if outcome == "accepted":  # the check let it through: llama.cpp must cope
                     outcome, detail = worker.load(path)
-                tallies["gguf"].add(outcome, detail)
+                tallies["gguf"].add(*kept(outcome, detail, path))
         finally:
             worker.close()
     if "chat" in kinds or "http" in kinds:
@@ -571,6 +581,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=2000, help="inputs in all, split over the kinds")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    parser.add_argument("--keep", type=Path, help="copy every file input with a bad outcome into this folder")
     parser.add_argument("--kinds", default="head,prompt,gguf,chat,http", help="comma-separated subset of head,prompt,gguf,chat,http")
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
@@ -579,7 +590,7 @@ def main() -> None:
         parser.error(f"unknown kinds: {', '.join(sorted(unknown))}")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sali-fuzz-") as folder:
-        tallies = fuzz(args.examples, args.seed, kinds, Path(folder))
+        tallies = fuzz(args.examples, args.seed, kinds, Path(folder), keep=args.keep)
     print(table(tallies))
     print(f"\n{time.perf_counter() - start:.0f} s · seed {args.seed} · chat: sessions of {CHAT_LINES} lines, each line counted")
     bad = sum(t.counts[o] for t in tallies.values() for o in ("other exception", "crash", "hang"))

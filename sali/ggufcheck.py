@@ -37,6 +37,10 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
 _STRING, _ARRAY = 8, 9
 _KEEP = 1 << 22  # array elements kept in memory for the checks below (token lists are longer)
 # model sizes llama.cpp divides by or allocates with: must be positive whole numbers
+MAX_LAYERS = 512  # LLAMA_MAX_LAYERS: llama.cpp aborts on more
+# types llama.cpp can hold but not compute a model with (integer tensors, F64, the dot-product-only
+# Q8_1 / Q8_K): a weight of one of these aborts in the first matrix product
+_NOT_WEIGHTS = {"I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K"}
 _POSITIVE = (".block_count", ".embedding_length", ".context_length", ".feed_forward_length",
              ".attention.head_count", ".attention.head_count_kv", ".attention.key_length",
              ".attention.value_length", ".vocab_size")
@@ -200,6 +204,8 @@ def _check_tensors(header: Header) -> None:
         name = name[:80]
         if kind not in known or known[kind] not in gguf.GGML_QUANT_SIZES:
             raise _Bad(f"tensor {name!r} has unknown type {kind}")
+        if known[kind].name in _NOT_WEIGHTS:
+            raise _Bad(f"tensor {name!r} has type {known[kind].name}, which no model weight can have")
         if any(d < 1 for d in dims):
             raise _Bad(f"tensor {name!r} has an empty dimension {list(dims)}")
         block, block_bytes = gguf.GGML_QUANT_SIZES[known[kind]]
@@ -251,6 +257,9 @@ def _check_fields(header: Header) -> None:
             if isinstance(value, (list, bytes)) or not (0 <= value < float("inf")):
                 raise _Bad(f"{key} must be a non-negative number")
     prefix = arch.decode("utf-8", "replace") + "."
+    layers = fields.get(prefix + "block_count")
+    if isinstance(layers, int) and layers > MAX_LAYERS:
+        raise _Bad(f"{prefix}block_count is {layers}; llama.cpp holds at most {MAX_LAYERS} layers")
     heads = _numbers(header, prefix + "attention.head_count") if prefix + "attention.head_count" in fields else []
     heads_kv = _numbers(header, prefix + "attention.head_count_kv") if prefix + "attention.head_count_kv" in fields else []
     if len(heads_kv) == 1:

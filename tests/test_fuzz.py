@@ -122,3 +122,27 @@ def test_fuzz_benchmark_smoke_run():
     assert header[:2] == ["kind", "inputs"] and "crash" in header and "hang" in header
     kinds = [line.split()[0] for line in done.stdout.splitlines()[1:6]]
     assert kinds == ["head", "prompt", "gguf", "chat", "all"]
+
+
+def test_ggufs_found_by_the_fuzzer_to_abort_llama_cpp_are_refused(canary, tmp_path):
+    """Two files the 20,000-input run let through and llama.cpp then aborted on (SIGABRT): a
+    weight stored as I8 (aborts in the first matrix product) and a block count of 4,194,306
+    (over llama.cpp's 512 layers). Both now get sali's one error line from the real CLI."""
+    import struct
+
+    data = canary.read_bytes()
+    key = b"llama.block_count"
+    at = data.index(key) + len(key)
+    assert struct.unpack_from("<I", data, at)[0] == 4  # uint32 value type
+    layers = data[:at + 4] + struct.pack("<I", 4194306) + data[at + 8:]
+    name = b"blk.1.ffn_down.weight"
+    at = data.index(name) + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    type_at = at + 4 + 8 * n_dims
+    int8 = data[:type_at] + struct.pack("<I", 24) + data[type_at + 4:]  # GGML type 24 = I8
+    for label, damaged in (("layers", layers), ("int8", int8)):
+        path = tmp_path / f"{label}.gguf"
+        path.write_bytes(damaged)
+        done = run_sali("generate", str(path), "-p", "hello", "--format", "plain", "-n", "2", "-t", THREADS)
+        assert done.returncode == 1, (label, done.returncode, done.stderr[-500:])
+        assert "damaged GGUF" in one_error_line(done)
