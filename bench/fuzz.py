@@ -512,6 +512,7 @@ def fuzz(examples: int, seed: int, kinds: list[str], folder: Path, report=print,
     rng = random.Random(seed)
     total = sum(SHARES[k] for k in kinds)
     quota = {k: max(1, round(examples * SHARES[k] / total)) for k in kinds}
+    quota[max(kinds, key=lambda k: SHARES[k])] += max(0, examples - sum(quota.values()))  # rounding: exactly --examples
     model_path = write_tiny_gguf(folder / "tiny.gguf")
     tallies = {k: Tally() for k in kinds}
     target = folder / "input"
