@@ -120,8 +120,9 @@ def test_fuzz_benchmark_smoke_run():
     assert done.returncode == 0, done.stdout + done.stderr
     header = done.stdout.splitlines()[0].split()
     assert header[:2] == ["kind", "inputs"] and "crash" in header and "hang" in header
-    kinds = [line.split()[0] for line in done.stdout.splitlines()[1:6]]
-    assert kinds == ["head", "prompt", "gguf", "chat", "all"]
+    rows = [line.split() for line in done.stdout.splitlines()[1:7]]
+    assert [row[0] for row in rows] == ["head", "prompt", "gguf", "chat", "http", "all"]
+    assert int(rows[-1][1]) >= 60  # at least --examples inputs (a chat session counts its 20 lines)
 
 
 def test_ggufs_found_by_the_fuzzer_to_abort_llama_cpp_are_refused(canary, tmp_path):
