@@ -563,7 +563,7 @@ def fuzz(examples: int, seed: int, kinds: list[str], folder: Path, report=print,
     if "chat" in kinds:
         work = folder / "chat"
         work.mkdir(exist_ok=True)
-        for _ in range(max(1, round(quota["chat"] / CHAT_LINES))):
+        for _ in range(max(1, -(-quota["chat"] // CHAT_LINES))):  # whole sessions, rounded up
             tallies["chat"].add(*run_chat(model_path, head, chat_script(rng), work), inputs=CHAT_LINES)
     return tallies
 
