@@ -48,3 +48,8 @@ def test_smollm2_study_scripts_import(module):
 
 def test_smollm2_run_arguments():
     assert "--quick" in _run("bench/smollm2/run.py", "--help")
+
+
+def test_smollm2_ablation_arguments():
+    """ablation.py parses its command line and describes what it measures (a real run needs run.py's outputs)."""
+    assert "delta penalty" in _run("bench/smollm2/ablation.py", "--help")

@@ -81,6 +81,9 @@ def cache_folder(log: Path) -> Path:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     import numpy as np
     import torch
 
@@ -97,7 +100,7 @@ def main() -> None:
     rows = [json.loads(line) for line in train_file.read_text(encoding="utf-8").splitlines()]
     dev_file = WORK / "dev.jsonl"
     dev_file.write_text("".join(json.dumps({"prompt": q, "label": "benign"}) + "\n" for q in dev_questions()), encoding="utf-8")
-    shipped = siblings.WORK / "heads" / "k64-r32.npz"  # run.py trained it: its log names the training extraction
+    shipped = siblings.WORK / "heads" / "k64-r32-dp1.npz"  # run.py trained it: its log names the training extraction
     train_data = load_shards(cache_folder(shipped.with_suffix(".log")))
     dev_data = load_shards(extraction(dev_file, WORK / "dev-throwaway.npz", siblings.WORK / "extract"))
     held = split_prompts(train_data["row"], 0.1, 0)  # the same split sali train uses (seed 0)
