@@ -11,7 +11,9 @@ runs cache-cold, and a NumPy selection over 49k logits measured ~100 µs a token
 
 ctypes swallows exceptions raised inside a callback (it prints them and returns), which would
 silently decode *without* the head. The sampler therefore stores any exception, and the
-decoding loop raises it as soon as the token sampled under it comes back.
+decoding loop raises it as soon as the token sampled under it comes back. For the same reason
+Ctrl-C is held back while llama.cpp evaluates or samples on the main thread (:class:`CtrlC`):
+the press is recorded and raised as KeyboardInterrupt right after, never inside the callback.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import ctypes
 import logging
 import math
 import os
+import signal
 import threading
 import time
 import warnings
@@ -146,6 +149,39 @@ class Stream:
         for _ in self:
             pass
         return self.completion
+
+
+class CtrlC:
+    """Hold Ctrl-C back while llama.cpp runs one step, then raise it.
+
+    Python raises KeyboardInterrupt between any two bytecodes, so a press could land in the
+    sampler callback outside its ``try`` (where ctypes prints and drops it: the press would be
+    lost). Inside ``with CtrlC():`` SIGINT only records the press; leaving the block raises
+    KeyboardInterrupt. Installed only on the main thread and only over Python's default handler
+    (a server keeps its own), and only around single steps, never across a ``yield``.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = None
+
+    def __enter__(self) -> "CtrlC":
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.pressed = True
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        if self.pressed:
+            self.pressed = False
+            if kind is None:
+                raise KeyboardInterrupt
 
 
 class SaliWarning(UserWarning):
@@ -491,6 +527,7 @@ class Model:
         hook = stats or HeadSampler(head, alpha, self._raw_logits, self.n_vocab, verify=verify, probe=probe)
         with self._turn():
             chain = LlamaSampler()
+            ctrl_c = CtrlC()
             try:
                 if hook.active:
                     chain.add_top_k(hook.head.k)  # native selection: the callback gets only the top k
@@ -509,11 +546,13 @@ class Model:
                         chain.add_min_p(sampling.min_p, 1)
                     chain.add_temp(sampling.temperature)
                     chain.add_dist(sampling.seed)
-                self._prefill(prompt_tokens)
+                with ctrl_c:
+                    self._prefill(prompt_tokens)
                 if not _CONTRACT["checked"]:
                     _check_sampler_contract(self)
                 for _ in range(sampling.max_tokens):
-                    token = chain.sample(self.llm._ctx, -1)
+                    with ctrl_c:
+                        token = chain.sample(self.llm._ctx, -1)
                     if isinstance(hook.error, KeyboardInterrupt):
                         raise KeyboardInterrupt  # Ctrl-C landed inside the callback
                     if hook.error is not None:
@@ -523,7 +562,8 @@ class Model:
                     yield token
                     if self.llm.n_tokens + 1 >= self.n_ctx:
                         return "context"
-                    self.llm.eval([token])
+                    with ctrl_c:
+                        self.llm.eval([token])
                 return "length"
             finally:
                 chain.close()

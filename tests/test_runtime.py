@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 from conftest import make_head
@@ -156,3 +158,26 @@ def test_fingerprint_matches_hf_tokenizer(tiny, tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny.hf_dir)
     config = AutoConfig.from_pretrained(tiny.hf_dir)
     assert fingerprint(hf_token_list(tokenizer, config.vocab_size)) == tiny_model.fingerprint
+
+
+class CtrlCAtTheEndOfTheCallback(HeadSampler):
+    """Presses Ctrl-C on the way out of the sampler callback, after its own ``try``: a
+    KeyboardInterrupt raised there is printed and dropped by ctypes."""
+
+    def __call__(self, cur_p) -> None:
+        super().__call__(cur_p)
+        if self.calls == 3:
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_inside_the_sampler_callback_is_never_lost(tiny_model):
+    head = make_head(tiny_model, k=8, promote=[5])
+    hook = CtrlCAtTheEndOfTheCallback(head, 1.0, tiny_model._raw_logits, tiny_model.n_vocab)
+    got: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        for token in tiny_model.sample_tokens(prompt_ids(tiny_model), Sampling(max_tokens=200, ignore_eos=True),
+                                              head, stats=hook):
+            got.append(token)
+    assert len(got) == 2 and hook.calls == 3  # stopped at the token sampled while Ctrl-C was pressed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+    assert list(tiny_model.sample_tokens(prompt_ids(tiny_model), Sampling(max_tokens=4), head))  # the model is free
