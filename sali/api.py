@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sali.errors import SaliError
+from sali.combine import Combined, parse_spec, spec_name
 from sali.head import Head
 from sali.prompts import describe_format, parse_format, render
 from sali.runtime import Completion, Model, Sampling, Stream
@@ -41,6 +42,40 @@ class LoadedHead:
     fmt: dict[str, Any]
 
 
+@dataclass
+class Choice:
+    """What a generation applies: one loaded head or several in combination (:mod:`sali.combine`),
+    each with its strength ``s`` (the head runs at ``alpha · s``). Named ``A``, ``A@0.5``, ``A+B@0.5``."""
+
+    name: str
+    parts: tuple[tuple[LoadedHead, float], ...]
+
+    @property
+    def fmt(self) -> dict[str, Any]:
+        """The prompt format: the first head's."""
+        return self.parts[0][0].fmt
+
+    @property
+    def single(self) -> LoadedHead | None:
+        """The head, when this is one head at strength 1."""
+        (loaded, strength), *rest = self.parts
+        return loaded if not rest and strength == 1.0 else None
+
+    def runtime(self, alpha: float) -> tuple[Head | Combined, float]:
+        """What :meth:`sali.runtime.Model.stream` takes: a Head (fast path) or the combination, and α."""
+        if len(self.parts) == 1:
+            loaded, strength = self.parts[0]
+            return loaded.head, alpha * strength
+        return Combined(tuple((loaded.head, strength) for loaded, strength in self.parts)), alpha
+
+    def describe(self) -> str:
+        """Files and strengths, as `--head` takes them: ``path`` or ``path@0.5+other@1``."""
+        single = self.single
+        if single is not None:
+            return str(single.path)
+        return "+".join(f"{loaded.path}@{strength:g}" for loaded, strength in self.parts)
+
+
 def load(
     model: str | Path | None = None,
     head: str | Path | Sequence[str | Path] | None = None,
@@ -58,7 +93,9 @@ def load(
     Args:
         model: GGUF file, or None for the default model.
         head: a head file, a shipped head name (``sali head list``), or a list of them; the
-            first is the handle's default head.
+            first is the handle's default head. Each may carry a strength and combine heads
+            (``"safety@0.5"``, ``"safety+style@0.5"``, or a list of ``(name, strength)`` pairs):
+            the heads are applied in that order (:mod:`sali.combine`).
         fmt: prompt format for every head (``plain``, ``chat`` or a template with ``{prompt}``);
             default: each head's recorded training format, the model's chat template without one.
         alpha: default head strength (0 = plain base, 1 = as trained).
@@ -67,24 +104,53 @@ def load(
     """
     from sali.session import resolve_head_path, resolve_model_path
 
-    names = [] if head is None else [head] if isinstance(head, (str, Path)) else list(head)
-    loaded: list[LoadedHead] = []
-    for name in names:
-        path = resolve_head_path(name)
-        loaded.append(LoadedHead(_head_name(name, path), path, Head.load(path), {}))
-    if len({h.name for h in loaded}) != len(loaded):
-        raise SaliError("two heads share a name; rename one of the files")
+    specs = [] if head is None else [head] if isinstance(head, (str, Path)) else list(head)
+    wanted = [_spec_parts(spec) for spec in specs]
+    loaded: dict[str, LoadedHead] = {}  # one entry per head file, however many choices use it
+    by_path: dict[Path, LoadedHead] = {}
+    named: list[list[tuple[LoadedHead, float]]] = []
+    for parts in wanted:
+        chosen = []
+        for name, strength in parts:
+            if name in loaded and not Path(name).is_file():  # a head loaded by an earlier entry, by name
+                chosen.append((loaded[name], strength))
+                continue
+            path = resolve_head_path(name)
+            key = path.resolve()
+            if key not in by_path:
+                item = LoadedHead(_head_name(name, path), path, Head.load(path), {})
+                if item.name in loaded:
+                    raise SaliError("two heads share a name; rename one of the files")
+                loaded[item.name] = by_path[key] = item
+            chosen.append((by_path[key], strength))
+        named.append(chosen)
     engine = Model(resolve_model_path(None if model is None else Path(model)), n_gpu_layers=n_gpu_layers,
                    n_threads=n_threads, n_ctx=n_ctx, seed=seed, verbose=verbose)
     try:
-        for item in loaded:
+        for item in loaded.values():
             engine.check_head(item.head, head_name=str(item.path))
             item.fmt = choose_format(fmt, item.head, engine)
         plain_fmt = choose_format(fmt, None, engine)
     except BaseException:
         engine.close()
         raise
-    return Sali(engine, {h.name: h for h in loaded}, plain_fmt, alpha)
+    choices = {}
+    for parts in named:
+        choice = Choice(spec_name([(h.name, s) for h, s in parts]), tuple(parts))
+        choices.setdefault(choice.name, choice)
+    return Sali(engine, loaded, plain_fmt, alpha, choices)
+
+
+def _spec_parts(spec: Any) -> list[tuple[str, float]]:
+    """A head spec as ``[(name or path, strength)]``: ``"A"``, ``"A@0.5+B"``, a Path, or pairs."""
+    if isinstance(spec, Path):
+        return [(str(spec), 1.0)]
+    if isinstance(spec, str):
+        return parse_spec(spec)
+    parts = [(str(name), float(strength)) for name, strength in spec]
+    if not parts:
+        raise SaliError("an empty head combination")
+    return parts
 
 
 def _head_name(given: str | Path, path: Path) -> str:
@@ -98,16 +164,20 @@ class Sali:
 
     Attributes:
         model: the :class:`~sali.runtime.Model` (llama.cpp).
-        heads: name -> :class:`LoadedHead`, in load order.
+        heads: name -> :class:`LoadedHead`, one per head file, in load order.
+        choices: name -> :class:`Choice`, one per `head` given to :func:`load` (a head or a
+            combination); the first is the default.
         plain_format: the prompt format used without a head.
         alpha: default head strength.
     """
 
-    def __init__(self, model: Model, heads: dict[str, LoadedHead], plain_format: dict[str, Any], alpha: float = 1.0):
+    def __init__(self, model: Model, heads: dict[str, LoadedHead], plain_format: dict[str, Any], alpha: float = 1.0,
+                 choices: dict[str, Choice] | None = None):
         self.model = model
         self.heads = heads
         self.plain_format = plain_format
         self.alpha = alpha
+        self.choices = choices if choices is not None else {name: Choice(name, ((h, 1.0),)) for name, h in heads.items()}
 
     # ---- names ----------------------------------------------------------------------------
     @property
@@ -120,18 +190,32 @@ class Sali:
     def n_ctx(self) -> int:
         return self.model.n_ctx
 
-    def head(self, which: Any = DEFAULT) -> LoadedHead | None:
-        """`which`: DEFAULT (the first head loaded, or none), None (no head) or a head's name."""
+    def choose(self, which: Any = DEFAULT) -> Choice | None:
+        """`which`: DEFAULT (the first head or combination loaded, or none), None (no head), a
+        choice's or a loaded head's name, a spec of loaded heads (``"A+B@0.5"``), or a list of
+        names or ``(name, strength)`` pairs: those loaded heads in combination, in that order."""
         if which is DEFAULT:
-            return next(iter(self.heads.values()), None)
+            return next(iter(self.choices.values()), None)
         if which is None:
             return None
-        if which in self.heads:
-            return self.heads[which]
-        raise SaliError(f"no head named {which!r} is loaded (loaded: {', '.join(self.heads) or 'none'})")
+        if isinstance(which, str) and which in self.choices:
+            return self.choices[which]
+        pairs = parse_spec(which) if isinstance(which, str) else \
+            [(w, 1.0) if isinstance(w, str) else (str(w[0]), float(w[1])) for w in which]
+        for name, _ in pairs:
+            if name not in self.heads:
+                raise SaliError(f"no head named {name!r} is loaded (loaded: {', '.join(self.heads) or 'none'})")
+        if not pairs:
+            raise SaliError("an empty head combination")
+        return Choice(spec_name(pairs), tuple((self.heads[name], s) for name, s in pairs))
+
+    def head(self, which: Any = DEFAULT) -> LoadedHead | None:
+        """The first head of :meth:`choose`'s choice (None without one)."""
+        chosen = self.choose(which)
+        return chosen.parts[0][0] if chosen is not None else None
 
     def format_for(self, which: Any = DEFAULT) -> dict[str, Any]:
-        chosen = self.head(which)
+        chosen = self.choose(which)
         return chosen.fmt if chosen is not None else self.plain_format
 
     # ---- prompts --------------------------------------------------------------------------
@@ -186,6 +270,8 @@ class Sali:
         stream: bool = False,
         cancel: threading.Event | None = None,
         sampling: Sampling | None = None,
+        prefill: str | Sequence[int] | None = None,
+        explain: bool = False,
         **settings: Any,
     ) -> Completion | Stream:
         """Reply to a conversation (role/content dicts, ending with a user turn), formatted as
@@ -193,10 +279,16 @@ class Sali:
         (``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty``,
         ``frequency_penalty``, ``presence_penalty``, ``seed``, ``stop``); greedy by default.
 
+        `head`: see :meth:`choose` (heads in combination too). `prefill`: text (or token ids)
+        the reply is forced to begin with; the model continues from there, and the completion's
+        ``text``/``tokens`` hold only that continuation (``prefill`` the forced text, ``response``
+        both). `explain`: fill ``completion.explained`` per generated token (what the head did).
+
         Returns the :class:`Completion`, or with ``stream=True`` a :class:`Stream` of text
         pieces whose ``completion`` is filled in as it goes. `cancel` stops it from another thread.
         """
-        return self._run(self.prompt(messages, head), head, alpha, stream, cancel, sampling, settings)
+        return self._run(self.prompt(messages, head), head, alpha, stream, cancel, sampling, settings,
+                         prefill=prefill, explain=explain)
 
     def generate(
         self,
@@ -209,29 +301,46 @@ class Sali:
         stream: bool = False,
         cancel: threading.Event | None = None,
         sampling: Sampling | None = None,
+        prefill: str | Sequence[int] | None = None,
+        explain: bool = False,
         **settings: Any,
     ) -> Completion | Stream:
         """Answer one prompt as `sali generate` does (a user turn in the head's format, after an
         optional system message); ``raw=True`` continues `prompt` as it is, unformatted.
         Otherwise as :meth:`chat`."""
         if raw:
-            return self._run(prompt, head, alpha, stream, cancel, sampling, settings, raw=True)
+            return self._run(prompt, head, alpha, stream, cancel, sampling, settings, raw=True, prefill=prefill,
+                             explain=explain)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return self.chat(messages, head=head, alpha=alpha, stream=stream, cancel=cancel, sampling=sampling, **settings)
+        return self.chat(messages, head=head, alpha=alpha, stream=stream, cancel=cancel, sampling=sampling,
+                         prefill=prefill, explain=explain, **settings)
+
+    def prefill_tokens(self, prefill: str | Sequence[int]) -> list[int]:
+        """The token ids a prefill is forced as (text: no BOS, special tokens not parsed)."""
+        ids = self.model.tokenize_text(prefill) if isinstance(prefill, str) else [int(t) for t in prefill]
+        if not ids:
+            raise SaliError("the prefill is empty: give the text the response must begin with")
+        if not all(0 <= t < self.model.n_vocab for t in ids):
+            raise SaliError(f"prefill token ids must lie below the vocabulary size {self.model.n_vocab}")
+        return ids
 
     def _run(self, text: str, head: Any, alpha: float | None, stream: bool, cancel, sampling, settings,
-             raw: bool = False) -> Completion | Stream:
+             raw: bool = False, prefill: str | Sequence[int] | None = None, explain: bool = False) -> Completion | Stream:
         from sali.session import default_stops
 
-        chosen = self.head(head)
+        chosen = self.choose(head)
         stops = () if raw else default_stops(self.format_for(head))
         plan = self.sampling(sampling, stops, **settings)
         strength = self.alpha if alpha is None else alpha
-        out = self.model.stream(text, plan, chosen.head if chosen else None, strength, cancel)
+        forced = self.prefill_tokens(prefill) if prefill is not None else ()
+        heads, strength = chosen.runtime(strength) if chosen else (None, strength)
+        out = self.model.stream(text, plan, heads, strength, cancel, prefill=forced, explain=explain)
+        if isinstance(prefill, str):
+            out.completion.prefill = prefill  # verbatim, as given
         return out if stream else out.finish()
 
     def describe(self, head: Any = DEFAULT, alpha: float | None = None, head_on: bool = True) -> str:
-        chosen = self.head(head)
+        chosen = self.choose(head)
         shown = "none"
         if chosen is not None:
             shown = f"{chosen.name} ({'on' if head_on else 'off'}, alpha {self.alpha if alpha is None else alpha:g})"

@@ -22,6 +22,8 @@ HELP = """\
 /reset          forget the conversation
 /head on|off    apply the head or not (same prompt format either way)
 /alpha X        head strength (0 = plain base, 1 = as trained)
+/explain on|off colour the tokens where the head changed the base's choice
+/why            for the last reply: each changed token with the base's own choice
 /system TEXT    set the system message (empty: remove it); also resets
 /save FILE      write the transcript as JSON
 /help           this list
@@ -36,6 +38,7 @@ class Chat:
         self.console = console
         self.interactive = interactive
         self.told_dropping = False
+        self.last_explained: list = []  # the last reply's per-token explanation (/explain on)
 
     # ---- commands -----------------------------------------------------------------------
     def command(self, line: str) -> bool:
@@ -65,6 +68,15 @@ class Chat:
                 self.note(f"/alpha needs a number, not {arg!r}")
             else:
                 self.note(f"alpha {session.alpha:g}")
+        elif name == "explain":
+            if arg in ("on", "off"):
+                session.explain = arg == "on"
+                extra = " (changed tokens coloured; /why lists them)" if session.explain and self.interactive else ""
+                self.note(f"explain {arg}{extra}")
+            else:
+                self.note(f"explain is {'on' if session.explain else 'off'}; use /explain on or /explain off")
+        elif name == "why":
+            self.why()
         elif name == "system":
             session.system = arg or None
             session.messages.clear()
@@ -79,11 +91,26 @@ class Chat:
             self.note(f"unknown command /{name}; /help lists them")
         return True
 
+    def why(self) -> None:
+        """The last reply's changed tokens: position, the token chosen, the base's own top-1."""
+        if not self.last_explained:
+            self.note("no explained reply yet: /explain on, then ask" if not self.session.explain else "no reply yet")
+            return
+        changed = [t for t in self.last_explained if t.changed]
+        if not changed:
+            self.note(f"the head changed none of the last reply's {len(self.last_explained)} tokens")
+            return
+        lines = [f"the head changed {len(changed)} of {len(self.last_explained)} tokens "
+                 "(position: the token chosen, after the arrow the base's own choice, the head's logit change in nats):"]
+        for t in changed:
+            lines.append(f"{t.position:>4}: {t.text!r} ← {t.base_text!r}  ({t.logit_change:+.2f})")
+        self.write("\n".join(lines) + "\n")
+
     def save(self, path: str) -> None:
         session = self.session
         transcript = {
             "model": str(session.model.path),
-            "head": str(session.head_path) if session.head_path else None,
+            "head": session.head_spec,
             "head_on": session.head_on,
             "alpha": session.alpha,
             "format": session.fmt,
@@ -108,10 +135,14 @@ class Chat:
         pieces: list[str] = []
         interrupted = False
         stream = session.stream(messages)
+        explained = stream.completion.explained
+        seen = 0
         try:
             for piece in stream:
                 pieces.append(piece)
-                self.write(piece)
+                changed = explained is not None and any(t.changed for t in explained[seen:])
+                seen = len(explained) if explained is not None else 0
+                self.write(piece, "bold magenta" if changed else None)
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -123,9 +154,14 @@ class Chat:
         elif stream.completion.finish_reason == "context":
             self.note("(reply cut: the context is full)")
         session.messages = messages + [{"role": "assistant", "content": reply}]
+        self.last_explained = explained or []
 
-    def write(self, text: str) -> None:
-        self.console.file.write(text)
+    def write(self, text: str, style: str | None = None) -> None:
+        """Output text as it is; `style` (a rich style) only on a terminal."""
+        if style and self.interactive:
+            self.console.print(text, style=style, end="", markup=False, highlight=False, soft_wrap=True)
+        else:
+            self.console.file.write(text)
         self.console.file.flush()
 
     def note(self, text: str) -> None:

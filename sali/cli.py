@@ -106,6 +106,18 @@ def generate(
     alpha: AlphaOpt = 1.0,
     seed: SeedOpt = 0,
     stop: StopOpt = None,
+    prefill: Annotated[
+        Optional[str],
+        typer.Option("--prefill", help="Force every response to begin with this text (tokens the model did not choose), "
+                     "then let it continue; the JSONL output records prefill and continuation separately.",
+                     rich_help_panel="Generation", show_default=False),
+    ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option("--explain", help="Write, per generated token, the base's top-1 token, the chosen token, its rank in the "
+                     "base's top k and the head's logit change into the --out JSONL (extra work per token).",
+                     rich_help_panel="Generation"),
+    ] = False,
     n_gpu_layers: GpuLayersOpt = 0,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 2048,
@@ -113,24 +125,30 @@ def generate(
     """Complete prompts with a GGUF model, with or without a head.
 
     [dim]sali generate model.gguf --head safety.npz -p "How do I pick a lock?"
-    sali generate model.gguf -H safety.npz -P prompts.jsonl -o out.jsonl[/]
+    sali generate model.gguf -H safety.npz -P prompts.jsonl -o out.jsonl --explain
+    sali generate model.gguf -H safety.npz -p "How do I pick a lock?" --prefill "Sure, here is"[/]
     """
     from sali.prompts import Prompt, read_prompts
     from sali.session import Session
 
     if bool(prompt) == bool(prompts):
         raise SaliError("give either --prompt TEXT or --prompts FILE")
+    if prefill is not None and not prefill:
+        raise SaliError("--prefill is empty: give the text the response must begin with")
+    if explain and out is None:
+        raise SaliError("--explain writes its per-token records into the JSONL output: add --out FILE.jsonl")
     items = [Prompt(text=p, source=f"--prompt {i}") for i, p in enumerate(prompt or [], 1)] or read_prompts(prompts)
     if any(not item.text.strip() for item in items):
         raise SaliError("empty prompt")
     sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p, repeat_penalty,
                          frequency_penalty, presence_penalty, ignore_eos)
     session = Session.open(model, head, fmt, sampling, alpha=alpha, n_gpu_layers=n_gpu_layers, threads=threads, ctx=ctx)
-    session.system = system
+    session.system, session.prefill, session.explain = system, prefill, explain
     if out is None:
         for index, item in enumerate(items):
             if len(items) > 1:
                 err.rule(f"[dim]{index + 1}/{len(items)}[/]")
+            sys.stdout.write(prefill or "")
             for piece in session.stream([{"role": "user", "content": item.text}]):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -152,21 +170,23 @@ def _generate_to_file(session, items, out: Path) -> None:
         task = progress.add_task("generating", total=len(items))
         for item in items:
             done = session.stream([{"role": "user", "content": item.text}]).finish()
-            records.append(
-                {
-                    "prompt": item.text,
-                    "label": item.label,
-                    "answer": item.answer,
-                    "response": done.text,
-                    "finish_reason": done.finish_reason,
-                    "tokens": done.completion_tokens,
-                    "prompt_tokens": done.prompt_tokens,
-                    "seconds": round(done.seconds, 4),
-                    "model": session.model.name,
-                    "head": str(session.head_path) if session.head is not None else None,
-                    "alpha": session.alpha if session.head is not None else None,
-                }
-            )
+            record = {
+                "prompt": item.text,
+                "label": item.label,
+                "answer": item.answer,
+                "prefill": session.prefill,
+                "response": done.text,
+                "finish_reason": done.finish_reason,
+                "tokens": done.completion_tokens,
+                "prompt_tokens": done.prompt_tokens,
+                "seconds": round(done.seconds, 4),
+                "model": session.model.name,
+                "head": session.head_spec,
+                "alpha": session.alpha if session.head is not None else None,
+            }
+            if done.explained is not None:
+                record["explain"] = [token.as_dict() for token in done.explained]
+            records.append(record)
             progress.advance(task)
     with atomic_path(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -201,7 +221,7 @@ def chat(
 
     Samples as llama.cpp's own CLI does (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, after the head); --temperature 0 is greedy.
 
-    In the chat: /reset, /head on|off, /alpha X, /system TEXT, /save FILE, /help, /exit. When stdin is not a terminal, each line is one user turn and replies are printed plainly.
+    In the chat: /reset, /head on|off, /alpha X, /explain on|off, /why, /system TEXT, /save FILE, /help, /exit. When stdin is not a terminal, each line is one user turn and replies are printed plainly.
 
     [dim]sali chat model.gguf --head safety.npz[/]
     """
@@ -220,7 +240,8 @@ def serve(
     model: ModelArg = None,
     head: Annotated[
         Optional[list[str]],
-        typer.Option("--head", "-H", help="Head file or shipped head name to offer as MODEL+HEAD (repeatable).", show_default=False),
+        typer.Option("--head", "-H", help="Head file or shipped head name to offer as MODEL+HEAD (repeatable); "
+                     "A+B@0.5 offers heads A and B in combination as MODEL+A+B@0.5.", show_default=False),
     ] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes the server to your network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.", min=1, max=65535)] = 8000,
@@ -410,7 +431,8 @@ def compare(
     ] = None,
     harmful: Annotated[Optional[list[Path]], typer.Option("--harmful", help="Prompt file whose prompts are all harmful (repeatable).", show_default=False)] = None,
     benign: Annotated[Optional[list[Path]], typer.Option("--benign", help="Prompt file whose prompts are all benign (repeatable).", show_default=False)] = None,
-    head: Annotated[Optional[list[str]], typer.Option("--head", "-H", help="Head file or shipped head name (repeatable).", show_default=False)] = None,
+    head: Annotated[Optional[list[str]], typer.Option("--head", "-H", help="Head file or shipped head name (repeatable: one system each); "
+                                                       "A+B@0.5 is one system with heads A and B in combination.", show_default=False)] = None,
     aligned: Annotated[Optional[Path], typer.Option("--aligned", help="Aligned model GGUF (its own chat format).", show_default=False)] = None,
     also: Annotated[
         Optional[list[Path]], typer.Option("--also", help="Another GGUF with the same vocabulary to run with each head (repeatable).", show_default=False)
@@ -425,6 +447,11 @@ def compare(
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Response cache folder (default OUT/cache or ~/.cache/sali/compare).", show_default=False)] = None,
     keywords: Annotated[Optional[Path], typer.Option("--keywords", help="Refusal phrases, one a line (default: the AdvBench keyword list).", show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N prompts of each file.", min=1, show_default=False)] = None,
+    prefill: Annotated[
+        Optional[list[str]],
+        typer.Option("--prefill", help="Also run every system with each response forced to begin with TEXT, and report "
+                     "refusal after it (repeatable: one set of runs per prefill).", show_default=False),
+    ] = None,
     alpha: AlphaOpt = 1.0,
     fmt: FormatOpt = None,
     max_tokens: MaxTokensOpt = 128,
@@ -463,45 +490,63 @@ def compare(
         raise SaliError("give prompts with --prompts, --harmful or --benign")
     keyword_path = keywords or _default_keywords()
     sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p)
+    prefills = list(dict.fromkeys(prefill or []))
+    if any(not text for text in prefills):
+        raise SaliError("--prefill is empty: give the text the responses must begin with")
+    from sali.combine import parse_spec
     from sali.session import resolve_head_path
 
+    head_systems = [[(resolve_head_path(name), strength) for name, strength in parse_spec(h)] for h in head or []]
     cmp.check_vocabularies(base, [("--aligned", aligned)] * (aligned is not None) + [("--also", p) for p in also or []]
                            + [("--proxy", p) for p in proxy or ()])
     systems = cmp.build_systems(
-        base, [resolve_head_path(h) for h in head or []], aligned, list(also or []), None if icl is None else ("" if icl == "default" else icl), proxy, fmt, alpha
+        base, head_systems, aligned, list(also or []), None if icl is None else ("" if icl == "default" else icl), proxy, fmt, alpha
     )
     cache_dir = cache or (out / "cache" if out else _default_compare_cache())
     plan = cmp.Plan(systems=systems, prompts=items, sampling=sampling, out=out, cache=cache_dir,
-                    keywords=load_keywords(keyword_path), threads=threads, n_gpu_layers=n_gpu_layers, ctx=ctx)
-    err.print(f"[dim]{len(items)} prompts × {len(systems)} systems: {escape(', '.join(s.name for s in systems))}[/]")
+                    keywords=load_keywords(keyword_path), threads=threads, n_gpu_layers=n_gpu_layers, ctx=ctx, prefills=prefills)
+    err.print(f"[dim]{len(items)} prompts × {len(systems)} systems: {escape(', '.join(s.name for s in systems))}"
+              + (f" · with each of {len(prefills)} prefills too" if prefills else "") + "[/]")
     import time as _time
 
     started = _time.perf_counter()
     with progress_display(err, TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
-        tasks = {s.name: progress.add_task(f"generating · {escape(s.name)}", total=len(items)) for s in systems}
+        tasks = {(None, s.name): progress.add_task(f"generating · {escape(s.name)}", total=len(items)) for s in systems}
+        for text in prefills:
+            tasks |= {(text, s.name): progress.add_task(f"generating · {escape(s.name)} · after {escape(repr(text))}", total=len(items))
+                      for s in systems}
 
-        def report(name: str, done: int, total: int) -> None:
-            progress.update(tasks[name], completed=done)
+        def reporter(condition: str | None):
+            return lambda name, done, total: progress.update(tasks[(condition, name)], completed=done)
 
-        results = cmp.generate_all(plan, report)
+        results = cmp.generate_all(plan, reporter(None))
+        prefilled = {text: cmp.generate_all(plan, reporter(text), prefill=text) for text in prefills}
         forced = {}
         if aligned is not None:
             forced_task = progress.add_task("teacher-forced on aligned responses", total=sum(s.kind in ("plain", "head", "icl", "proxy") for s in systems))
             forced = cmp.teacher_forced(plan, results, lambda name: progress.advance(forced_task))
     summary = cmp.summarize(plan, results, forced)
+    if prefilled:
+        summary["prefill"] = cmp.summarize_prefills(plan, prefilled)
     summary["seconds"] = round(_time.perf_counter() - started, 1)
     summary["new_generations"] = plan.generations
-    header, rows = cmp.table_rows(summary)
-    table = Table(title=f"{len(items)} prompts · share of the aligned change in parentheses", title_justify="left")
-    for i, title in enumerate(header):
-        table.add_column(title, justify="left" if i == 0 else "right")
+    _print_table(f"{len(items)} prompts · share of the aligned change in parentheses", *cmp.table_rows(summary))
+    if prefilled:
+        _print_table("refusal after a prefill (in the continuation; the same prefill tokens for every system)",
+                     *cmp.prefill_table_rows(summary))
+    if out is not None:
+        written = cmp.write_outputs(plan, results, summary, prefilled)
+        err.print(f"wrote {escape(', '.join(p.name for p in written))} to {escape(str(out))}")
+    err.print(f"[dim]{plan.generations} new generations, {summary['seconds']} s[/]")
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=escape(title), title_justify="left")
+    for i, name in enumerate(header):
+        table.add_column(escape(name), justify="left" if i == 0 else "right")
     for cells in rows:
         table.add_row(*(escape(cell) for cell in cells))
     Console().print(table)
-    if out is not None:
-        written = cmp.write_outputs(plan, results, summary)
-        err.print(f"wrote {escape(', '.join(p.name for p in written))} to {escape(str(out))}")
-    err.print(f"[dim]{plan.generations} new generations, {summary['seconds']} s[/]")
 
 
 def _without_option(arguments: list[str], name: str) -> list[str]:

@@ -15,8 +15,10 @@ ModelArg = Annotated[
     ),
 ]
 HeadOpt = Annotated[
-    Optional[str],
-    typer.Option("--head", "-H", help="Head file (.npz) or shipped head name (sali head list), applied to every sampled token.", show_default=False),
+    Optional[list[str]],
+    typer.Option("--head", "-H", help="Head file (.npz) or shipped head name (sali head list), applied to every sampled token. "
+                 "Repeat to combine heads, applied in the order given, each with its strength: --head A@1 --head B@0.5.",
+                 show_default=False),
 ]
 GpuLayersOpt = Annotated[
     int,

@@ -101,6 +101,13 @@ class Completion:
     first_token_seconds: float | None = None  # time to the first generated token
     head_calls: int = 0
     head_seconds: float = 0.0
+    prefill: str = ""  # text the response was forced to begin with (its tokens count as prompt tokens)
+    explained: list["Explained"] | None = None  # per generated token, only when asked (explain=True)
+
+    @property
+    def response(self) -> str:
+        """The whole response: the prefill, then the generated text."""
+        return self.prefill + self.text
 
     @property
     def completion_tokens(self) -> int:
@@ -115,6 +122,37 @@ class Completion:
         """Token counts as OpenAI reports them."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens),
                 "total_tokens": self.prompt_tokens + len(self.tokens)}
+
+
+@dataclass
+class Explained:
+    """What the head did to one generated token (``explain=True``).
+
+    ``base_top1`` is the base's own choice (the argmax of its raw logits), ``head_top1`` the best
+    candidate after the head(s), before penalties and sampling; ``rank`` is the chosen token's
+    1-based rank among the base's logits, None when outside the top k the (first) head reads
+    (without a head: among the whole vocabulary); ``logit_change`` is the chosen token's adjusted
+    minus base logit in nats (0 without a head). ``changed``: the head moved the top-1 away from
+    the base's, so the base alone would have chosen another token here (greedy decoding).
+    """
+
+    position: int
+    token: int
+    text: str
+    base_top1: int
+    base_text: str
+    head_top1: int
+    rank: int | None
+    logit_change: float
+
+    @property
+    def changed(self) -> bool:
+        return self.head_top1 != self.base_top1
+
+    def as_dict(self) -> dict:
+        return {"position": self.position, "token": {"id": self.token, "text": self.text},
+                "base_top1": {"id": self.base_top1, "text": self.base_text}, "head_top1": self.head_top1,
+                "rank": self.rank, "logit_change": round(self.logit_change, 5), "changed": self.changed}
 
 
 class Stream:
@@ -229,6 +267,15 @@ class HeadSampler:
     def active(self) -> bool:
         return self.head is not None and self.alpha != 0.0
 
+    @property
+    def top_k(self) -> int:
+        """How many of the base's best candidates llama.cpp's native top-k hands the callback."""
+        return self.head.k
+
+    def adjusted(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The candidates the last call left (ids, logits), when they were recorded (ChainSampler)."""
+        return None
+
     def __call__(self, cur_p) -> None:
         start = time.perf_counter()
         try:
@@ -249,11 +296,7 @@ class HeadSampler:
             self._ids, self._logits, self._address = whole["id"], whole["logit"], address
         size = cur.size
         if self.verify or self.probe is not None:
-            raw = self.get_logits().copy()
-            if self.verify:
-                check_candidates(candidates(cur), raw, self.n_vocab, self.head.k if self.active else 0)
-            if self.probe is not None:
-                self.probe(raw)
+            self._inspect(cur)
         if not self.active:
             return
         head = self.head
@@ -267,6 +310,76 @@ class HeadSampler:
         cur.size = count
         cur.sorted = False
         cur.selected = -1
+
+    def _inspect(self, cur) -> None:
+        """``verify`` and ``probe`` (tests): check the candidates, hand over the raw logits."""
+        raw = self.get_logits().copy()
+        if self.verify:
+            check_candidates(candidates(cur), raw, self.n_vocab, self.top_k if self.active else 0)
+        if self.probe is not None:
+            self.probe(raw)
+
+
+@dataclass
+class ChainSampler(HeadSampler):
+    """:class:`HeadSampler` for heads in combination (:mod:`sali.combine`, the same rule as
+    :func:`sali.combine.apply_chain`), and for recording each call's result (``record``, for
+    ``explain``). It runs only when asked; the single-head path stays as it is.
+
+    Given a :class:`~sali.combine.Combined` (or one :class:`Head`) as ``head``, it keeps the heads
+    that act at ``alpha · s`` in ``parts``, runs the first exactly as :class:`HeadSampler` runs a
+    head alone (``head``/``alpha`` become that head and its strength), then the others in turn.
+    """
+
+    record: bool = False
+    parts: list = field(default_factory=list)  # (Head, effective strength), none at 0
+    _dense: np.ndarray | None = None  # (V,) -inf but for the current candidates (later heads' promotion logits)
+    _written: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.head, Head):
+            self.parts = [(self.head, self.alpha)] if self.alpha != 0.0 else []
+        elif self.head is not None:
+            self.parts = self.head.active(self.alpha)
+        self.head, self.alpha = self.parts[0] if self.parts else (None, 0.0)
+
+    def adjusted(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return self._written
+
+    def _apply(self, cur) -> None:
+        super()._apply(cur)  # the first head
+        if not self.active:
+            return
+        count = cur.size
+        for head, strength in self.parts[1:]:
+            count = self._follow(head, strength, count)
+        cur.size = count
+        if self.record:
+            self._written = (self._ids[:count].copy(), self._logits[:count].copy())
+
+    def _follow(self, head: Head, strength: float, count: int) -> int:
+        """A later head on the ``count`` candidates in place (sali.combine.follow, rule step 2)."""
+        from sali.head import top_k_ids
+
+        ids, logits = self._ids, self._logits
+        if self._dense is None:
+            self._dense = np.full(self.n_vocab, -np.inf, dtype=np.float32)
+        dense = self._dense
+        now_ids = ids[:count].copy()
+        now_logits = logits[:count].copy()
+        dense[now_ids] = now_logits
+        chosen = top_k_ids(now_logits, head.k)
+        top_ids, top_logits = now_ids[chosen], now_logits[chosen]
+        try:
+            count = head.adjust_into(top_ids, top_logits, dense, head.promote, ids, logits, strength)
+        finally:
+            dense[now_ids] = -np.inf
+        kept = np.isfinite(logits[:count])  # promoted tokens an earlier head masked stay masked
+        if not kept.all():
+            survivors = np.flatnonzero(kept)
+            ids[: survivors.size], logits[: survivors.size] = ids[survivors], logits[survivors]
+            count = int(survivors.size)
+        return count
 
 
 def candidates(cur) -> np.ndarray:
@@ -494,6 +607,10 @@ class Model:
         """Tokens the context can still take."""
         return self.n_ctx - self.llm.n_tokens
 
+    def tokenize_text(self, text: str) -> list[int]:
+        """Tokenize text that continues a sequence (a prefill): no BOS, special tokens not parsed."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.llm.detokenize(list(tokens)).decode("utf-8", "replace")
 
@@ -507,12 +624,15 @@ class Model:
         verify: bool = False,
         probe: Callable[[np.ndarray], None] | None = None,
         stats: HeadSampler | None = None,
+        explain: list[Explained] | None = None,
     ) -> Iterator[int]:
         """Yield sampled token ids until an end-of-generation token, `max_tokens` or the context
         end; the generator's return value is the finish reason (``eos``, ``length``, ``context``).
 
         The chain: [native top-k(head.k)] → head callback → penalties → top-k → top-p → min-p →
-        temperature → sampling (or greedy).
+        temperature → sampling (or greedy). `head` is a :class:`Head` or heads in combination
+        (:class:`sali.combine.Combined`). With `explain` a list, an :class:`Explained` is
+        appended to it for every token before the token is yielded.
         """
         if not prompt_tokens:
             raise SaliError("the prompt is empty")
@@ -520,17 +640,17 @@ class Model:
             raise SaliError(f"the prompt is {len(prompt_tokens)} tokens but the context holds {self.n_ctx}, "
                             f"{len(prompt_tokens) - self.n_ctx + 1} too many (raise --ctx)")
         sampling.check()
-        if head is not None:
-            self.check_head(head)
+        for one in _heads_of(head):
+            self.check_head(one)
         from llama_cpp._internals import LlamaSampler
 
-        hook = stats or HeadSampler(head, alpha, self._raw_logits, self.n_vocab, verify=verify, probe=probe)
+        hook = stats or self.sampler(head, alpha, explain is not None, verify=verify, probe=probe)
         with self._turn():
             chain = LlamaSampler()
             ctrl_c = CtrlC()
             try:
                 if hook.active:
-                    chain.add_top_k(hook.head.k)  # native selection: the callback gets only the top k
+                    chain.add_top_k(hook.top_k)  # native selection: the callback gets only the top k
                 chain.add_custom(hook)
                 if sampling.penalised:
                     chain.add_penalties(self.n_vocab, sampling.penalty_last_n, sampling.repeat_penalty,
@@ -559,6 +679,8 @@ class Model:
                         raise HeadError(f"the head failed while sampling, generation stopped: {hook.error!r}")
                     if self.is_end(token) and not sampling.ignore_eos:
                         return "eos"
+                    if explain is not None:
+                        explain.append(self._explain(len(explain), token, hook))
                     yield token
                     if self.llm.n_tokens + 1 >= self.n_ctx:
                         return "context"
@@ -568,6 +690,31 @@ class Model:
             finally:
                 chain.close()
 
+    def sampler(self, head, alpha: float, record: bool = False, **options) -> HeadSampler:
+        """The callback for `head` (a Head, heads in combination, or None) at strength `alpha`:
+        the single-head fast path unless heads are combined or each call must be recorded."""
+        if record or (head is not None and not isinstance(head, Head)):
+            return ChainSampler(head, alpha, self._raw_logits, self.n_vocab, record=record, **options)
+        return HeadSampler(head, alpha, self._raw_logits, self.n_vocab, **options)
+
+    def _explain(self, position: int, token: int, hook: HeadSampler) -> Explained:
+        """What the head did to `token`, from the raw logits (still those of this step) and the
+        candidates the head left (recorded by the ChainSampler)."""
+        raw = self._raw_logits()
+        base = float(raw[token])
+        base_top1 = int(np.argmax(raw))
+        rank: int | None = 1 + int(np.count_nonzero(raw > base))
+        head_top1, change = base_top1, 0.0
+        written = hook.adjusted() if hook.active else None
+        if written is not None:
+            ids, logits = written
+            head_top1 = int(ids[np.argmax(logits)])
+            change = float(logits[np.flatnonzero(ids == token)[0]]) - base
+            if rank > hook.top_k:
+                rank = None
+        return Explained(position, int(token), self.token_text(token), base_top1, self.token_text(base_top1),
+                         head_top1, rank, change)
+
     def stream(
         self,
         prompt: str | Sequence[int],
@@ -575,23 +722,31 @@ class Model:
         head: Head | None = None,
         alpha: float = 1.0,
         cancel: threading.Event | None = None,
+        *,
+        prefill: Sequence[int] = (),
+        explain: bool = False,
     ) -> Stream:
         """Generate from a formatted prompt string (or its token ids), honouring stop strings.
 
         Returns a :class:`Stream` of text pieces whose ``completion`` is the result. Setting
         `cancel` (from any thread) stops the generation at the next token (``cancelled``).
+        `prefill`: token ids forced after the prompt (the response begins with them; they count
+        as prompt tokens, and the completion's text and tokens are what follows). `explain`:
+        fill ``completion.explained`` (:class:`Explained` per token; costs extra work per token).
         """
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        done = Completion(prompt_tokens=len(tokens))
+        tokens = (self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)) + list(prefill)
+        done = Completion(prompt_tokens=len(tokens), explained=[] if explain else None)
+        if prefill:
+            done.prefill = self.detokenize(prefill)
         return Stream(self._pieces(tokens, sampling, head, alpha, cancel, done), done)
 
     def _pieces(self, tokens, sampling: Sampling, head, alpha, cancel, done: Completion) -> Iterator[str]:
-        hook = HeadSampler(head, alpha, self._raw_logits, self.n_vocab)
+        hook = self.sampler(head, alpha, done.explained is not None)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         holdback = max((len(s) for s in sampling.stop), default=1) - 1
         pending = ""
         start = time.perf_counter()
-        source = self.sample_tokens(tokens, sampling, head, alpha, stats=hook)
+        source = self.sample_tokens(tokens, sampling, head, alpha, stats=hook, explain=done.explained)
         try:
             while True:
                 if cancel is not None and cancel.is_set():
@@ -668,6 +823,13 @@ class Model:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.llm.close()
+
+
+def _heads_of(head) -> list[Head]:
+    """The Head objects in `head` (None, a Head, or heads in combination)."""
+    if head is None:
+        return []
+    return [head] if isinstance(head, Head) else [one for one, _ in head.parts]
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -2,8 +2,9 @@
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``,
 ``POST /v1/completions``. The model name picks the head: ``<model>`` is the plain model,
-``<model>+<head>`` the model with that head (heads come from the command line only, never
-from a request). Chat prompts are formatted as `sali chat` formats them; ``/v1/completions``
+``<model>+<head>`` the model with that head, ``<model>+<A>+<B>`` heads A and B in combination
+when the command line offered that combination (``--head A+B``; heads and combinations come from
+the command line only, never from a request). Chat prompts are formatted as `sali chat` formats them; ``/v1/completions``
 continues its prompt as it is. Extra body fields: ``alpha`` (head strength), ``top_k``,
 ``min_p``, ``repeat_penalty``.
 
@@ -194,12 +195,12 @@ def create_app(engine: Sali, api_key: str | None = None, max_body: int = MAX_BOD
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
     def models() -> dict[str, Any]:
-        ids = {engine.name: None} | {f"{engine.name}+{name}": name for name in engine.heads}
+        ids = {engine.name: None} | {f"{engine.name}+{name}": name for name in engine.choices}
         return ids
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.name, "heads": list(engine.heads),
+        return {"status": "ok", "model": engine.name, "heads": list(engine.choices),
                 "generations": sum(finished.values()), "cancelled": finished["cancelled"]}
 
     @app.get("/v1/models")
@@ -386,7 +387,7 @@ def serve(engine: Sali, host: str, port: int, api_key: str | None, announce: Cal
         listener.close()
         engine.close()
         raise SaliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    names = [engine.name] + [f"{engine.name}+{h}" for h in engine.heads]
+    names = [engine.name] + [f"{engine.name}+{h}" for h in engine.choices]
     announce(f"serving {', '.join(names)} at http://{host}:{port}/v1 (Ctrl-C stops)")
     try:
         server.run(sockets=[listener])

@@ -58,12 +58,14 @@ class Session:
     head_on: bool = True
     system: str | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
+    prefill: str | None = None  # every reply begins with this text (generate --prefill)
+    explain: bool = False  # fill each completion's `explained` (generate --explain, chat /explain on)
 
     @classmethod
     def open(
         cls,
         model_path: Path | None,
-        head_path: Path | str | None,
+        head_path: Path | str | list[str] | None,
         fmt_spec: str | None,
         sampling: Sampling,
         *,
@@ -72,6 +74,13 @@ class Session:
         threads: int | None = None,
         ctx: int = 2048,
     ) -> "Session":
+        """`head_path`: a head, or a list of --head values: all of them applied, in combination
+        (each may be ``NAME@STRENGTH`` or ``A+B``; see :mod:`sali.combine`)."""
+        if isinstance(head_path, list):
+            from sali.combine import parse_spec
+
+            parts = [part for spec in head_path for part in parse_spec(spec)]
+            head_path = [parts] if parts else None
         engine = load(model_path, head_path, fmt=fmt_spec, alpha=alpha, n_gpu_layers=n_gpu_layers,
                       n_threads=threads, n_ctx=ctx, seed=sampling.seed)
         return cls(engine=engine, sampling=sampling, alpha=alpha)
@@ -91,6 +100,12 @@ class Session:
         return chosen.path if chosen else None
 
     @property
+    def head_spec(self) -> str | None:
+        """The head(s) as `--head` takes them: a file, or ``file@s+file@s`` for a combination."""
+        chosen = self.engine.choose()
+        return chosen.describe() if chosen else None
+
+    @property
     def fmt(self) -> dict[str, Any]:
         return self.engine.format_for()
 
@@ -100,7 +115,7 @@ class Session:
     def stream(self, messages: list[dict[str, str]]) -> Stream:
         """The reply to `messages` (after the system message) as a :class:`Stream`."""
         return self.engine.chat(self.full(messages), alpha=self.alpha if self.head_on else 0.0, stream=True,
-                                sampling=self.sampling)
+                                sampling=self.sampling, prefill=self.prefill, explain=self.explain)
 
     def describe(self) -> str:
         return self.engine.describe(alpha=self.alpha, head_on=self.head_on)

@@ -74,7 +74,8 @@ def heads(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny, heads):
     force, steer, _ = heads
-    with running_server(str(tiny.f32), "-H", str(force), "-H", str(steer), "--ctx", "512", "-t", THREADS) as (base, process):
+    with running_server(str(tiny.f32), "-H", str(force), "-H", str(steer), "-H", f"{steer}+{force}@0.5", "--ctx", "512",
+                        "-t", THREADS) as (base, process):
         yield base, process
     assert process.returncode == 0, process.stderr.read()  # SIGTERM: a clean shutdown
 
@@ -90,7 +91,21 @@ def chat(client, model: str, text: str = PROMPT, **extra):
 
 def test_model_list_has_plain_model_and_one_entry_per_head(client):
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["tiny-f32", "tiny-f32+force77", "tiny-f32+steer"]
+    assert ids == ["tiny-f32", "tiny-f32+force77", "tiny-f32+steer", "tiny-f32+steer+force77@0.5"]
+
+
+def test_a_combination_offered_on_the_command_line_equals_sali_generate_with_both_heads(client, tiny, heads):
+    force, steer, piece = heads
+    reply = chat(client, "tiny-f32+steer+force77@0.5", max_tokens=12, temperature=0)
+    done = run_sali("generate", str(tiny.f32), "-H", str(steer), "-H", f"{force}@0.5", "-p", PROMPT, "-n", "12", "-t", THREADS)
+    assert done.returncode == 0, done.stderr
+    assert reply.choices[0].message.content == done.stdout.rstrip("\n")
+    # force77 (bias 500 on token 77) comes second: it can lift 77 only where steer kept it among its
+    # candidates (steer: its top 8 and 5, 9, 40), which here it never does, so the reply is steer's own
+    assert reply.choices[0].message.content == chat(client, "tiny-f32+steer", max_tokens=12, temperature=0).choices[0].message.content
+    assert reply.choices[0].message.content != piece * 12  # what lifting a masked token would give
+    with pytest.raises(openai.NotFoundError):  # a combination the command line did not offer is not served
+        chat(client, "tiny-f32+force77+steer", max_tokens=2)
 
 
 def test_greedy_chat_equals_sali_generate(client, tiny, heads):

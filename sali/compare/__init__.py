@@ -17,11 +17,11 @@ from sali.compare.cache import Cache, Result
 from sali.compare.forced import KL_TOP_K, teacher_forced
 from sali.compare.generation import ProxyRunner, generate_all
 from sali.compare.output import plot, write_outputs
-from sali.compare.summary import COLUMNS, NOTES, markdown, summarize, table_rows
+from sali.compare.summary import COLUMNS, NOTES, markdown, prefill_table_rows, summarize, summarize_prefills, table_rows
 from sali.compare.systems import Plan, System, build_systems, check_vocabularies, load_head, prompt_key, prompt_text
 
 __all__ = [
     "COLUMNS", "KL_TOP_K", "NOTES", "Cache", "Plan", "ProxyRunner", "Result", "System", "build_systems",
-    "check_vocabularies", "generate_all", "load_head", "markdown", "plot", "prompt_key", "prompt_text", "summarize",
-    "table_rows", "teacher_forced", "write_outputs",
+    "check_vocabularies", "generate_all", "load_head", "markdown", "plot", "prefill_table_rows", "prompt_key", "prompt_text",
+    "summarize", "summarize_prefills", "table_rows", "teacher_forced", "write_outputs",
 ]

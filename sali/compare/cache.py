@@ -1,5 +1,5 @@
 """The response cache of `sali compare`: one append-only JSONL file per system, named by the
-system's key (model, head, format, sampling), one line per finished prompt. An interrupted
+system's key (model, heads, format, sampling, prefill), one line per finished prompt. An interrupted
 comparison resumes, and adding a head reuses every other system's responses."""
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ class Cache:
     """Append-only JSONL per system: one line per finished prompt. A line cut short by an
     interruption is ignored when read back."""
 
-    def __init__(self, folder: Path, system: System, sampling: Sampling):
+    def __init__(self, folder: Path, system: System, sampling: Sampling, prefill: str | None = None):
         folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"{system.key(sampling)}.jsonl"
+        self.path = folder / f"{system.key(sampling, prefill)}.jsonl"
         self.entries: dict[str, Result] = {}
         if self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():

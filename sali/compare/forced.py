@@ -20,7 +20,7 @@ import numpy as np
 from sali import metrics
 from sali.compare.cache import Result
 from sali.compare.generation import open_model
-from sali.compare.systems import Plan, System, load_head, prompt_key, prompt_text, render_for
+from sali.compare.systems import Plan, System, prompt_key, prompt_text, render_for
 from sali.prompts import Prompt
 
 KL_TOP_K = 256  # aligned tokens kept per position for the KL (plus one bucket for the rest)
@@ -89,9 +89,9 @@ def _score_model(plan: Plan, model_path: Path, systems: list[System], targets: d
                 logits = forward[text]
                 if system.name in offsets:
                     logits = logits + offsets[system.name](prompt, targets[key])
-                if system.head is not None:
-                    head = load_head(system.head)
-                    logits = np.stack([head.apply_dense(row, system.alpha) for row in logits])
+                if system.heads:
+                    heads = system.combined()
+                    logits = np.stack([heads.apply_dense(row, system.alpha) for row in logits])
                 agree = logits.argmax(-1) == top1
                 kl = metrics.kl_top_k(ids, log_probs, tail, logits, floor=MASKED_FLOOR)
                 tallies[system.name].add(agree, kl, prompt.label or "unlabelled")

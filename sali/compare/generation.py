@@ -17,21 +17,24 @@ from sali.prompts import Prompt
 from sali.runtime import Model, Sampling
 
 
-def generate_all(plan: Plan, progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict[str, Result]]:
-    """Responses of every system to every prompt: ``{system: {prompt_key: Result}}``."""
+def generate_all(plan: Plan, progress: Callable[[str, int, int], None] | None = None,
+                 prefill: str | None = None) -> dict[str, dict[str, Result]]:
+    """Responses of every system to every prompt: ``{system: {prompt_key: Result}}``. With
+    `prefill`, every response is forced to begin with it (the same token ids for every model,
+    after each system's own formatted prompt) and a Result holds the continuation."""
     results: dict[str, dict[str, Result]] = {}
     by_model: dict[Path, list[System]] = {}
     for system in plan.systems:
         by_model.setdefault(system.model, []).append(system)
     for model_path, systems in by_model.items():
-        caches = {s.name: Cache(plan.cache, s, plan.sampling) for s in systems}
+        caches = {s.name: Cache(plan.cache, s, plan.sampling, prefill) for s in systems}
         todo = [s for s in systems if any(prompt_key(p) not in caches[s.name].entries for p in plan.prompts)]
-        heads = list(dict.fromkeys(s.head for s in todo if s.head))
+        heads = list(dict.fromkeys(path for s in todo for path, _ in s.heads))
         model = open_model(model_path, plan, heads) if todo else None
         try:
             for system in systems:
                 cache = caches[system.name]
-                runner = _runner(system, model, plan) if system in todo else None
+                runner = _runner(system, model, plan, prefill) if system in todo else None
                 for index, prompt in enumerate(plan.prompts):
                     key = prompt_key(prompt)
                     if key not in cache.entries:
@@ -54,27 +57,40 @@ def open_model(path: Path, plan: Plan, heads: list[Path] = ()) -> Sali:
                 seed=plan.sampling.seed)
 
 
-def _runner(system: System, handle: Sali, plan: Plan):
+def _runner(system: System, handle: Sali, plan: Plan, prefill: str | None = None):
     sampling = plan.sampling
     if system.kind == "icl":
         sampling = Sampling(**{**vars(plan.sampling), "stop": tuple(plan.sampling.stop) + ("\nUser:",)})
+    forced = prefill_ids(plan, handle, prefill) if prefill is not None else None
     if system.kind == "proxy":
-        return ProxyRunner(system, handle.model, plan)
-    head = Path(system.head).stem if system.head else None
+        return ProxyRunner(system, handle.model, plan, forced or [])
+    head = system.choice()
 
     def run(prompt: Prompt) -> Result:
         text = prompt_text(system, handle.model, prompt)
-        done = handle.generate(text, raw=True, head=head, alpha=system.alpha, sampling=sampling)
+        done = handle.generate(text, raw=True, head=head, alpha=system.alpha, sampling=sampling, prefill=forced)
         return Result(done.text.strip(), done.tokens, round(done.seconds, 4), done.finish_reason)
 
     return run
 
 
+def prefill_ids(plan: Plan, handle: Sali, prefill: str) -> list[int]:
+    """The prefill's token ids: the first model to tokenize it fixes them, and every other model
+    must agree (they share the vocabulary), so each system reads exactly the same tokens."""
+    ids = handle.prefill_tokens(prefill)
+    first = plan.prefill_ids.setdefault(prefill, ids)
+    if ids != first:
+        raise SaliError(f"{handle.model.name} tokenizes the prefill {prefill!r} as {ids}, another model as {first}; "
+                        "compare needs the same prefill tokens for every system")
+    return first
+
+
 class ProxyRunner:
     """Proxy-tuning decoding: three models in lockstep, greedy (or temperature) in NumPy."""
 
-    def __init__(self, system: System, base: Model, plan: Plan):
+    def __init__(self, system: System, base: Model, plan: Plan, prefill: list[int] = ()):
         small_base, small_aligned = system.proxy
+        self.prefill = list(prefill)  # forced after each model's prompt
         self.base = base
         self.small_base = open_model(small_base, plan).model
         self.small_aligned = open_model(small_aligned, plan).model
@@ -89,7 +105,8 @@ class ProxyRunner:
         start = time.perf_counter()
         models = (self.base, self.small_base, self.small_aligned)
         formats = (self.system.fmt, self.system.fmt, {"type": "chat"})
-        base, small_base, small_aligned = (m.prefill(m.tokenize(render_for(m, fmt, prompt.text))) for m, fmt in zip(models, formats))
+        base, small_base, small_aligned = (m.prefill(m.tokenize(render_for(m, fmt, prompt.text)) + self.prefill)
+                                           for m, fmt in zip(models, formats))
         tokens: list[int] = []
         finish = "length"
         for _ in range(self.sampling.max_tokens):

@@ -56,19 +56,23 @@ def plot(summary: dict[str, Any], folder: Path) -> list[Path]:
     return written
 
 
-def write_outputs(plan: Plan, results, summary: dict[str, Any]) -> list[Path]:
+def write_outputs(plan: Plan, results, summary: dict[str, Any], prefilled: dict[str, Any] | None = None) -> list[Path]:
+    """Write the files; `prefilled` (``{prefill: results}``) adds the responses after each prefill,
+    whose ``response`` is the continuation and ``prefill`` the forced text (None without one)."""
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
+    conditions = [(None, results), *(prefilled or {}).items()]
     with atomic_path(out / "responses.jsonl") as tmp:
         with open(tmp, "w", encoding="utf-8") as handle:
-            for prompt in plan.prompts:
-                for system in plan.systems:
-                    result = results[system.name][prompt_key(prompt)]
-                    handle.write(json.dumps({
-                        "system": system.name, "prompt": prompt.text, "label": prompt.label, "answer": prompt.answer,
-                        "response": result.response, "tokens": len(result.tokens), "seconds": result.seconds,
-                        "finish_reason": result.finish_reason,
-                    }, ensure_ascii=False) + "\n")
+            for prefill, answers in conditions:
+                for prompt in plan.prompts:
+                    for system in plan.systems:
+                        result = answers[system.name][prompt_key(prompt)]
+                        handle.write(json.dumps({
+                            "system": system.name, "prompt": prompt.text, "label": prompt.label, "answer": prompt.answer,
+                            "prefill": prefill, "response": result.response, "tokens": len(result.tokens),
+                            "seconds": result.seconds, "finish_reason": result.finish_reason,
+                        }, ensure_ascii=False) + "\n")
     write_text(out / "summary.json", json.dumps(_clean(summary), indent=2) + "\n")
     write_text(out / "summary.md", markdown(summary))
     return [out / "responses.jsonl", out / "summary.json", out / "summary.md", *plot(summary, out)]

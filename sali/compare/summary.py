@@ -10,8 +10,9 @@ import numpy as np
 from sali import metrics
 from sali.compare.cache import Result
 from sali.compare.forced import KL_TOP_K
+from sali.combine import spec_name
 from sali.compare.systems import Plan, prompt_key
-from sali.prompts import describe_format
+from sali.prompts import Prompt, describe_format
 
 
 def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -22,14 +23,10 @@ def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[st
     for system in plan.systems:
         res = results[system.name]
         entries = [(p, res[prompt_key(p)]) for p in plan.prompts]
-        row: dict[str, Any] = {"kind": system.kind, "model": system.model.name, "head": system.head.name if system.head else None,
+        row: dict[str, Any] = {"kind": system.kind, "model": system.model.name,
+                               "head": spec_name([(p.name, s) for p, s in system.heads]) if system.heads else None,
                                "format": describe_format(system.fmt) if system.kind != "icl" else "icl preamble"}
-        for label in labels:
-            subset = [(p, r) for p, r in entries if (p.label or "unlabelled") == label]
-            refused = sum(metrics.is_refusal(r.response, plan.keywords) for _, r in subset)
-            row[f"refusal_{label}"] = refused / len(subset) if subset else float("nan")
-            row[f"refusal_{label}_n"] = len(subset)
-            row[f"refusal_{label}_ci95"] = list(metrics.wilson_interval(refused, len(subset)))
+        row.update(_refusals(plan, entries, labels))
         answered = [(p, r) for p, r in entries if p.answer]
         if answered:
             row["exact_match"] = metrics.mean(metrics.exact_match(r.response, p.answer) for p, r in answered)
@@ -52,6 +49,31 @@ def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[st
                 row[f"top1_vs_aligned_{label}"] = values["top1"]
                 row[f"kl_vs_aligned_{label}"] = values["kl"]
         rows[system.name] = row
+    return {
+        "systems": rows,
+        "shares": _shares(rows, aligned),
+        "labels": labels,
+        "prompts": len(plan.prompts),
+        "by_position": {name: f.get("by_position", {}) for name, f in forced.items()},
+        "kl_top_k": KL_TOP_K if forced else None,
+        "sampling": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.sampling).items()},
+    }
+
+
+def _refusals(plan: Plan, entries: list[tuple[Prompt, Result]], labels: list[str]) -> dict[str, Any]:
+    """Refusal rate per label with its count and Wilson 95% interval: ``refusal_<label>``, ``_n``, ``_ci95``."""
+    row: dict[str, Any] = {}
+    for label in labels:
+        subset = [(p, r) for p, r in entries if (p.label or "unlabelled") == label]
+        refused = sum(metrics.is_refusal(r.response, plan.keywords) for _, r in subset)
+        row[f"refusal_{label}"] = refused / len(subset) if subset else float("nan")
+        row[f"refusal_{label}_n"] = len(subset)
+        row[f"refusal_{label}_ci95"] = list(metrics.wilson_interval(refused, len(subset)))
+    return row
+
+
+def _shares(rows: dict[str, dict[str, Any]], aligned) -> dict[str, dict[str, float]]:
+    """Each system's superficial share of every comparable figure, (system − base) / (aligned − base)."""
     shares = {}
     if aligned is not None:
         base_row, aligned_row = rows["base"], rows[aligned.name]
@@ -64,15 +86,46 @@ def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[st
                 if metric.startswith(("refusal_", "exact_match", "top1_vs_aligned", "kl_vs_aligned", "f1_vs_aligned"))
                 and isinstance(row.get(metric), float) and metric in base_row and metric in aligned_row
             }
-    return {
-        "systems": rows,
-        "shares": shares,
-        "labels": labels,
-        "prompts": len(plan.prompts),
-        "by_position": {name: f.get("by_position", {}) for name, f in forced.items()},
-        "kl_top_k": KL_TOP_K if forced else None,
-        "sampling": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.sampling).items()},
-    }
+    return shares
+
+
+def summarize_prefills(plan: Plan, prefilled: dict[str, dict[str, dict[str, Result]]]) -> dict[str, Any]:
+    """Refusal *after* each prefill (of the continuation only, so a prefill that is itself a
+    refusal phrase counts for nothing), per system and label, with Wilson intervals and the
+    superficial shares against base and aligned under the same prefill:
+    ``{prefill: {"systems": {name: row}, "shares": {name: {...}}}}``."""
+    aligned = next((s for s in plan.systems if s.kind == "aligned"), None)
+    labels = sorted({p.label or "unlabelled" for p in plan.prompts})
+    out = {}
+    for prefill, results in prefilled.items():
+        rows = {}
+        for system in plan.systems:
+            entries = [(p, results[system.name][prompt_key(p)]) for p in plan.prompts]
+            rows[system.name] = _refusals(plan, entries, labels)
+            rows[system.name]["mean_tokens"] = sum(len(r.tokens) for _, r in entries) / max(len(entries), 1)
+        out[prefill] = {"systems": rows, "shares": _shares(rows, aligned)}
+    return out
+
+
+def prefill_table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the refusal-after-prefill table: a column per prefill and label."""
+    prefilled = summary.get("prefill") or {}
+    labels = sorted(summary["labels"], key=lambda label: (label != "harmful", label != "benign", label))  # as COLUMNS
+    header = ["system"] + [f"{_short(prefill)} → refusal {label}" for prefill in prefilled for label in labels]
+    rows = []
+    for name in summary["systems"]:
+        cells = [name]
+        for prefill, part in prefilled.items():
+            row, shares = part["systems"][name], part["shares"].get(name, {})
+            for label in labels:
+                cells.append(_cell(row, shares, f"refusal_{label}"))
+        rows.append(cells)
+    return header, rows
+
+
+def _short(prefill: str, limit: int = 24) -> str:
+    text = prefill if len(prefill) <= limit else prefill[: limit - 1] + "…"
+    return repr(text)
 
 
 COLUMNS = [
@@ -108,23 +161,33 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["system"] + [title for _, title in present]
     rows = []
     for name, row in systems.items():
-        cells = [name]
-        for key, _ in present:
-            value = row.get(key)
-            text = "—" if value is None or (isinstance(value, float) and np.isnan(value)) else (f"{value:.1f}" if key == "tokens_per_second" else f"{value:.3f}")
-            interval = row.get(f"{key}_ci95")
-            if interval is not None and not any(np.isnan(interval)):
-                text += f" [{interval[0]:.2f}–{interval[1]:.2f}]"
-            share = summary["shares"].get(name, {}).get(key)
-            if share is not None and key != "tokens_per_second":
-                text += f" ({share:.0%})"
-            cells.append(text)
+        cells = [name] + [_cell(row, summary["shares"].get(name, {}), key) for key, _ in present]
         rows.append(cells)
     return header, rows
 
 
-def markdown(summary: dict[str, Any]) -> str:
-    header, rows = table_rows(summary)
+def _cell(row: dict[str, Any], shares: dict[str, float], key: str) -> str:
+    """A figure with its Wilson interval in brackets and its superficial share in parentheses."""
+    value = row.get(key)
+    text = "—" if value is None or (isinstance(value, float) and np.isnan(value)) else (f"{value:.1f}" if key == "tokens_per_second" else f"{value:.3f}")
+    interval = row.get(f"{key}_ci95")
+    if interval is not None and not any(np.isnan(interval)):
+        text += f" [{interval[0]:.2f}–{interval[1]:.2f}]"
+    share = shares.get(key)
+    if share is not None and key != "tokens_per_second":
+        text += f" ({share:.0%})"
+    return text
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return f"# sali compare\n\n{summary['prompts']} prompts.\n\n" + "\n".join(lines) + "\n\n" + NOTES + "\n"
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    text = f"# sali compare\n\n{summary['prompts']} prompts.\n\n" + _markdown_table(*table_rows(summary)) + "\n\n" + NOTES + "\n"
+    if summary.get("prefill"):
+        text += ("\n## Refusal after a prefill\n\nEach response forced to begin with the prefill (the same tokens for every "
+                 "system, after its own prompt); refusal counted in the continuation only.\n\n"
+                 + _markdown_table(*prefill_table_rows(summary)) + "\n")
+    return text

@@ -3,7 +3,7 @@
 Systems (each generates on every prompt; greedy by default):
 
 * ``base``: the base model alone, in the heads' training format;
-* ``base+<head>``: the base with each head;
+* ``base+<head>``: the base with each head (``base+<A>+<B>``: heads in combination, :mod:`sali.combine`);
 * ``aligned``: the aligned model in its own chat format;
 * ``<other>+<head>``: each ``--also`` model with each head (transfer across models or precisions);
 * ``base+icl``: the base prompted with a preamble of aligned example exchanges (in-context alignment);
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sali.combine import Combined, spec_name
 from sali.errors import SaliError
 from sali.head import Head
 from sali.prompts import Prompt, parse_format, render
@@ -35,21 +36,35 @@ class System:
     model: Path
     kind: str  # "plain" | "head" | "aligned" | "icl" | "proxy"
     fmt: dict[str, Any]
-    head: Path | None = None
+    heads: tuple[tuple[Path, float], ...] = ()  # head files and their strengths, applied in this order
     preamble: str | None = None
     proxy: tuple[Path, Path] | None = None
-    alpha: float = 1.0  # head strength
+    alpha: float = 1.0  # global head strength (each head runs at alpha · its strength)
 
-    def key(self, sampling: Sampling) -> str:
+    def combined(self) -> Combined:
+        """The heads as one :class:`~sali.combine.Combined` (loaded once per comparison)."""
+        return Combined(tuple((load_head(path), strength) for path, strength in self.heads))
+
+    def choice(self) -> list[tuple[str, float]] | None:
+        """The heads as :meth:`sali.api.Sali.choose` takes them (names are file stems)."""
+        return [(path.stem, strength) for path, strength in self.heads] or None
+
+    def key(self, sampling: Sampling, prefill: str | None = None) -> str:
+        """The cache file's name: everything that decides the responses. A single head at
+        strength 1 and no prefill give the keys caches had before combinations and prefills."""
         parts = [self.kind, _file_id(self.model), json.dumps(self.fmt, sort_keys=True), json.dumps(_sampling_key(sampling), sort_keys=True, default=list)]
-        if self.head:
-            parts.append(_file_id(self.head))
-            if self.alpha != 1.0:
-                parts.append(f"alpha={self.alpha!r}")
+        for index, (path, strength) in enumerate(self.heads):
+            parts.append(_file_id(path))
+            if index or strength != 1.0:
+                parts.append(f"strength={strength!r}")
+        if self.heads and self.alpha != 1.0:
+            parts.append(f"alpha={self.alpha!r}")
         if self.preamble:
             parts.append(self.preamble)
         if self.proxy:
             parts += [_file_id(p) for p in self.proxy]
+        if prefill is not None:
+            parts.append("prefill=" + prefill)
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
@@ -72,6 +87,8 @@ class Plan:
     threads: int | None = None
     n_gpu_layers: int = 0
     ctx: int = 2048
+    prefills: list[str] = field(default_factory=list)  # each system also answers every prompt after each prefill
+    prefill_ids: dict[str, list[int]] = field(default_factory=dict)  # prefill -> its token ids, the same for every model
     generations: int = 0  # new generations made by this run (cache misses)
     timing: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -93,7 +110,7 @@ def prompt_key(prompt: Prompt) -> str:
 
 def build_systems(
     base: Path,
-    heads: list[Path],
+    heads: list[Path | list[tuple[Path, float]]],
     aligned: Path | None,
     also: list[Path],
     icl: str | None,
@@ -101,23 +118,32 @@ def build_systems(
     fmt_spec: str | None,
     alpha: float = 1.0,
 ) -> list[System]:
-    """The systems to compare, in table order. The base format is ``--format``, else the first
-    head's training format, else the base model's chat template. Every head runs at strength
-    `alpha`; its systems are named ``model+head@alpha`` when alpha is not 1."""
-    loaded = [load_head(h) for h in heads]
-    names = [h.stem for h in heads]
-    if len(set(names)) != len(names):
+    """The systems to compare, in table order. `heads`: one entry per head system, a head file
+    or heads in combination (``[(file, strength), ...]``, applied in that order). The base format
+    is ``--format``, else the first head's training format, else the base model's chat template.
+    Every head runs at strength `alpha` (times its own); its systems are named
+    ``model+head@alpha`` when alpha is not 1, ``model+A+B@0.5`` for a combination."""
+    combos = [tuple((Path(p), float(s)) for p, s in ([(h, 1.0)] if isinstance(h, (str, Path)) else h)) for h in heads]
+    files = {path.resolve(): path.stem for combo in combos for path, _ in combo}
+    if len(set(files.values())) != len(files):
         raise SaliError("two heads share a file name; rename one so the table can tell them apart")
+    names = [spec_name([(path.stem, s) for path, s in combo]) for combo in combos]
+    if len(set(names)) != len(names):
+        raise SaliError(f"a head is given twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+    firsts = [load_head(combo[0][0]) for combo in combos]
+    for combo in combos:
+        for path, _ in combo:
+            load_head(path)
     if fmt_spec:
         fmt = parse_format(fmt_spec)
-    elif loaded:
-        fmt = loaded[0].base_format
+    elif firsts:
+        fmt = firsts[0].base_format
     else:
         fmt = {"type": "chat"}
     tag = "" if alpha == 1.0 else f"@{alpha:g}"
     systems = [System("base", base, "plain", fmt)]
-    for path, head in zip(heads, loaded):
-        systems.append(System(f"base+{path.stem}{tag}", base, "head", fmt if fmt_spec else head.base_format, head=path, alpha=alpha))
+    for name, combo, head in zip(names, combos, firsts):
+        systems.append(System(f"base+{name}{tag}", base, "head", fmt if fmt_spec else head.base_format, heads=combo, alpha=alpha))
     if icl is not None:
         preamble_path = Path(icl) if icl else DEFAULT_PREAMBLE
         if not preamble_path.is_file():
@@ -129,8 +155,8 @@ def build_systems(
         systems.append(System("aligned", aligned, "aligned", {"type": "chat"}))
     for other in also:
         systems.append(System(other.stem, other, "plain", fmt))
-        for path, head in zip(heads, loaded):
-            systems.append(System(f"{other.stem}+{path.stem}{tag}", other, "head", fmt if fmt_spec else head.base_format, head=path, alpha=alpha))
+        for name, combo, head in zip(names, combos, firsts):
+            systems.append(System(f"{other.stem}+{name}{tag}", other, "head", fmt if fmt_spec else head.base_format, heads=combo, alpha=alpha))
     return systems
 
 
