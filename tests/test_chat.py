@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_head, run_sali
+from conftest import ROOT, interruptible, make_head, run_sali
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +117,11 @@ def steer_head(tiny_model, tmp_path_factory):
 
 def spawn_chat(*args: str):
     pexpect = pytest.importorskip("pexpect")
+    # interruptible: under a shell's background job (CI may run so) SIGINT is ignored and the
+    # child would inherit that, so Ctrl-C from the terminal would do nothing
     return pexpect.spawn(sys.executable, ["-m", "sali", "chat", *args], cwd=str(ROOT),
-                         env={"COLUMNS": "100", "TERM": "dumb", "PATH": "/usr/bin:/bin"}, encoding="utf-8", timeout=120)
+                         env={"COLUMNS": "100", "TERM": "dumb", "PATH": "/usr/bin:/bin"}, encoding="utf-8", timeout=120,
+                         preexec_fn=interruptible)
 
 
 def test_ctrl_c_stops_a_reply_and_leaves_no_state_behind(tiny, steer_head, tmp_path):

@@ -170,7 +170,16 @@ class CtrlCAtTheEndOfTheCallback(HeadSampler):
             signal.raise_signal(signal.SIGINT)
 
 
-def test_ctrl_c_inside_the_sampler_callback_is_never_lost(tiny_model):
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler, as in a terminal (a shell's background job, as CI may run the
+    suite, starts with SIGINT ignored, and Python then leaves it so)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_inside_the_sampler_callback_is_never_lost(tiny_model, python_ctrl_c):
     head = make_head(tiny_model, k=8, promote=[5])
     hook = CtrlCAtTheEndOfTheCallback(head, 1.0, tiny_model._raw_logits, tiny_model.n_vocab)
     got: list[int] = []
