@@ -208,14 +208,15 @@ def grid(max_alpha: float) -> list[float]:
 
 def best(trials: list[Trial], reference: Reference, margin: float) -> Trial:
     """When no α meets the rule: the trial that keeps the other labels within their margin (if
-    any does), with the highest target share, at the smallest α."""
+    any does), with the highest target share, at the smallest α; never α = 0 (the head switched
+    off) while another α was tried, since the user asked for the head to act."""
     target = reference.target
 
     def score(trial: Trial):
         others = all(trial.shares.get(l, 0.0) <= r + margin + 1e-9 for l, r in reference.rates.items() if l != target)
         return (others, trial.shares.get(target, 0.0), -trial.alpha)
 
-    return max(trials, key=score)
+    return max([t for t in trials if t.alpha > 0] or trials, key=score)
 
 
 def search(measure: Callable[[float], dict[str, float]], reference: Reference, *, max_alpha: float = 8.0,
