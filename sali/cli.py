@@ -226,7 +226,7 @@ def chat(
 
     Samples as llama.cpp's own CLI does (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, after the head); --temperature 0 is greedy.
 
-    In the chat: /reset, /head on|off, /alpha X, /explain on|off, /why, /system TEXT, /save FILE, /help, /exit. When stdin is not a terminal, each line is one user turn and replies are printed plainly.
+    In the chat: /reset, /head on|off, /alpha [X], /explain on|off, /why, /system TEXT, /save FILE, /help, /exit. When stdin is not a terminal, each line is one user turn and replies are printed plainly.
 
     [dim]sali chat model.gguf --head safety.npz[/]
     """
