@@ -59,7 +59,8 @@ def head_identity(head: Head) -> str:
 
 def model_identity(path: str | Path, vocab_fingerprint: str) -> str:
     """``"m-<16 hex>"``: the GGUF's size, SHA-256 of its first and last :data:`ENDS` bytes, and
-    `vocab_fingerprint` (:attr:`sali.runtime.Model.fingerprint`)."""
+    `vocab_fingerprint` (:attr:`sali.runtime.Model.fingerprint`). Reads at most 8 MiB (a few
+    milliseconds), so it is computed afresh on every lookup rather than cached."""
     path = Path(path)
     digest = hashlib.sha256()
     try:
