@@ -699,6 +699,13 @@ def head_info(path: Annotated[str, typer.Argument(help="Head file (.npz) or ship
         table.add_row("parameters", f"{sizes['total']:,} (U {sizes['U']:,} · W {sizes['W']:,} · bias {sizes['bias']:,})")
     table.add_row("file size", f"{path.stat().st_size / 1e6:.2f} MB")
     training = meta.pop("training", None)
+    calibration = meta.pop("calibration", None)
+    if isinstance(calibration, dict):
+        rates = calibration.get("reference") or {}
+        shown = " · ".join(f"{label} {rate:.2f}" for label, rate in sorted(rates.items()) if isinstance(rate, (int, float)))
+        table.add_row("calibration reference", escape(
+            f"flagged {shown} on {calibration.get('base_model', '?')} at alpha 1 ({calibration.get('prompts', '?')}, "
+            f"{calibration.get('tokens', '?')} tokens, {len(calibration.get('keywords') or [])} refusal phrases)"))
     for key, value in sorted(meta.items()):
         table.add_row(escape(key), escape(json.dumps(value) if isinstance(value, (dict, list)) else str(value)))
     if isinstance(training, dict):

@@ -81,6 +81,8 @@ def test_reference_is_written_into_the_head_and_matches_compare(calibrated, pair
                 assert before[name].dtype == after[name].dtype and np.array_equal(before[name], after[name])
     old_meta = Head.load(original).meta
     assert {k: v for k, v in meta.items() if k != "calibration"} == old_meta
+    info = run_sali("head", "info", str(head))
+    assert info.returncode == 0 and "calibration reference" in info.stdout and f"harmful {reference.rates['harmful']:.2f}" in info.stdout
     # the reference run recorded alpha 1 for the head on its own base
     (entry,) = calibrated["after_reference"].values()
     assert entry["alpha"] == 1.0 and entry["reference"] is True
