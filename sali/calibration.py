@@ -19,9 +19,14 @@ the head flags most on its base. The rule, for a strength α on MODEL:
 * the flagged share on the target label reaches the reference's minus `tolerance`, and
 * every other label's flagged share stays at most the reference's plus `margin`.
 
-:func:`search` finds the smallest α in [0, max_alpha] that meets it: it walks a coarse grid
-upwards (:func:`grid`) and stops at the first α that meets the rule, then bisects between that α
-and the grid point below it (which did not) to `resolution`. This assumes the flagged share grows
+:func:`search` finds the smallest α in [min_alpha, max_alpha] that meets it: it walks a coarse
+grid upwards from `min_alpha` (:func:`grid`) and stops at the first α that meets the rule, then
+bisects between that α and the grid point below it (which did not) to `resolution`. `min_alpha`
+is 1 by default: the head as trained is the floor. Calibration exists to strengthen a head on a
+model that resists it; with a floor of 0 the rule (reference minus a tolerance) would pick a
+strength somewhat weaker than trained even on the head's own base, and α = 0 (no head) on a model
+that already behaves like the reference. A weaker head stays the user's explicit choice
+(``--alpha``, or ``--min-alpha 0``). This assumes the flagged share grows
 with α (close to true: a stronger push towards refusal tokens refuses more often), but never relies
 on it for the answer: the α returned is always one that was measured and met the rule, and on a
 non-monotone model the walk still returns the smallest grid α that meets it. If no α up to
@@ -199,11 +204,12 @@ def meets(measured: dict[str, float], reference: Reference, tolerance: float, ma
     return all(measured.get(label, 0.0) <= rate + margin + eps for label, rate in reference.rates.items() if label != target)
 
 
-def grid(max_alpha: float) -> list[float]:
-    """The coarse grid walked upwards: 0, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, ... below `max_alpha`,
-    then `max_alpha` itself."""
+def grid(max_alpha: float, min_alpha: float = 0.0) -> list[float]:
+    """The coarse grid walked upwards: `min_alpha`, then those of 0, 0.5, 1, 1.5, 2, 3, 4, 6, 8,
+    12, ... above it and below `max_alpha`, then `max_alpha` itself."""
     points = [0.0, 0.5] + sorted(m * 2.0 ** e for e in range(0, 12) for m in (1.0, 1.5))
-    return [a for a in points if a < max_alpha] + [float(max_alpha)]
+    inner = [a for a in points if min_alpha < a < max_alpha]
+    return [float(min_alpha)] + inner + ([float(max_alpha)] if max_alpha > min_alpha else [])
 
 
 def best(trials: list[Trial], reference: Reference, margin: float) -> Trial:
@@ -220,14 +226,16 @@ def best(trials: list[Trial], reference: Reference, margin: float) -> Trial:
 
 
 def search(measure: Callable[[float], dict[str, float]], reference: Reference, *, max_alpha: float = 8.0,
-           tolerance: float = 0.05, margin: float = 0.05, resolution: float = 0.1,
+           min_alpha: float = 1.0, tolerance: float = 0.05, margin: float = 0.05, resolution: float = 0.1,
            on_trial: Callable[[Trial], None] | None = None) -> Outcome:
-    """The smallest α in [0, max_alpha] that meets the rule (module docstring).
+    """The smallest α in [min_alpha, max_alpha] that meets the rule (module docstring).
 
     `measure(α)` returns the flagged share per label at strength α; `resolution` is the width
     (in α) at which bisection stops. `on_trial` sees each trial as it is measured."""
     if not (math.isfinite(max_alpha) and max_alpha > 0):
         raise SaliError(f"--max-alpha must be a positive number, not {max_alpha}")
+    if not (math.isfinite(min_alpha) and 0 <= min_alpha <= max_alpha):
+        raise SaliError(f"--min-alpha must be a number from 0 to --max-alpha ({max_alpha:g}), not {min_alpha}")
     if not (math.isfinite(resolution) and resolution > 0):
         raise SaliError(f"--resolution must be a positive number, not {resolution}")
     trials: list[Trial] = []
@@ -241,7 +249,7 @@ def search(measure: Callable[[float], dict[str, float]], reference: Reference, *
         return trial
 
     below = None
-    for alpha in grid(max_alpha):
+    for alpha in grid(max_alpha, min_alpha):
         if run(alpha).met:
             break
         below = alpha
@@ -284,6 +292,7 @@ class Job:
     prompts: Path | None = None
     keywords: Path | None = None
     max_alpha: float = 8.0
+    min_alpha: float = 1.0
     tolerance: float = 0.05
     margin: float = 0.05
     resolution: float = 0.1
@@ -378,7 +387,8 @@ def _calibrate(job: Job, console, handle, head, head_path: Path, reference: Refe
     from sali import calibstore
 
     measure_at = _trial_progress(console, handle, prompts, reference.keywords, reference.tokens)
-    outcome = search(measure_at, reference, max_alpha=job.max_alpha, tolerance=job.tolerance, margin=job.margin,
+    outcome = search(measure_at, reference, max_alpha=job.max_alpha, min_alpha=job.min_alpha,
+                     tolerance=job.tolerance, margin=job.margin,
                      resolution=job.resolution)
     chosen = outcome.chosen
     entry = {"alpha": outcome.alpha, "met": outcome.met, "reference": False, "head": str(head_path.resolve()),

@@ -304,6 +304,10 @@ def calibrate(
                      "sali compare uses). Calibrations reuse the phrases the reference recorded.", show_default=False),
     ] = None,
     max_alpha: Annotated[float, typer.Option("--max-alpha", help="Largest strength tried.", rich_help_panel="Rule")] = 8.0,
+    min_alpha: Annotated[
+        float, typer.Option("--min-alpha", help="Smallest strength tried: the head as trained (1) is the floor unless "
+                            "lowered (0 lets calibration weaken or switch off the head).", rich_help_panel="Rule")
+    ] = 1.0,
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="The target label's flagged share may fall this far below the reference's.",
                             rich_help_panel="Rule")
@@ -329,8 +333,8 @@ def calibrate(
     from sali.calibration import Job, run
 
     run(Job(model=model, head=head, reference=reference, prompts=prompts, keywords=keywords, max_alpha=max_alpha,
-            tolerance=tolerance, margin=margin, resolution=resolution, threads=threads, n_gpu_layers=n_gpu_layers,
-            ctx=ctx), err)
+            min_alpha=min_alpha, tolerance=tolerance, margin=margin, resolution=resolution, threads=threads,
+            n_gpu_layers=n_gpu_layers, ctx=ctx), err)
 
 
 @app.command()
