@@ -40,6 +40,14 @@ class LoadedHead:
     path: Path
     head: Head
     fmt: dict[str, Any]
+    calibrated: float | None = None  # the strength `sali calibrate` recorded for this model, if any
+
+    def strength(self, alpha: float | None) -> float:
+        """The head's strength: `alpha` when given (explicit always wins), else its calibrated
+        strength for this model, else 1 (as trained)."""
+        if alpha is not None:
+            return alpha
+        return self.calibrated if self.calibrated is not None else 1.0
 
 
 @dataclass
@@ -61,12 +69,23 @@ class Choice:
         (loaded, strength), *rest = self.parts
         return loaded if not rest and strength == 1.0 else None
 
-    def runtime(self, alpha: float) -> tuple[Head | Combined, float]:
-        """What :meth:`sali.runtime.Model.stream` takes: a Head (fast path) or the combination, and α."""
+    def runtime(self, alpha: float | None) -> tuple[Head | Combined, float]:
+        """What :meth:`sali.runtime.Model.stream` takes: a Head (fast path) or the combination, and α.
+        `alpha` None: each head at its own calibrated strength (:meth:`LoadedHead.strength`)
+        times its ``@`` strength."""
         if len(self.parts) == 1:
             loaded, strength = self.parts[0]
-            return loaded.head, alpha * strength
+            return loaded.head, loaded.strength(alpha) * strength
+        if alpha is None:
+            return Combined(tuple((loaded.head, strength * loaded.strength(None)) for loaded, strength in self.parts)), 1.0
         return Combined(tuple((loaded.head, strength) for loaded, strength in self.parts)), alpha
+
+    def alpha(self, alpha: float | None) -> float:
+        """The global strength shown for this choice: `alpha` if given, else one head's own
+        (calibrated or 1); a combination's calibrated heads carry theirs in :meth:`describe`."""
+        if alpha is not None:
+            return alpha
+        return self.parts[0][0].strength(None) if len(self.parts) == 1 else 1.0
 
     def describe(self) -> str:
         """Files and strengths, as `--head` takes them: ``path`` or ``path@0.5+other@1``."""
@@ -81,7 +100,8 @@ def load(
     head: str | Path | Sequence[str | Path] | None = None,
     *,
     fmt: str | None = None,
-    alpha: float = 1.0,
+    alpha: float | None = None,
+    calibration: bool = True,
     n_gpu_layers: int = 0,
     n_threads: int | None = None,
     n_ctx: int = 2048,
@@ -98,7 +118,10 @@ def load(
             the heads are applied in that order (:mod:`sali.combine`).
         fmt: prompt format for every head (``plain``, ``chat`` or a template with ``{prompt}``);
             default: each head's recorded training format, the model's chat template without one.
-        alpha: default head strength (0 = plain base, 1 = as trained).
+        alpha: default head strength (0 = plain base, 1 = as trained). None: each head at the
+            strength ``sali calibrate`` recorded for this model and head (:mod:`sali.calibstore`),
+            1 where none is recorded. An `alpha` given here or per call always wins.
+        calibration: False ignores recorded strengths (every head at `alpha`, else 1).
         n_gpu_layers, n_threads, n_ctx, seed: llama.cpp offload, CPU threads, context length
             (tokens) and seed.
     """
@@ -130,6 +153,10 @@ def load(
         for item in loaded.values():
             engine.check_head(item.head, head_name=str(item.path))
             item.fmt = choose_format(fmt, item.head, engine)
+            if calibration and alpha is None:
+                from sali.calibstore import alpha_of, lookup
+
+                item.calibrated = alpha_of(lookup(item.head, engine.path, engine.fingerprint))
         plain_fmt = choose_format(fmt, None, engine)
     except BaseException:
         engine.close()
@@ -168,10 +195,11 @@ class Sali:
         choices: name -> :class:`Choice`, one per `head` given to :func:`load` (a head or a
             combination); the first is the default.
         plain_format: the prompt format used without a head.
-        alpha: default head strength.
+        alpha: default head strength; None: each head's calibrated strength, else 1
+            (:meth:`LoadedHead.strength`).
     """
 
-    def __init__(self, model: Model, heads: dict[str, LoadedHead], plain_format: dict[str, Any], alpha: float = 1.0,
+    def __init__(self, model: Model, heads: dict[str, LoadedHead], plain_format: dict[str, Any], alpha: float | None = None,
                  choices: dict[str, Choice] | None = None):
         self.model = model
         self.heads = heads
@@ -333,17 +361,34 @@ class Sali:
         plan = self.sampling(sampling, stops, **settings)
         strength = self.alpha if alpha is None else alpha
         forced = self.prefill_tokens(prefill) if prefill is not None else ()
-        heads, strength = chosen.runtime(strength) if chosen else (None, strength)
+        heads, strength = chosen.runtime(strength) if chosen else (None, 0.0)
         out = self.model.stream(text, plan, heads, strength, cancel, prefill=forced, explain=explain)
         if isinstance(prefill, str):
             out.completion.prefill = prefill  # verbatim, as given
         return out if stream else out.finish()
 
+    def effective_alpha(self, head: Any = DEFAULT, alpha: float | None = None) -> float | None:
+        """The strength a generation with `head` runs at (None without a head): `alpha`, else the
+        handle's, else the head's calibrated strength, else 1 (see :meth:`Choice.alpha`)."""
+        chosen = self.choose(head)
+        return chosen.alpha(self.alpha if alpha is None else alpha) if chosen is not None else None
+
+    def calibration_notes(self) -> list[str]:
+        """One line per loaded head that runs at a calibrated strength (none when α was given)."""
+        from sali.calibstore import describe_alpha
+
+        if self.alpha is not None:
+            return []
+        return [f"{item.name}: {describe_alpha(item.calibrated)}" for item in self.heads.values() if item.calibrated is not None]
+
     def describe(self, head: Any = DEFAULT, alpha: float | None = None, head_on: bool = True) -> str:
         chosen = self.choose(head)
         shown = "none"
         if chosen is not None:
-            shown = f"{chosen.name} ({'on' if head_on else 'off'}, alpha {self.alpha if alpha is None else alpha:g})"
+            given = self.alpha if alpha is None else alpha
+            calibrated = given is None and any(loaded.calibrated is not None for loaded, _ in chosen.parts)
+            shown = (f"{chosen.name} ({'on' if head_on else 'off'}, alpha {chosen.alpha(given):g}"
+                     + (", calibrated)" if calibrated else ")"))
         return f"model {self.model.name} · head {shown} · format {describe_format(self.format_for(head))}"
 
     def close(self) -> None:

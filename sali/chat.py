@@ -21,7 +21,7 @@ from sali.session import Session
 HELP = """\
 /reset          forget the conversation
 /head on|off    apply the head or not (same prompt format either way)
-/alpha X        head strength (0 = plain base, 1 = as trained)
+/alpha [X]      show or set the head strength (0 = plain base, 1 = as trained)
 /explain on|off colour the tokens where the head changed the base's choice
 /why            for the last reply: each changed token with the base's own choice
 /system TEXT    set the system message (empty: remove it); also resets
@@ -61,6 +61,11 @@ class Chat:
                 self.note(f"head {arg}")
             else:
                 self.note(f"head is {'on' if session.head_on else 'off'}; use /head on or /head off")
+        elif name == "alpha" and not arg:
+            shown = session.effective_alpha
+            self.note("no head loaded" if shown is None else
+                      f"alpha {shown:g}" + (" (calibrated for this model)" if session.alpha is None and
+                                            session.engine.calibration_notes() else ""))
         elif name == "alpha":
             try:
                 session.alpha = float(arg)
@@ -112,7 +117,7 @@ class Chat:
             "model": str(session.model.path),
             "head": session.head_spec,
             "head_on": session.head_on,
-            "alpha": session.alpha,
+            "alpha": session.effective_alpha,
             "format": session.fmt,
             "system": session.system,
             "messages": session.messages,

@@ -26,6 +26,7 @@ from sali.options import (
     IgnoreEosOpt,
     MinPOpt,
     ModelArg,
+    NoCalibrationOpt,
     PresencePenaltyOpt,
     RepeatPenaltyOpt,
     SeedOpt,
@@ -103,7 +104,8 @@ def generate(
     frequency_penalty: FrequencyPenaltyOpt = 0.0,
     presence_penalty: PresencePenaltyOpt = 0.0,
     ignore_eos: IgnoreEosOpt = False,
-    alpha: AlphaOpt = 1.0,
+    alpha: AlphaOpt = None,
+    no_calibration: NoCalibrationOpt = False,
     seed: SeedOpt = 0,
     stop: StopOpt = None,
     prefill: Annotated[
@@ -142,7 +144,9 @@ def generate(
         raise SaliError("empty prompt")
     sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p, repeat_penalty,
                          frequency_penalty, presence_penalty, ignore_eos)
-    session = Session.open(model, head, fmt, sampling, alpha=alpha, n_gpu_layers=n_gpu_layers, threads=threads, ctx=ctx)
+    session = Session.open(model, head, fmt, sampling, alpha=alpha, calibration=not no_calibration,
+                           n_gpu_layers=n_gpu_layers, threads=threads, ctx=ctx)
+    _calibration_notes(session.engine)
     session.system, session.prefill, session.explain = system, prefill, explain
     if out is None:
         for index, item in enumerate(items):
@@ -182,7 +186,7 @@ def _generate_to_file(session, items, out: Path) -> None:
                 "seconds": round(done.seconds, 4),
                 "model": session.model.name,
                 "head": session.head_spec,
-                "alpha": session.alpha if session.head is not None else None,
+                "alpha": session.effective_alpha,
             }
             if done.explained is not None:
                 record["explain"] = [token.as_dict() for token in done.explained]
@@ -210,7 +214,8 @@ def chat(
     frequency_penalty: FrequencyPenaltyOpt = 0.0,
     presence_penalty: PresencePenaltyOpt = 0.0,
     ignore_eos: IgnoreEosOpt = False,
-    alpha: AlphaOpt = 1.0,
+    alpha: AlphaOpt = None,
+    no_calibration: NoCalibrationOpt = False,
     seed: SeedOpt = 0,
     stop: StopOpt = None,
     n_gpu_layers: GpuLayersOpt = 0,
@@ -221,7 +226,7 @@ def chat(
 
     Samples as llama.cpp's own CLI does (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, after the head); --temperature 0 is greedy.
 
-    In the chat: /reset, /head on|off, /alpha X, /explain on|off, /why, /system TEXT, /save FILE, /help, /exit. When stdin is not a terminal, each line is one user turn and replies are printed plainly.
+    In the chat: /reset, /head on|off, /alpha [X], /explain on|off, /why, /system TEXT, /save FILE, /help, /exit. When stdin is not a terminal, each line is one user turn and replies are printed plainly.
 
     [dim]sali chat model.gguf --head safety.npz[/]
     """
@@ -230,7 +235,9 @@ def chat(
 
     sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, min_p, repeat_penalty,
                          frequency_penalty, presence_penalty, ignore_eos)
-    session = Session.open(model, head, fmt, sampling, alpha=alpha, n_gpu_layers=n_gpu_layers, threads=threads, ctx=ctx)
+    session = Session.open(model, head, fmt, sampling, alpha=alpha, calibration=not no_calibration,
+                           n_gpu_layers=n_gpu_layers, threads=threads, ctx=ctx)
+    _calibration_notes(session.engine)
     session.system = system
     run_chat(session)
 
@@ -250,7 +257,8 @@ def serve(
         typer.Option("--api-key", envvar="SALI_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health.", show_default=False),
     ] = None,
     fmt: FormatOpt = None,
-    alpha: AlphaOpt = 1.0,
+    alpha: AlphaOpt = None,
+    no_calibration: NoCalibrationOpt = False,
     n_gpu_layers: GpuLayersOpt = 0,
     threads: ThreadsOpt = None,
     ctx: CtxOpt = 4096,
@@ -270,8 +278,63 @@ def serve(
     from sali.api import load
     from sali.serve import serve as run_server
 
-    engine = load(model, head or [], fmt=fmt, alpha=alpha, n_gpu_layers=n_gpu_layers, n_threads=threads, n_ctx=ctx)
+    engine = load(model, head or [], fmt=fmt, alpha=alpha, calibration=not no_calibration, n_gpu_layers=n_gpu_layers,
+                  n_threads=threads, n_ctx=ctx)
+    _calibration_notes(engine)
     run_server(engine, host, port, api_key, lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+
+
+@app.command()
+def calibrate(
+    model: ModelArg = None,
+    head: Annotated[str, typer.Option("--head", "-H", help="Head file (.npz) or shipped head name.", show_default=False)] = ...,
+    reference: Annotated[
+        bool,
+        typer.Option("--reference", help="MODEL is the head's own base: measure what the head does there at alpha 1 and "
+                     "write it into the head file (needed once, before calibrating any other model)."),
+    ] = False,
+    prompts: Annotated[
+        Optional[Path],
+        typer.Option("--prompts", "-P", help="Labelled calibration prompts (.jsonl lines with \"prompt\" and \"label\"). "
+                     "Default: the shipped safety set (--reference), else the set the head's reference used.", show_default=False),
+    ] = None,
+    keywords: Annotated[
+        Optional[Path],
+        typer.Option("--keywords", help="With --reference: refusal phrases, one a line (default: the AdvBench keyword list "
+                     "sali compare uses). Calibrations reuse the phrases the reference recorded.", show_default=False),
+    ] = None,
+    max_alpha: Annotated[float, typer.Option("--max-alpha", help="Largest strength tried.", rich_help_panel="Rule")] = 8.0,
+    min_alpha: Annotated[
+        float, typer.Option("--min-alpha", help="Smallest strength tried: the head as trained (1) is the floor unless "
+                            "lowered (0 lets calibration weaken or switch off the head).", rich_help_panel="Rule")
+    ] = 1.0,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="The target label's flagged share may fall this far below the reference's.",
+                            rich_help_panel="Rule")
+    ] = 0.05,
+    margin: Annotated[
+        float, typer.Option("--margin", help="Other labels' flagged shares may rise this far above the reference's.",
+                            rich_help_panel="Rule")
+    ] = 0.05,
+    resolution: Annotated[
+        float, typer.Option("--resolution", help="Bisection stops when the bracket on alpha is this narrow.", rich_help_panel="Rule")
+    ] = 0.1,
+    n_gpu_layers: GpuLayersOpt = 0,
+    threads: ThreadsOpt = None,
+    ctx: CtxOpt = 2048,
+) -> None:
+    """Pick and record the head strength (alpha) for MODEL, so the head acts there as on its own base.
+
+    First, once per head, on the model the head was trained for: --reference runs the calibration prompts through it with the head at alpha 1 and records the share of answers flagged per label (refusals) in the head file. Then, on any model with the same vocabulary (e.g. a fine-tuned derivative): the smallest alpha at which the target label's flagged share reaches the reference's (less --tolerance) while the other labels stay within --margin of theirs. chat, generate, compare, serve and sali.load() then use it when no --alpha is given.
+
+    [dim]sali calibrate base.gguf --head safety.npz --reference
+    sali calibrate finetuned.gguf --head safety.npz[/]
+    """
+    from sali.calibration import Job, run
+
+    run(Job(model=model, head=head, reference=reference, prompts=prompts, keywords=keywords, max_alpha=max_alpha,
+            min_alpha=min_alpha, tolerance=tolerance, margin=margin, resolution=resolution, threads=threads,
+            n_gpu_layers=n_gpu_layers, ctx=ctx), err)
 
 
 @app.command()
@@ -452,7 +515,8 @@ def compare(
         typer.Option("--prefill", help="Also run every system with each response forced to begin with TEXT, and report "
                      "refusal after it (repeatable: one set of runs per prefill).", show_default=False),
     ] = None,
-    alpha: AlphaOpt = 1.0,
+    alpha: AlphaOpt = None,
+    no_calibration: NoCalibrationOpt = False,
     fmt: FormatOpt = None,
     max_tokens: MaxTokensOpt = 128,
     temperature: TemperatureOpt = 0.0,
@@ -500,8 +564,14 @@ def compare(
     cmp.check_vocabularies(base, [("--aligned", aligned)] * (aligned is not None) + [("--also", p) for p in also or []]
                            + [("--proxy", p) for p in proxy or ()])
     systems = cmp.build_systems(
-        base, head_systems, aligned, list(also or []), None if icl is None else ("" if icl == "default" else icl), proxy, fmt, alpha
+        base, head_systems, aligned, list(also or []), None if icl is None else ("" if icl == "default" else icl), proxy, fmt, alpha,
+        calibration=not no_calibration,
     )
+    for system in systems:
+        if system.calibrated:
+            what = f"alpha {system.alpha:g}" if len(system.heads) == 1 else "head strengths"
+            err.print(f"[dim]{escape(system.name)}: {what} calibrated for {escape(system.model.name)} (sali calibrate; "
+                      "--alpha or --no-calibration to override)[/]", highlight=False, soft_wrap=True)
     cache_dir = cache or (out / "cache" if out else _default_compare_cache())
     plan = cmp.Plan(systems=systems, prompts=items, sampling=sampling, out=out, cache=cache_dir,
                     keywords=load_keywords(keyword_path), threads=threads, n_gpu_layers=n_gpu_layers, ctx=ctx, prefills=prefills)
@@ -540,6 +610,12 @@ def compare(
     err.print(f"[dim]{plan.generations} new generations, {summary['seconds']} s[/]")
 
 
+def _calibration_notes(engine) -> None:
+    """Say once, on stderr, which heads run at a strength `sali calibrate` recorded."""
+    for line in engine.calibration_notes():
+        err.print(f"[dim]{escape(line)}[/]", highlight=False, soft_wrap=True)
+
+
 def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     table = Table(title=escape(title), title_justify="left")
     for i, name in enumerate(header):
@@ -568,9 +644,9 @@ def _default_keywords() -> Path:
 
 
 def _default_compare_cache() -> Path:
-    from sali.training import default_cache
+    from sali.paths import cache_root
 
-    return default_cache().parent / "compare"
+    return cache_root() / "compare"
 
 
 @head_app.command("list")
@@ -627,6 +703,13 @@ def head_info(path: Annotated[str, typer.Argument(help="Head file (.npz) or ship
         table.add_row("parameters", f"{sizes['total']:,} (U {sizes['U']:,} · W {sizes['W']:,} · bias {sizes['bias']:,})")
     table.add_row("file size", f"{path.stat().st_size / 1e6:.2f} MB")
     training = meta.pop("training", None)
+    calibration = meta.pop("calibration", None)
+    if isinstance(calibration, dict):
+        rates = calibration.get("reference") or {}
+        shown = " · ".join(f"{label} {rate:.2f}" for label, rate in sorted(rates.items()) if isinstance(rate, (int, float)))
+        table.add_row("calibration reference", escape(
+            f"flagged {shown} on {calibration.get('base_model', '?')} at alpha 1 ({calibration.get('prompts', '?')}, "
+            f"{calibration.get('tokens', '?')} tokens, {len(calibration.get('keywords') or [])} refusal phrases)"))
     for key, value in sorted(meta.items()):
         table.add_row(escape(key), escape(json.dumps(value) if isinstance(value, (dict, list)) else str(value)))
     if isinstance(training, dict):

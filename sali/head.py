@@ -372,6 +372,22 @@ def read_archive(path: str | Path, names: tuple[str, ...]) -> tuple[dict[str, An
     return meta, arrays
 
 
+def update_meta(path: str | Path, changes: dict[str, Any]) -> Path:
+    """Rewrite a head file with `changes` merged into its metadata, atomically; every array and
+    every other metadata key stays exactly as it was (same dtypes, same values: nothing is cast,
+    unlike :meth:`Head.save`). Used by ``sali calibrate --reference``."""
+    path = Path(path)
+    meta, _ = read_archive(path, ())
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {name: _read_member(archive, name, path) for name in archive.files if name != "meta"}
+    meta.update(changes)
+    blob = np.frombuffer(json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, meta=blob, **arrays)
+    return path
+
+
 def _read_member(archive, name: str, path: Path) -> np.ndarray:
     try:
         array = archive[name]

@@ -47,7 +47,14 @@ MinPOpt = Annotated[
 ]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Top-k sampling after the head (0 = off).", min=0, rich_help_panel="Generation")]
 AlphaOpt = Annotated[
-    float, typer.Option("--alpha", "-a", help="Head strength: 0 = plain base, 1 = as trained.", rich_help_panel="Generation")
+    Optional[float],
+    typer.Option("--alpha", "-a", help="Head strength: 0 = plain base, 1 = as trained. Default: the strength `sali calibrate` "
+                 "recorded for this model and head, else 1.", rich_help_panel="Generation", show_default=False),
+]
+NoCalibrationOpt = Annotated[
+    bool,
+    typer.Option("--no-calibration", help="Ignore strengths recorded by `sali calibrate`: heads run at --alpha, else 1.",
+                 rich_help_panel="Generation"),
 ]
 StopOpt = Annotated[
     Optional[list[str]],

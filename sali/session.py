@@ -49,12 +49,13 @@ class Session:
 
     ``messages`` holds the conversation as role/content dicts (without the system message,
     kept in ``system``). With the head off the prompt format stays the head's and alpha is 0,
-    which reproduces the plain base exactly.
+    which reproduces the plain base exactly. ``alpha`` None: the head's calibrated strength for
+    this model, else 1 (:meth:`sali.api.Sali.effective_alpha`).
     """
 
     engine: Sali
     sampling: Sampling
-    alpha: float = 1.0
+    alpha: float | None = None
     head_on: bool = True
     system: str | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
@@ -69,7 +70,8 @@ class Session:
         fmt_spec: str | None,
         sampling: Sampling,
         *,
-        alpha: float = 1.0,
+        alpha: float | None = None,
+        calibration: bool = True,
         n_gpu_layers: int = 0,
         threads: int | None = None,
         ctx: int = 2048,
@@ -81,8 +83,8 @@ class Session:
 
             parts = [part for spec in head_path for part in parse_spec(spec)]
             head_path = [parts] if parts else None
-        engine = load(model_path, head_path, fmt=fmt_spec, alpha=alpha, n_gpu_layers=n_gpu_layers,
-                      n_threads=threads, n_ctx=ctx, seed=sampling.seed)
+        engine = load(model_path, head_path, fmt=fmt_spec, alpha=alpha, calibration=calibration,
+                      n_gpu_layers=n_gpu_layers, n_threads=threads, n_ctx=ctx, seed=sampling.seed)
         return cls(engine=engine, sampling=sampling, alpha=alpha)
 
     @property
@@ -104,6 +106,11 @@ class Session:
         """The head(s) as `--head` takes them: a file, or ``file@s+file@s`` for a combination."""
         chosen = self.engine.choose()
         return chosen.describe() if chosen else None
+
+    @property
+    def effective_alpha(self) -> float | None:
+        """The strength the head runs at (None without a head)."""
+        return self.engine.effective_alpha(alpha=self.alpha)
 
     @property
     def fmt(self) -> dict[str, Any]:

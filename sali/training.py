@@ -49,10 +49,9 @@ class TrainJob:
 
 
 def default_cache() -> Path:
-    import os
+    from sali.paths import cache_root
 
-    root = os.environ.get("SALI_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "sali")
-    return Path(root) / "extract"
+    return cache_root() / "extract"
 
 
 def run(job: TrainJob, console: Console) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class System:
     preamble: str | None = None
     proxy: tuple[Path, Path] | None = None
     alpha: float = 1.0  # global head strength (each head runs at alpha · its strength)
+    calibrated: bool = False  # the strengths are those `sali calibrate` recorded for this model
 
     def combined(self) -> Combined:
         """The heads as one :class:`~sali.combine.Combined` (loaded once per comparison)."""
@@ -116,13 +117,16 @@ def build_systems(
     icl: str | None,
     proxy: tuple[Path, Path] | None,
     fmt_spec: str | None,
-    alpha: float = 1.0,
+    alpha: float | None = 1.0,
+    calibration: bool = True,
 ) -> list[System]:
     """The systems to compare, in table order. `heads`: one entry per head system, a head file
     or heads in combination (``[(file, strength), ...]``, applied in that order). The base format
     is ``--format``, else the first head's training format, else the base model's chat template.
     Every head runs at strength `alpha` (times its own); its systems are named
-    ``model+head@alpha`` when alpha is not 1, ``model+A+B@0.5`` for a combination."""
+    ``model+head@alpha`` when alpha is not 1, ``model+A+B@0.5`` for a combination. `alpha` None:
+    each head at the strength ``sali calibrate`` recorded for it on that system's model (unless
+    `calibration` is False), else 1, named the same way (:func:`calibrated`)."""
     combos = [tuple((Path(p), float(s)) for p, s in ([(h, 1.0)] if isinstance(h, (str, Path)) else h)) for h in heads]
     files = {path.resolve(): path.stem for combo in combos for path, _ in combo}
     if len(set(files.values())) != len(files):
@@ -140,10 +144,20 @@ def build_systems(
         fmt = firsts[0].base_format
     else:
         fmt = {"type": "chat"}
-    tag = "" if alpha == 1.0 else f"@{alpha:g}"
+    def head_systems(model: Path, prefix: str) -> list[System]:
+        made = []
+        for name, combo, head in zip(names, combos, firsts):
+            strength, parts = alpha, combo
+            if alpha is None:
+                strength, parts = calibrated(model, combo) if calibration else (1.0, combo)
+                name = spec_name([(path.stem, s) for path, s in parts])
+            tag = "" if strength == 1.0 else f"@{strength:g}"
+            made.append(System(f"{prefix}+{name}{tag}", model, "head", fmt if fmt_spec else head.base_format,
+                               heads=parts, alpha=strength, calibrated=(strength, parts) != (1.0, combo)))
+        return made
+
     systems = [System("base", base, "plain", fmt)]
-    for name, combo, head in zip(names, combos, firsts):
-        systems.append(System(f"base+{name}{tag}", base, "head", fmt if fmt_spec else head.base_format, heads=combo, alpha=alpha))
+    systems += head_systems(base, "base")
     if icl is not None:
         preamble_path = Path(icl) if icl else DEFAULT_PREAMBLE
         if not preamble_path.is_file():
@@ -155,9 +169,28 @@ def build_systems(
         systems.append(System("aligned", aligned, "aligned", {"type": "chat"}))
     for other in also:
         systems.append(System(other.stem, other, "plain", fmt))
-        for name, combo, head in zip(names, combos, firsts):
-            systems.append(System(f"{other.stem}+{name}{tag}", other, "head", fmt if fmt_spec else head.base_format, heads=combo, alpha=alpha))
+        systems += head_systems(other, other.stem)
     return systems
+
+
+def calibrated(model: Path, combo: tuple[tuple[Path, float], ...]) -> tuple[float, tuple[tuple[Path, float], ...]]:
+    """``(alpha, heads)`` for a head system on `model` without ``--alpha``: one head runs at the
+    strength ``sali calibrate`` recorded for it on `model` (1 without a record); in a combination
+    each head's recorded strength multiplies its own ``@`` strength, at alpha 1."""
+    from sali.calibstore import alpha_of, lookup
+
+    fingerprint = _vocab(model)
+    found = [alpha_of(lookup(load_head(path), model, fingerprint)) for path, _ in combo]
+    if len(combo) == 1:
+        return (found[0] if found[0] is not None else 1.0), combo
+    return 1.0, tuple((path, s * (c if c is not None else 1.0)) for (path, s), c in zip(combo, found))
+
+
+@functools.lru_cache(maxsize=None)
+def _vocab(model: Path) -> str:
+    from sali.ggufcheck import vocab_fingerprint
+
+    return vocab_fingerprint(model)
 
 
 def check_vocabularies(base: Path, others: list[tuple[str, Path]]) -> None:
