@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,10 +52,11 @@ DESIGN_K = (32, 64, 256)
 DESIGN_RANK = (8, 32, 64)
 
 
-def sali(*args: str, log: Path | None = None) -> str:
-    """Run the real CLI; stop the whole run on failure with its message."""
+def sali(*args: str, log: Path | None = None, env: dict[str, str] | None = None) -> str:
+    """Run the real CLI (`env`: extra environment variables); stop the whole run on failure with its message."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "sali", *args], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "sali", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
     if done.returncode != 0:
         sys.exit(f"sali {' '.join(args[:2])} failed:\n{done.stderr[-3000:]}")
     if log is not None:
@@ -151,11 +153,13 @@ SAMPLING_SEEDS = (0, 1, 2)
 
 
 def compare(out: Path, prompts: Path, base_q4: Path, heads: list[Path], aligned: Path | None, also: list[Path], max_tokens: int,
-            alpha: float = 1.0, sampling: tuple[str, ...] = ()) -> dict:
+            alpha: float | None = 1.0, sampling: tuple[str, ...] = (), env: dict[str, str] | None = None) -> dict:
+    """`sali compare` into `out` (skipped when its summary exists); `alpha` None: each head at its
+    calibrated strength (the store in `env`'s SALI_CACHE)."""
     if not (out / "summary.json").is_file():
         args = ["compare", "--base", str(base_q4), "-P", str(prompts), "-o", str(out),
                 "-n", str(max_tokens), "-t", str(siblings.THREADS), "--keywords", str(KEYWORDS), "--cache", str(WORK / "compare-cache"),
-                "--alpha", str(alpha), *sampling]
+                *([] if alpha is None else ["--alpha", str(alpha)]), *sampling]
         if aligned is not None:
             args += ["--aligned", str(aligned)]
         for head in heads:
@@ -163,8 +167,39 @@ def compare(out: Path, prompts: Path, base_q4: Path, heads: list[Path], aligned:
         for model in also:
             args += ["--also", str(model)]
         out.mkdir(parents=True, exist_ok=True)
-        sali(*args, log=out / "compare.log")
+        sali(*args, log=out / "compare.log", env=env)
     return json.loads((out / "summary.json").read_text())
+
+
+def calibration(head: Path, base_q4: Path, compromised: Path, eval_prompts: Path, aligned: Path) -> dict:
+    """`sali calibrate` as a user runs it: the reference on BASE (written into a copy of the head,
+    the file that ships), then BASE and COMPROMISED calibrated from the shipped calibration prompts
+    alone; then the recovery comparison with no `--alpha`, so compare reads the recorded strength.
+    The records live in this run's own store (SALI_CACHE), not the user's."""
+    folder = RUN / "calibration"
+    calibrated = folder / head.name
+    env = {"SALI_CACHE": str(folder / "store")}
+    done = folder / "records.json"
+    if not done.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(head, calibrated)
+        threads = ("-t", str(siblings.THREADS))
+        sali("calibrate", str(base_q4), "-H", str(calibrated), "--reference", *threads, env=env, log=folder / "reference.log")
+        for model in (base_q4, compromised):
+            sali("calibrate", str(model), "-H", str(calibrated), *threads, env=env, log=folder / f"{model.stem}.log")
+        from sali.atomic import write_text
+        from sali.calibstore import read_store
+        from sali.head import Head
+
+        entries = {Path(e["model"]).resolve(): e for e in read_store(folder / "store" / "calibrations.json").values()
+                   if not e.get("reference")}
+        reference = Head.load(calibrated).meta["calibration"]
+        write_text(done, json.dumps({"reference": reference, "base": entries[base_q4.resolve()],
+                                     "compromised": entries[compromised.resolve()]}, indent=1))
+    records = json.loads(done.read_text())
+    records["summary"] = compare(folder / "recovery", eval_prompts, compromised, [calibrated], aligned, [], 48, alpha=None, env=env)
+    records["head"] = str(calibrated)
+    return records
 
 
 def sampled_refusals(out: Path, prompts: Path, model: Path, head: Path, seed: int, max_tokens: int = 48) -> dict:
@@ -267,9 +302,13 @@ def main() -> None:
         # precision transfer is a refusal share: the harmful prompts are enough (base and aligned come from the cache)
         precision_summary = compare(RUN / "precision", sets["harmful"], base_q4, [head], aligned_gguf,
                                     [precisions["f16"], precisions["q8_0"]], 48)
+    calibrated = None
+    if compromised:
+        stage("calibration")
+        calibrated = calibration(head, base_q4, compromised[0], sets["eval"], aligned_gguf)
     stage("shipping and decode overhead")
     if not args.quick:
-        shutil.copy(head, SHIPPED)
+        shutil.copy(calibrated["head"] if calibrated else head, SHIPPED)  # with its calibration reference
     overhead = decode_overhead(head)
     stage("report")
     durations = stage_durations(timings, time.perf_counter() - started)
@@ -278,7 +317,8 @@ def main() -> None:
 
     study = Study(main=main_summary, heldout=heldout_summary, dev=dev_summary, recovery=recovery_summary, sampled=sampled,
                   recovery_alpha=RECOVERY_ALPHA, head=head, overhead=overhead, timings=durations, seconds=sum(durations.values()),
-                  design=design, design_heads=design_heads, white=white, white_summary=white_summary, precision=precision_summary)
+                  design=design, design_heads=design_heads, white=white, white_summary=white_summary, precision=precision_summary,
+                  calibration=calibrated)
     write_report(study, quick=args.quick)
     if not args.quick:
         write_model_card(study, SHIPPED)
