@@ -744,9 +744,22 @@ def doctor(
         raise typer.Exit(1)
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, exits, aborts) as the installed typer raises them. Newer typer releases carry
+    their own copy of click (``typer._click``), whose exception classes are not click's: catching
+    only click's would turn a mistyped option into an "unexpected error"."""
+    import click
+    import typer
+
+    vendored = sys.modules[typer.BadParameter.__module__]
+    usage = tuple({click.ClickException, getattr(vendored, "ClickException", click.ClickException)})
+    exits = (click.exceptions.Exit, typer.Exit)
+    aborts = (click.exceptions.Abort, typer.Abort, KeyboardInterrupt)
+    return usage, exits, aborts
+
+
 def main() -> None:
     """Entry point: run the app, turning expected errors into one line and a non-zero exit."""
-    import click
     import warnings
 
     from rich.markup import escape
@@ -761,6 +774,7 @@ def main() -> None:
         err.print(f"[yellow]warning:[/] {escape(str(message))}", markup=True, highlight=False, soft_wrap=True)
 
     warnings.showwarning = one_line
+    usage_errors, exits, aborts = _click_exceptions()
     try:
         code = app(standalone_mode=False)
     except SaliError as exc:
@@ -768,12 +782,12 @@ def main() -> None:
             raise
         err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(1)
-    except click.exceptions.Exit as exc:
+    except exits as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except usage_errors as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except aborts:
         err.print("interrupted")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback behind --debug

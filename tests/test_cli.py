@@ -188,3 +188,11 @@ def test_shipped_heads_resolve_by_name(monkeypatch, forcing_head, tmp_path):
     with pytest.raises(SaliError, match="shipped heads: force77"):
         session.resolve_head_path("nonexistent-head")
     assert session.resolve_head_path(str(tmp_path / "missing.npz")) == tmp_path / "missing.npz"  # Head.load reports it
+
+
+@pytest.mark.parametrize("args", [("generate", "a.gguf", "extra words"), ("generate", "--no-such-option"), ("chat", "--ctx", "many")])
+def test_a_mistyped_command_line_gets_the_usage_message(args):
+    done = run_sali(*args)
+    assert done.returncode == 2
+    assert "Usage:" in done.stderr and "Error:" in done.stderr and "unexpected" not in done.stderr.replace("unexpected extra", "")
+    assert "Traceback" not in done.stderr
