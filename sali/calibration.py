@@ -21,7 +21,10 @@ the head flags most on its base. The rule, for a strength α on MODEL:
 
 :func:`search` finds the smallest α in [min_alpha, max_alpha] that meets it: it walks a coarse
 grid upwards from `min_alpha` (:func:`grid`) and stops at the first α that meets the rule, then
-bisects between that α and the grid point below it (which did not) to `resolution`. `min_alpha`
+bisects between that α and the grid point below it (which did not) to `resolution`. Where the
+target is first reached while another label is already over its margin, the strengths that meet
+the rule, if any, lie between that grid point and the one below: that gap is bisected too, and
+the walk goes on only if it holds none. `min_alpha`
 is 1 by default: the head as trained is the floor. Calibration exists to strengthen a head on a
 model that resists it; with a floor of 0 the rule (reference minus a tolerance) would pick a
 strength somewhat weaker than trained even on the head's own base, and α = 0 (no head) on a model
@@ -248,22 +251,39 @@ def search(measure: Callable[[float], dict[str, float]], reference: Reference, *
             on_trial(trial)
         return trial
 
-    below = None
+    target, eps = reference.target, 1e-9
+
+    def reached(trial: Trial) -> bool:
+        return trial.shares.get(target, 0.0) >= reference.rates[target] - tolerance - eps
+
+    def bisect(low: float | None, high: Trial) -> float | None:
+        """The smallest α in (low, high] that meets the rule, to `resolution`. Where the target is
+        reached at `high` but another label is over its margin, the α that meet the rule (if any)
+        lie below it: the target needs α ≥ some α_t, the other labels α ≤ some α_o."""
+        found = high.alpha if high.met else None
+        top = high.alpha
+        while low is not None and top - low > resolution:
+            trial = run(round((low + top) / 2, 6))
+            if trial.met:
+                found = trial.alpha
+            if trial.met or reached(trial):
+                top = trial.alpha
+            else:
+                low = trial.alpha
+        return found
+
+    below, bisected = None, False
     for alpha in grid(max_alpha, min_alpha):
-        if run(alpha).met:
-            break
+        trial = run(alpha)
+        if (trial.met or reached(trial)) and not bisected:
+            bisected = True
+            found = bisect(below, trial)
+            if found is not None:
+                return Outcome(found, True, trials)
+        elif trial.met:  # past a window that held no α meeting the rule (a non-monotone model)
+            return Outcome(alpha, True, trials)
         below = alpha
-    else:
-        chosen = best(trials, reference, margin)
-        return Outcome(chosen.alpha, False, trials)
-    low, high = below, alpha
-    while low is not None and high - low > resolution:
-        middle = round((low + high) / 2, 6)
-        if run(middle).met:
-            high = middle
-        else:
-            low = middle
-    return Outcome(high, True, trials)
+    return Outcome(best(trials, reference, margin).alpha, False, trials)
 
 
 # ---- running it on a model ----------------------------------------------------------------

@@ -307,3 +307,11 @@ def test_search_never_goes_below_its_floor():
     assert lowered.met and 0.25 < lowered.alpha <= 0.5 and lowered.trials[0].alpha == 0.25
     with pytest.raises(SaliError):
         search(lambda a: {}, REF, min_alpha=9.0)
+
+
+def test_search_finds_a_window_between_two_grid_points():
+    # harmful reaches 0.85 at α = 1.7; benign goes over its margin from α = 1.8: only [1.7, 1.8) meets the rule,
+    # and neither neighbouring grid point (1.5, 2) does
+    outcome = search(lambda a: {"harmful": min(1.0, a / 2), "benign": 0.1 if a < 1.8 else 0.3}, REF, resolution=0.05)
+    assert outcome.met and 1.7 - 1e-9 <= outcome.alpha < 1.8
+    assert [t.alpha for t in outcome.trials[:3]] == [1.0, 1.5, 2.0]
