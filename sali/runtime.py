@@ -36,7 +36,7 @@ import numpy as np
 
 from sali.errors import SaliError
 from sali.ggufcheck import check_gguf
-from sali.head import Head
+from sali.head import Head, top_k_ids
 from sali.vocab import fingerprint
 
 _NO_LOGITS = np.zeros(0, dtype=np.float32)  # source of promoted logits for a head without promotion set
@@ -194,28 +194,40 @@ class CtrlC:
 
     Python raises KeyboardInterrupt between any two bytecodes, so a press could land in the
     sampler callback outside its ``try`` (where ctypes prints and drops it: the press would be
-    lost). Inside ``with CtrlC():`` SIGINT only records the press; leaving the block raises
-    KeyboardInterrupt. Installed only on the main thread and only over Python's default handler
-    (a server keeps its own), and only around single steps, never across a ``yield``.
+    lost). :meth:`install` replaces Python's default handler once per generation (main thread
+    only; a server keeps its own handler) with one that, inside ``with ctrl_c:``, only records
+    the press, which leaving the block raises; outside the block (e.g. while the generation is
+    suspended at a ``yield``) it raises at once, as Python's own does. Entering and leaving a
+    block are two attribute writes, so the per-token cost stays nil.
     """
 
     def __init__(self) -> None:
         self.pressed = False
+        self.holding = False
         self._previous = None
 
-    def __enter__(self) -> "CtrlC":
+    def install(self) -> None:
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._record)
-        return self
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
 
-    def _record(self, signum, frame) -> None:
+    def uninstall(self) -> None:
+        """Put the previous handler back, unless someone replaced ours meanwhile."""
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._on_sigint:
+            signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        if not self.holding:
+            raise KeyboardInterrupt
         self.pressed = True
 
+    def __enter__(self) -> "CtrlC":
+        self.holding = True
+        return self
+
     def __exit__(self, kind, value, traceback) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        self.holding = False
         if self.pressed:
             self.pressed = False
             if kind is None:
@@ -359,8 +371,6 @@ class ChainSampler(HeadSampler):
 
     def _follow(self, head: Head, strength: float, count: int) -> int:
         """A later head on the ``count`` candidates in place (sali.combine.follow, rule step 2)."""
-        from sali.head import top_k_ids
-
         ids, logits = self._ids, self._logits
         if self._dense is None:
             self._dense = np.full(self.n_vocab, -np.inf, dtype=np.float32)
@@ -649,6 +659,7 @@ class Model:
             chain = LlamaSampler()
             ctrl_c = CtrlC()
             try:
+                ctrl_c.install()
                 if hook.active:
                     chain.add_top_k(hook.top_k)  # native selection: the callback gets only the top k
                 chain.add_custom(hook)
@@ -669,7 +680,8 @@ class Model:
                 with ctrl_c:
                     self._prefill(prompt_tokens)
                 if not _CONTRACT["checked"]:
-                    _check_sampler_contract(self)
+                    with ctrl_c:  # its probe reports any exception, a Ctrl-C included, as a broken contract
+                        _check_sampler_contract(self)
                 for _ in range(sampling.max_tokens):
                     with ctrl_c:
                         token = chain.sample(self.llm._ctx, -1)
@@ -688,6 +700,7 @@ class Model:
                         self.llm.eval([token])
                 return "length"
             finally:
+                ctrl_c.uninstall()
                 chain.close()
 
     def sampler(self, head, alpha: float, record: bool = False, **options) -> HeadSampler:

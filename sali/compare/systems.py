@@ -134,10 +134,9 @@ def build_systems(
     names = [spec_name([(path.stem, s) for path, s in combo]) for combo in combos]
     if len(set(names)) != len(names):
         raise SaliError(f"a head is given twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+    for path, _ in (part for combo in combos for part in combo):
+        load_head(path)  # every file read and checked before any model loads (cached: read once)
     firsts = [load_head(combo[0][0]) for combo in combos]
-    for combo in combos:
-        for path, _ in combo:
-            load_head(path)
     if fmt_spec:
         fmt = parse_format(fmt_spec)
     elif firsts:
