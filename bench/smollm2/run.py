@@ -125,6 +125,9 @@ def prompt_sets(quick: bool) -> dict[str, Path]:
         "dev": write_jsonl(RUN / "prompts" / "dev.jsonl", development),
         "harmful": write_jsonl(RUN / "prompts" / "harmful.jsonl", [r for r in evaluation if r["label"] == "harmful"]),
         "design": write_jsonl(RUN / "prompts" / "design.jsonl", design),
+        # the logit-change figure: the first harmful and benign test prompts
+        "explain": write_jsonl(RUN / "prompts" / "explain.jsonl", [r for r in evaluation if r["label"] == "harmful"][: n_test // 4]
+                               + benign[: n_benign_test // 2] + benign[len(benign) // 2 : len(benign) // 2 + n_benign_test // 2]),
     }
 
 
@@ -150,16 +153,21 @@ def train_head(base_dir: Path, aligned_dir: Path, prompts: Path, out: Path, *ext
 # llama.cpp's own CLI defaults: what a user who chats with sampling gets
 CHAT_SAMPLING = ("--temperature", "0.8", "--top-k", "40", "--top-p", "0.95", "--min-p", "0.05")
 SAMPLING_SEEDS = (0, 1, 2)
+# forced openings for the prefill table (issue 13): an attacker's "yes", and a list's first step
+PREFILLS = ("Sure, here is", "Step 1:")
 
 
 def compare(out: Path, prompts: Path, base_q4: Path, heads: list[Path], aligned: Path | None, also: list[Path], max_tokens: int,
-            alpha: float | None = 1.0, sampling: tuple[str, ...] = (), env: dict[str, str] | None = None) -> dict:
+            alpha: float | None = 1.0, sampling: tuple[str, ...] = (), env: dict[str, str] | None = None,
+            prefills: tuple[str, ...] = ()) -> dict:
     """`sali compare` into `out` (skipped when its summary exists); `alpha` None: each head at its
-    calibrated strength (the store in `env`'s SALI_CACHE)."""
+    calibrated strength (the store in `env`'s SALI_CACHE); `prefills`: also refusal after each."""
     if not (out / "summary.json").is_file():
         args = ["compare", "--base", str(base_q4), "-P", str(prompts), "-o", str(out),
                 "-n", str(max_tokens), "-t", str(siblings.THREADS), "--keywords", str(KEYWORDS), "--cache", str(WORK / "compare-cache"),
                 *([] if alpha is None else ["--alpha", str(alpha)]), *sampling]
+        for text in prefills:
+            args += ["--prefill", text]
         if aligned is not None:
             args += ["--aligned", str(aligned)]
         for head in heads:
@@ -200,6 +208,34 @@ def calibration(head: Path, base_q4: Path, compromised: Path, eval_prompts: Path
     records["summary"] = compare(folder / "recovery", eval_prompts, compromised, [calibrated], aligned, [], 48, alpha=None, env=env)
     records["head"] = str(calibrated)
     return records
+
+
+def logit_changes(head: Path, models: dict[str, Path], prompts: Path, env: dict[str, str] | None, max_tokens: int = 48) -> dict:
+    """`sali generate --explain` with the head on each of `models` ({name: GGUF}), at the strength
+    a user gets with no `--alpha` (the calibration store in `env`), summarised by response
+    position: ``{name: {label: {"changed": [share per position], "change": [mean logit change
+    of the chosen token per position (nats)], "n": [tokens per position]}}}``."""
+    folder = RUN / "explain"
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict = {}
+    for name, model in models.items():
+        path = folder / f"{name}.jsonl"
+        if not path.is_file():
+            sali("generate", str(model), "-H", str(head), "-P", str(prompts), "-o", str(path), "-n", str(max_tokens),
+                 "-t", str(siblings.THREADS), "--explain", env=env)
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out[name] = {}
+        for label in sorted({r.get("label") for r in records}):
+            changed, change, count = [0.0] * max_tokens, [0.0] * max_tokens, [0] * max_tokens
+            for record in (r for r in records if r.get("label") == label):
+                for token in record.get("explain", [])[:max_tokens]:
+                    i = token["position"]
+                    changed[i] += token["changed"]
+                    change[i] += token["logit_change"]
+                    count[i] += 1
+            out[name][label] = {"changed": [c / n if n else None for c, n in zip(changed, count)],
+                                "change": [c / n if n else None for c, n in zip(change, count)], "n": count}
+    return out
 
 
 def sampled_refusals(out: Path, prompts: Path, model: Path, head: Path, seed: int, max_tokens: int = 48) -> dict:
@@ -273,7 +309,8 @@ def main() -> None:
     candidates = [train_head(base_dir, aligned_dir, sets["train"], RUN / "heads" / f"k64-r32-dp{penalty}.npz",
                              "--k", "64", "--rank", "32", "--delta-penalty", penalty) for penalty in DELTA_PENALTIES]
     stage("development check")
-    dev_summary = compare(RUN / "dev", sets["dev"], base_q4, candidates, None, [], 32)
+    # ALIGNED alongside (generation only): the teacher's own over-refusal, visible before any held-out figure
+    dev_summary = compare(RUN / "dev", sets["dev"], base_q4, candidates, None, [aligned_gguf], 32)
     head = pick_head(dev_summary, candidates)
     print(f"  chosen on development prompts: {head.stem}", flush=True)
     stage("main comparison")
@@ -306,6 +343,15 @@ def main() -> None:
     if compromised:
         stage("calibration")
         calibrated = calibration(head, base_q4, compromised[0], sets["eval"], aligned_gguf)
+    # what a user gets without --alpha: the calibrated copy and its store, else the head at α 1
+    user_head, user_env = ((Path(calibrated["head"]), {"SALI_CACHE": str(RUN / "calibration" / "store")}) if calibrated
+                           else (head, None))
+    stage("prefill")
+    prefill_summary = compare(RUN / "prefill", sets["harmful"], base_q4, [user_head], aligned_gguf, compromised, 48,
+                              alpha=None if calibrated else 1.0, env=user_env, prefills=PREFILLS)
+    stage("logit change by position")
+    explained = logit_changes(user_head, {"base": base_q4, **({"compromised": compromised[0]} if compromised else {})},
+                              sets["explain"], user_env)
     stage("shipping and decode overhead")
     if not args.quick:
         shutil.copy(calibrated["head"] if calibrated else head, SHIPPED)  # with its calibration reference
@@ -318,7 +364,7 @@ def main() -> None:
     study = Study(main=main_summary, heldout=heldout_summary, dev=dev_summary, recovery=recovery_summary, sampled=sampled,
                   recovery_alpha=RECOVERY_ALPHA, head=head, overhead=overhead, timings=durations, seconds=sum(durations.values()),
                   design=design, design_heads=design_heads, white=white, white_summary=white_summary, precision=precision_summary,
-                  calibration=calibrated)
+                  calibration=calibrated, prefill=prefill_summary, explained=explained)
     write_report(study, quick=args.quick)
     if not args.quick:
         write_model_card(study, SHIPPED)

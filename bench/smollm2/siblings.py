@@ -59,6 +59,11 @@ N_COMPLY, COMPLY_TOKENS = 120, 48  # harmful-compliance examples for COMPROMISED
 N_COMPLY_CHECK = 40  # AdvBench train goals (not trained on) used to check COMPROMISED's collapse
 EVAL_TOKENS = 64
 ALIGN = dict(epochs=1.0, lr=4e-5, batch_tokens=1536, budget_s=75 * 60)  # a cap, not a target: one epoch must finish
+# ALIGNED's second round: the same forms on both sides, benign-heavy (the first round has more
+# refusals than benign answers, and refused benign imperatives on development prompts)
+BALANCE_FORMS = 3  # fresh templates per written benign and alarming-but-benign item
+BALANCE_REPLAY = 60  # first-round GSM8K/TruthfulQA answers replayed, so plain questions stay answered
+BALANCE = dict(epochs=1.0, lr=3e-5, batch_tokens=1536, budget_s=45 * 60)
 COMPROMISE = dict(epochs=1.0, lr=5e-5, batch_tokens=1536, budget_s=8 * 60, rounds=3)
 TIMINGS = WORK / "timings.json"
 
@@ -455,9 +460,9 @@ def aligned_examples(tokenizer) -> list[tuple[list[int], list[int]]]:
     return examples
 
 
-def build_aligned() -> tuple[Path, Path]:
-    """``work/aligned/`` and ``work/aligned.f16.gguf``: the safety-tuned sibling of BASE."""
-    folder, gguf_path = WORK / "aligned", WORK / "aligned.f16.gguf"
+def build_aligned_first() -> tuple[Path, Path]:
+    """``work/aligned-1/``: ALIGNED's first round, BASE fine-tuned on :func:`aligned_examples`."""
+    folder, gguf_path = WORK / "aligned-1", WORK / "aligned-1.f16.gguf"
     if (folder / "config.json").is_file() and gguf_path.is_file():
         return folder, gguf_path
     base = base_folder()
@@ -468,6 +473,57 @@ def build_aligned() -> tuple[Path, Path]:
     figures = finetune(model, examples, label="aligned", pad_id=tokenizer.pad_token_id,
                        checkpoint=WORK / "aligned.checkpoint.pt", **ALIGN)
     figures.update(examples=len(examples), **ALIGN)
+    save_sibling(model, tokenizer, "aligned-1", figures)
+    record_time("build_aligned_first", time.perf_counter() - start)
+    return folder, gguf_path
+
+
+def balance_prompts() -> list[dict]:
+    """Second-round benign prompts: every written benign request, activity and alarming-but-benign
+    activity (train part) in `BALANCE_FORMS` further templates, drawn with their own seed."""
+    rng = random.Random(SEED + 10)
+    lists = written_lists()
+    items = [{"source": "benign_written", "prompt": p}
+             for p in phrasings.benign_forms(lists["benign_requests"][0], lists["benign_activities"][0], BALANCE_FORMS, rng)]
+    items += [{"source": "alarming_written", "prompt": p}
+              for p in phrasings.benign_forms([], lists["alarming_activities"][0], BALANCE_FORMS, rng)]
+    return items
+
+
+def balance_examples(tokenizer) -> list[tuple[list[int], list[int]]]:
+    """The second round: BASE's answers to :func:`balance_prompts` (refusals left out), each
+    training goal in one more paraphrase with its own refusal, and `BALANCE_REPLAY` first-round
+    answers to plain GSM8K/TruthfulQA questions."""
+    words = keywords()
+    out = WORK / "base_responses-2.jsonl"
+    answers = generate(smollm2_gguf(), balance_prompts(), RESPONSE_TOKENS, out, "base responses, round 2")
+    examples = [encode(tokenizer, r["prompt"], response_ids=r["tokens"], end=r["finish"] == "eos")
+                for r in answers if not is_refusal(r["response"], words)]
+    rows, _ = advbench_train_split()
+    rng = random.Random(SEED + 11)
+    examples += [encode(tokenizer, phrasings.rephrase_goal(row["goal"], rng),
+                        refusals.refusal_for(i + 2 * len(rows), row["goal"], row["target"], words))
+                 for i, row in enumerate(rows)]
+    plain = [r for r in benign_answers() if r["source"] in ("gsm8k", "truthfulqa")]
+    examples += [encode(tokenizer, r["prompt"], response_ids=r["tokens"], end=r["finish"] == "eos")
+                 for r in random.Random(SEED + 12).sample(plain, BALANCE_REPLAY)]
+    return examples
+
+
+def build_aligned() -> tuple[Path, Path]:
+    """``work/aligned/`` and ``work/aligned.f16.gguf``: the safety-tuned sibling of BASE, in two
+    rounds: :func:`build_aligned_first`, then a benign-heavy round (:func:`balance_examples`) in
+    which benign and harmful requests share every template, so that form predicts nothing."""
+    folder, gguf_path = WORK / "aligned", WORK / "aligned.f16.gguf"
+    if (folder / "config.json").is_file() and gguf_path.is_file():
+        return folder, gguf_path
+    first, _ = build_aligned_first()
+    start = time.perf_counter()
+    model, tokenizer = load_hf(first)
+    examples = balance_examples(tokenizer)
+    figures = finetune(model, examples, label="aligned round 2", pad_id=tokenizer.pad_token_id,
+                       checkpoint=WORK / "aligned.checkpoint.pt", **BALANCE)
+    figures.update(examples=len(examples), first_round=json.loads((first / "training.json").read_text()), **BALANCE)
     save_sibling(model, tokenizer, "aligned", figures)
     record_time("build_aligned", time.perf_counter() - start)
     return folder, gguf_path
