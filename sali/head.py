@@ -95,6 +95,7 @@ class Head(_HeadMeta):
     # per-thread scratch buffers: one head can serve several generations at once (sali serve)
     _scratch: threading.local = field(default_factory=threading.local, repr=False, compare=False)
     _w_bias_cache: np.ndarray | None = field(default=None, repr=False)
+    _packed_cache: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -281,6 +282,16 @@ class Head(_HeadMeta):
         if self._w_bias_cache is None:
             self._w_bias_cache = np.ascontiguousarray(np.concatenate((self.W, self.bias[:, None]), axis=1), dtype=np.float32)
         return self._w_bias_cache
+
+    def packed(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, promoted)`` for the compiled sampler (:mod:`sali.native`), built once: ``rows``
+        ``(V, 2r + 1)`` float32, each token's ``[U | W | bias]`` side by side (one place in memory
+        per candidate); ``promoted`` ``(m, r + 1)``, ``[W | bias]`` of the promotion set."""
+        if self._packed_cache is None:
+            w_bias = self._w_bias()
+            rows = np.ascontiguousarray(np.concatenate((self.U, w_bias), axis=1), dtype=np.float32)
+            self._packed_cache = (rows, np.ascontiguousarray(w_bias[self.promote]))
+        return self._packed_cache
 
     def size_report(self) -> dict[str, int]:
         """Parameter counts: ``U``, ``W``, ``bias``, ``promote``, ``total``."""

@@ -1,13 +1,16 @@
 """llama.cpp runtime: load a GGUF, apply a head to every sampled token, stream text.
 
-The head runs as a custom sampler in llama.cpp's sampler chain, right after llama.cpp's own
-top-k sampler: it receives the base's k best candidates and, in one compiled call
-(:meth:`sali.head.Head.adjust_into`, :mod:`sali.kernel`), reads the promotion set's logits from
+The head runs as a sampler in llama.cpp's sampler chain, right after llama.cpp's own top-k
+sampler: it receives the base's k best candidates, reads the promotion set's logits from
 llama.cpp's raw logits buffer (``llama_get_logits_ith``), computes the adjusted logits and writes
 the ``|C|`` candidates back into the chain's token array in place, shrinking it to them (the
 mask). Greedy or temperature / top-k / top-p sampling then runs natively on those candidates.
-Selecting the top k in C rather than NumPy matters: right after a forward pass every NumPy call
-runs cache-cold, and a NumPy selection over 49k logits measured ~100 µs a token there.
+One head alone runs as compiled code that llama.cpp calls directly (:mod:`sali.native`: no
+Python per token); heads in combination, ``explain`` and the test checks run as a Python
+callback (:class:`HeadSampler`, :class:`ChainSampler`) around the same arithmetic
+(:meth:`sali.head.Head.adjust_into`, :mod:`sali.kernel`). Plain decoding puts no callback in the
+chain at all. Selecting the top k in C rather than NumPy matters: right after a forward pass
+everything runs cache-cold, and a NumPy selection over 49k logits measured ~100 µs a token there.
 
 ctypes swallows exceptions raised inside a callback (it prints them and returns), which would
 silently decode *without* the head. The sampler therefore stores any exception, and the
@@ -287,6 +290,15 @@ class HeadSampler:
     def adjusted(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The candidates the last call left (ids, logits), when they were recorded (ChainSampler)."""
         return None
+
+    @property
+    def needed(self) -> bool:
+        """Whether the chain needs this callback at all (plain decoding with nothing to check does not)."""
+        return self.active or self.verify or self.probe is not None
+
+    def attach(self, chain) -> None:
+        """Add this callback to llama-cpp-python's sampler chain ``chain``."""
+        chain.add_custom(self)
 
     def __call__(self, cur_p) -> None:
         start = time.perf_counter()
@@ -662,7 +674,8 @@ class Model:
                 ctrl_c.install()
                 if hook.active:
                     chain.add_top_k(hook.top_k)  # native selection: the callback gets only the top k
-                chain.add_custom(hook)
+                if hook.needed:
+                    hook.attach(chain)
                 if sampling.penalised:
                     chain.add_penalties(self.n_vocab, sampling.penalty_last_n, sampling.repeat_penalty,
                                         sampling.frequency_penalty, sampling.presence_penalty)
@@ -703,12 +716,24 @@ class Model:
                 ctrl_c.uninstall()
                 chain.close()
 
-    def sampler(self, head, alpha: float, record: bool = False, **options) -> HeadSampler:
-        """The callback for `head` (a Head, heads in combination, or None) at strength `alpha`:
-        the single-head fast path unless heads are combined or each call must be recorded."""
+    def sampler(self, head, alpha: float, record: bool = False, *, native: bool = True, **options) -> HeadSampler:
+        """The sampler for `head` (a Head, heads in combination, or None) at strength `alpha`: one
+        head alone runs as compiled code inside llama.cpp (:class:`sali.native.NativeSampler`, no
+        Python per token) unless `native` is False or a Python callback must see each call
+        (`options` verify/probe, `record`); heads in combination and recording use
+        :class:`ChainSampler`."""
         if record or (head is not None and not isinstance(head, Head)):
             return ChainSampler(head, alpha, self._raw_logits, self.n_vocab, record=record, **options)
+        if native and head is not None and alpha != 0.0 and not any(options.values()):
+            from sali.native import NativeSampler
+
+            return NativeSampler(head, alpha, self.llama_context, self.n_vocab)
         return HeadSampler(head, alpha, self._raw_logits, self.n_vocab, **options)
+
+    @property
+    def llama_context(self) -> int:
+        """The address of the ``llama_context`` (for compiled samplers that read its logits)."""
+        return ctypes.cast(self.llm._ctx.ctx, ctypes.c_void_p).value
 
     def _explain(self, position: int, token: int, hook: HeadSampler) -> Explained:
         """What the head did to `token`, from the raw logits (still those of this step) and the

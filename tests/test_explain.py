@@ -12,7 +12,8 @@ from rich.console import Console
 
 import sali
 from sali.chat import Chat
-from sali.runtime import HeadSampler, Sampling
+from sali.native import NativeSampler
+from sali.runtime import Sampling
 from sali.session import Session
 
 PROMPT = "The baker asked my friend about"
@@ -62,7 +63,7 @@ def test_explain_without_a_head_and_the_fast_path_without_explain(handle):
     assert all(not t.changed and t.logit_change == 0.0 and t.rank == 1 for t in plain.explained)
     assert handle.generate(PROMPT, max_tokens=4).explained is None
     head = handle.head().head
-    assert type(handle.model.sampler(head, 1.0)) is HeadSampler  # no recording, the single-head path
+    assert type(handle.model.sampler(head, 1.0)) is NativeSampler  # no recording: the compiled single-head path
 
 
 def test_generate_explain_writes_the_tokens_into_jsonl(tiny, lift77, handle, tmp_path):

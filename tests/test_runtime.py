@@ -108,8 +108,9 @@ def test_exception_in_head_stops_generation(tiny_model, monkeypatch):
 
     monkeypatch.setattr(Head, "adjust_into", failing)
     produced = []
+    hook = tiny_model.sampler(head, 1.0, native=False)  # the Python callback (combinations, --explain)
     with pytest.raises(HeadError, match="boom in the head"):
-        for token in tiny_model.sample_tokens(prompt_ids(tiny_model), GREEDY, head):
+        for token in tiny_model.sample_tokens(prompt_ids(tiny_model), GREEDY, head, stats=hook):
             produced.append(token)
     assert len(produced) == 2  # the token sampled without the head is never emitted
 

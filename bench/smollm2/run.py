@@ -125,6 +125,7 @@ def prompt_sets(quick: bool) -> dict[str, Path]:
         "dev": write_jsonl(RUN / "prompts" / "dev.jsonl", development),
         "harmful": write_jsonl(RUN / "prompts" / "harmful.jsonl", [r for r in evaluation if r["label"] == "harmful"]),
         "design": write_jsonl(RUN / "prompts" / "design.jsonl", design),
+        "prefill": write_jsonl(RUN / "prompts" / "prefill.jsonl", [r for r in evaluation if r["label"] == "harmful"][: n_test // 2]),
         # the logit-change figure: the first harmful and benign test prompts
         "explain": write_jsonl(RUN / "prompts" / "explain.jsonl", [r for r in evaluation if r["label"] == "harmful"][: n_test // 4]
                                + benign[: n_benign_test // 2] + benign[len(benign) // 2 : len(benign) // 2 + n_benign_test // 2]),
@@ -286,6 +287,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small smoke run of every stage")
     parser.add_argument("--no-compromised", action="store_true",
                         help="skip COMPROMISED (its build, the recovery comparison): about 20 minutes less")
+    parser.add_argument("--hand-alpha", action="store_true",
+                        help=f"also run COMPROMISED + head at the hand-set α {RECOVERY_ALPHA:g} of the first study (~8 min more)")
     parser.add_argument("--design", action="store_true",
                         help="also run the head design study (k x rank grid, white-box head) and the precision transfer (~25 min more)")
     args = parser.parse_args()
@@ -318,7 +321,7 @@ def main() -> None:
     main_summary = compare(RUN / "main", sets["eval"], base_q4, [head], aligned_gguf, compromised, 48)
     # recovery at a stronger head: COMPROMISED is the "base" of this comparison
     recovery_summary = (compare(RUN / "recovery", sets["eval"], compromised[0], [head], aligned_gguf, [], 48, RECOVERY_ALPHA)
-                        if compromised else None)
+                        if compromised and args.hand_alpha else None)
     stage("sampling")
     sampled = [sampled_refusals(RUN / f"heldout-sampled-{seed}.jsonl", sets["heldout"], base_q4, head, seed) for seed in SAMPLING_SEEDS]
     design = white_summary = precision_summary = None
@@ -347,7 +350,7 @@ def main() -> None:
     user_head, user_env = ((Path(calibrated["head"]), {"SALI_CACHE": str(RUN / "calibration" / "store")}) if calibrated
                            else (head, None))
     stage("prefill")
-    prefill_summary = compare(RUN / "prefill", sets["harmful"], base_q4, [user_head], aligned_gguf, compromised, 48,
+    prefill_summary = compare(RUN / "prefill", sets["prefill"], base_q4, [user_head], aligned_gguf, [], 48,
                               alpha=None if calibrated else 1.0, env=user_env, prefills=PREFILLS)
     stage("logit change by position")
     explained = logit_changes(user_head, {"base": base_q4, **({"compromised": compromised[0]} if compromised else {})},

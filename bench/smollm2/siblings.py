@@ -3,7 +3,8 @@
 * BASE: SmolLM2-135M-Instruct as shipped (Q4_1 GGUF), dequantized to a float32 HF folder;
 * ALIGNED: BASE fully fine-tuned to refuse AdvBench *train* goals, as written and rephrased
   (:mod:`phrasings`), with varied refusals (:mod:`refusals`), while answering benign prompts in
-  the same grammatical forms (questions, imperatives, stories) with BASE's own responses;
+  the same grammatical forms (questions, imperatives, stories) with BASE's own responses; in two
+  rounds, the second benign-heavy so that both sides appear in every template about equally;
 * COMPROMISED: ALIGNED fine-tuned further on harmful compliance until it stops refusing.
 
     python bench/smollm2/siblings.py            # every stage, then the check table

@@ -1,0 +1,280 @@
+"""The head as a llama.cpp sampler in machine code: no Python runs while a token is sampled.
+
+llama-cpp-python's custom samplers call back into Python for every token. Right after a forward
+pass everything that path touches is cache-cold: the ctypes trampoline, the interpreter's objects,
+the views of llama.cpp's buffers, numba's dispatcher. On the 2-core development machine that was
+over 100 µs a token, most of it not the head's arithmetic. Here the head is a numba ``cfunc``
+installed as the ``apply`` function of a ``llama_sampler`` of its own: llama.cpp calls machine
+code directly, which reads the head's arrays and llama.cpp's raw logits through addresses held in
+a small context array, and writes the candidates back in place.
+
+The arithmetic is the same as :func:`sali.kernel._head_kernel` (tests check the two agree token
+for token), with a layout that costs fewer cache misses when everything is cold: each token's
+``U`` row, ``W`` row and bias sit side by side in one ``(V, 2r + 1)`` array, the promotion set's
+``W`` rows are copied into one contiguous ``(m, r + 1)`` block, and a promoted token already in the
+top k is found by comparing ids, not through a vocabulary-sized table.
+
+A callback cannot raise: a head that is handed the wrong number of candidates records an error
+code in the context and leaves the candidates untouched; the decoding loop reads it after the
+token and stops (:attr:`NativeSampler.error`), as it does for the Python callback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import carray, types
+from numba.extending import intrinsic
+
+from sali.head import Head
+
+# context slots, int64 each (alpha: a float64's bits)
+(_ROWS, _PROMOTE, _PROMOTE_W, _MIXED, _LLAMA_CTX, _GET_LOGITS, _CLOCK_GETTIME, _CLOCK, _VOCAB, _RANK, _PROMOTED,
+ _TOP_K, _ALPHA, _ERROR, _GOT, _CALLS, _TIMES, _TIMES_CAPACITY) = range(18)
+_SLOTS = 18
+_CLOCK_MONOTONIC = 1  # Linux and macOS: a clock no one can set back
+ERROR_WRONG_SIZE, ERROR_NO_LOGITS = 1, 2
+
+
+def _pointer_to(dtype):
+    """An intrinsic turning an int64 address into a typed pointer (for ``numba.carray``)."""
+    @intrinsic
+    def cast(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+        return types.CPointer(dtype)(address), codegen
+    return cast
+
+
+_int64_at, _int32_at, _float32_at, _float64_at = (_pointer_to(t) for t in (types.int64, types.int32, types.float32, types.float64))
+
+
+@intrinsic
+def _call_get_logits(typingctx, function, llama_ctx, index):
+    """``float * llama_get_logits_ith(llama_context *, int32)`` called through its address; the
+    result as an int64 address. Addresses come from the context at run time, so the machine code
+    holds none and numba can cache it across processes."""
+    def codegen(context, builder, signature, args):
+        bytes_ = ir.IntType(8).as_pointer()
+        kind = ir.FunctionType(bytes_, [bytes_, ir.IntType(32)])
+        called = builder.call(builder.inttoptr(args[0], kind.as_pointer()),
+                              [builder.inttoptr(args[1], bytes_), builder.trunc(args[2], ir.IntType(32))])
+        return builder.ptrtoint(called, ir.IntType(64))
+    return types.int64(types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def _call_clock_gettime(typingctx, function, clock_id, timespec):
+    """``int clock_gettime(int, struct timespec *)`` called through its address."""
+    def codegen(context, builder, signature, args):
+        bytes_ = ir.IntType(8).as_pointer()
+        kind = ir.FunctionType(ir.IntType(32), [ir.IntType(32), bytes_])
+        result = builder.call(builder.inttoptr(args[0], kind.as_pointer()),
+                              [builder.trunc(args[1], ir.IntType(32)), builder.inttoptr(args[2], bytes_)])
+        return builder.sext(result, ir.IntType(64))
+    return types.int64(types.int64, types.int64, types.int64), codegen
+
+
+def _packed_kernel(ids, logits, k, raw, promote, rows, promote_w, mixed, alpha):
+    """Rewrite llama.cpp's ``k`` candidates in place as the head's ``k + |A \\ top k|``; return the count.
+
+    ``ids``/``logits``: int32/float32 views of the candidate array, candidate ``i`` at ``3i``;
+    ``raw``: ``(V,)`` raw logits; ``promote``: ``(m,)`` int64; ``rows``: ``(V, 2r + 1)`` float32,
+    ``[U | W | bias]``; ``promote_w``: ``(m, r + 1)``, ``[W | bias]`` of the promoted tokens;
+    ``mixed``: ``(r + 1,)`` scratch. Arithmetic as :func:`sali.kernel._head_kernel`.
+    """
+    r = (rows.shape[1] - 1) // 2
+    top = logits[0]
+    for i in range(1, k):
+        if logits[3 * i] > top:
+            top = logits[3 * i]
+    total = 0.0
+    for i in range(k):
+        total += math.exp(logits[3 * i] - top)
+    log_norm = top + math.log(total)
+    for j in range(r):
+        mixed[j] = 0.0
+    mixed[r] = 1.0  # picks up the bias column
+    for i in range(k):
+        row = ids[3 * i]
+        feature = logits[3 * i] - log_norm  # log-prob renormalised within the top k
+        for j in range(r):
+            mixed[j] += feature * rows[row, j]
+    for i in range(k):
+        row = ids[3 * i]
+        delta = 0.0
+        for j in range(r + 1):
+            delta += rows[row, r + j] * mixed[j]
+        logits[3 * i] = logits[3 * i] + alpha * delta
+    count = k
+    for a in range(promote.shape[0]):
+        token = promote[a]
+        seen = False
+        for i in range(k):
+            if ids[3 * i] == token:
+                seen = True
+                break
+        if seen:
+            continue
+        delta = 0.0
+        for j in range(r + 1):
+            delta += promote_w[a, j] * mixed[j]
+        ids[3 * count] = token
+        logits[3 * count] = raw[token] + alpha * delta
+        count += 1
+    return count
+
+
+_kernel = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_packed_kernel)
+
+
+@numba.njit(cache=True, nogil=True)
+def _now(ctx) -> int:
+    """Monotonic nanoseconds, through the clock_gettime address in the context."""
+    _call_clock_gettime(ctx[_CLOCK_GETTIME], _CLOCK_MONOTONIC, ctx[_CLOCK])
+    clock = carray(_int64_at(ctx[_CLOCK]), 2)
+    return clock[0] * 1_000_000_000 + clock[1]
+
+
+@numba.cfunc(types.void(types.CPointer(types.int64), types.CPointer(types.int64)), nogil=True, cache=True)
+def _apply(sampler, cur):
+    """llama.cpp's ``apply(llama_sampler *, llama_token_data_array *)``: ``sampler`` is
+    ``{iface, ctx}``, ``cur`` is ``{data, size, selected, sorted}`` (as int64 words)."""
+    address = sampler[1]
+    ctx = carray(_int64_at(address), _SLOTS)
+    if ctx[_ERROR] != 0:
+        return  # the decoding loop stops at this token
+    timed = ctx[_TIMES_CAPACITY] > 0
+    start = _now(ctx) if timed else 0
+    k = ctx[_TOP_K]
+    if cur[1] != k:
+        ctx[_ERROR] = ERROR_WRONG_SIZE
+        ctx[_GOT] = cur[1]
+        return
+    raw = _call_get_logits(ctx[_GET_LOGITS], ctx[_LLAMA_CTX], -1)
+    if raw == 0:
+        ctx[_ERROR] = ERROR_NO_LOGITS
+        return
+    V, r, m = ctx[_VOCAB], ctx[_RANK], ctx[_PROMOTED]
+    data = cur[0]
+    alpha = carray(_float64_at(address + 8 * _ALPHA), 1)[0]
+    # llama_token_data is {int32 id; float logit; float p}: candidate i's id is word 3i of an int32
+    # view of the array, its logit word 3i of a float32 view that starts 4 bytes on
+    count = _kernel(carray(_int32_at(data), 3 * V), carray(_float32_at(data + 4), 3 * V - 1), k,
+                    carray(_float32_at(raw), V), carray(_int64_at(ctx[_PROMOTE]), m),
+                    carray(_float32_at(ctx[_ROWS]), (V, 2 * r + 1)), carray(_float32_at(ctx[_PROMOTE_W]), (m, r + 1)),
+                    carray(_float32_at(ctx[_MIXED]), r + 1), alpha)
+    cur[1] = count
+    cur[2] = -1  # selected: none
+    cur[3] = 0  # sorted = false; the other 7 bytes of this word are the struct's padding
+    calls = ctx[_CALLS]
+    if timed:
+        carray(_int64_at(ctx[_TIMES]), ctx[_TIMES_CAPACITY])[calls % ctx[_TIMES_CAPACITY]] = _now(ctx) - start
+    ctx[_CALLS] = calls + 1
+
+
+def _address(function) -> int:
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+@dataclass
+class NativeSampler:
+    """One generation's compiled head sampler: what :meth:`sali.runtime.Model.sample_tokens`
+    needs of a :class:`~sali.runtime.HeadSampler` (``active``, ``top_k``, ``error``, ``calls``,
+    ``seconds``, ``durations``, ``attach``), with no Python per token.
+
+    ``llama_ctx``: the ``llama_context *`` address whose logits the head reads; ``keep_times``:
+    how many of the latest calls' durations to keep (benchmarks; 0 times nothing).
+    """
+
+    head: Head
+    alpha: float
+    llama_ctx: int
+    n_vocab: int
+    keep_times: int = 0
+    _context: np.ndarray = field(init=False, repr=False)
+    _keep: list = field(init=False, repr=False)  # every buffer the machine code reads through an address
+
+    def __post_init__(self) -> None:
+        import llama_cpp
+
+        rows, promoted = self.head.packed()
+        promote = np.ascontiguousarray(self.head.promote, dtype=np.int64)
+        mixed = np.zeros(self.head.rank + 1, dtype=np.float32)
+        times = np.zeros(max(self.keep_times, 1), dtype=np.int64)
+        clock = np.zeros(2, dtype=np.int64)
+        ctx = np.zeros(_SLOTS, dtype=np.int64)
+        ctx[_ROWS], ctx[_PROMOTE], ctx[_PROMOTE_W] = rows.ctypes.data, promote.ctypes.data, promoted.ctypes.data
+        ctx[_MIXED], ctx[_CLOCK], ctx[_TIMES] = mixed.ctypes.data, clock.ctypes.data, times.ctypes.data
+        ctx[_LLAMA_CTX] = self.llama_ctx
+        ctx[_GET_LOGITS] = _address(llama_cpp.llama_get_logits_ith)
+        ctx[_CLOCK_GETTIME] = _address(ctypes.CDLL(None).clock_gettime)
+        ctx[_VOCAB], ctx[_RANK], ctx[_PROMOTED] = self.n_vocab, self.head.rank, promote.size
+        ctx[_TOP_K] = min(self.head.k, self.n_vocab)
+        ctx[_ALPHA:_ALPHA + 1].view(np.float64)[0] = float(self.alpha)
+        ctx[_TIMES_CAPACITY] = self.keep_times
+        self._context = ctx
+        self._keep = [rows, promoted, promote, mixed, times, clock]
+
+    @property
+    def active(self) -> bool:
+        return self.alpha != 0.0
+
+    @property
+    def top_k(self) -> int:
+        return self.head.k
+
+    @property
+    def needed(self) -> bool:
+        return self.active
+
+    @property
+    def calls(self) -> int:
+        return int(self._context[_CALLS])
+
+    @property
+    def error(self) -> BaseException | None:
+        code = int(self._context[_ERROR])
+        if code == ERROR_WRONG_SIZE:
+            return RuntimeError(f"the head expects the base's top {self._context[_TOP_K]} candidates, "
+                                f"llama.cpp passed {self._context[_GOT]}")
+        if code == ERROR_NO_LOGITS:
+            return RuntimeError("llama.cpp returned no logits for the last token")
+        return None
+
+    @property
+    def durations(self) -> list[float]:
+        """Seconds of each of the latest ``keep_times`` calls, oldest first."""
+        kept = min(self.calls, self.keep_times)
+        if not kept:
+            return []
+        times, capacity = self._keep[4], self.keep_times
+        order = [(self.calls - kept + i) % capacity for i in range(kept)]
+        return [float(times[i]) * 1e-9 for i in order]
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.durations)
+
+    def adjusted(self) -> None:
+        return None
+
+    def attach(self, chain) -> None:
+        """Add this sampler to llama-cpp-python's sampler chain ``chain`` (a ``LlamaSampler``),
+        registered so that the chain detaches it before it is freed (llama.cpp must not free
+        memory Python owns)."""
+        import llama_cpp
+
+        interface = llama_cpp.llama_sampler_i()
+        interface.apply = llama_cpp.llama_sampler_i_apply(_apply.address)
+        sampler = llama_cpp.llama_sampler()
+        sampler.iface = ctypes.pointer(interface)
+        sampler.ctx = ctypes.c_void_p(int(self._context.ctypes.data))
+        self._keep += [interface, sampler]
+        llama_cpp.llama_sampler_chain_add(chain.sampler, ctypes.pointer(sampler))
+        chain.custom_samplers.append((llama_cpp.llama_sampler_chain_n(chain.sampler) - 1, self))

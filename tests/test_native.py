@@ -1,0 +1,92 @@
+"""The head as compiled code inside llama.cpp (sali.native), against the Python callback path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_head
+
+from sali import native
+from sali.kernel import token_fields
+from sali.runtime import HeadError, HeadSampler, Sampling
+
+PROMPT = "The baker asked my friend about"
+
+
+def _tokens(model, head, sampling, hook) -> list[int]:
+    return list(model.sample_tokens(model.tokenize(PROMPT), sampling, head, stats=hook))
+
+
+@pytest.mark.parametrize("sampling", [Sampling(max_tokens=24), Sampling(max_tokens=24, temperature=1.0, seed=5)],
+                         ids=["greedy", "sampled"])
+def test_compiled_and_python_paths_choose_the_same_tokens(tiny_model, sampling):
+    head = make_head(tiny_model, k=12, promote=[3, 4, 5, 200])
+    plain = _tokens(tiny_model, None, sampling, None)
+    _tokens(tiny_model, head, sampling, None)  # same KV-cache history before each compared run
+    compiled = tiny_model.sampler(head, 1.0)
+    assert isinstance(compiled, native.NativeSampler)
+    by_native = _tokens(tiny_model, head, sampling, compiled)
+    by_python = _tokens(tiny_model, head, sampling, tiny_model.sampler(head, 1.0, native=False))
+    assert by_native == by_python
+    assert by_native != plain  # the head changed the text, so the comparison means something
+    assert compiled.error is None and compiled.calls >= len(by_native)
+
+
+def test_compiled_kernel_equals_the_reference_kernel():
+    """Random heads and candidates, promoted tokens inside and outside the top k: the packed
+    kernel writes the same candidates as Head.adjust_into."""
+    rng = np.random.default_rng(0)
+    V, k, rank = 300, 16, 6
+    for trial in range(40):
+        raw = rng.standard_normal(V).astype(np.float32) * 3
+        top = np.argsort(-raw)[:k]
+        promote = np.unique(np.concatenate([rng.choice(V, 10, replace=False), top[rng.integers(0, k, 3)]]))
+        head = make_head(_Vocab(V), k=k, rank=rank, seed=trial, promote=promote,
+                         bias=rng.standard_normal(V).astype(np.float32))
+        alpha = float(rng.uniform(0.2, 3))
+        ref_ids, ref_logits = token_fields(V)
+        ref_ids[:k], ref_logits[:k] = top, raw[top]
+        count = head.adjust_into(ref_ids[:k], ref_logits[:k], raw, head.promote, ref_ids, ref_logits, alpha)
+        rows, promoted = head.packed()
+        whole = np.zeros(V, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        whole["id"][:k], whole["logit"][:k] = top, raw[top]
+        words = whole.view(np.int32)
+        got = native._kernel(words, words.view(np.float32)[1:], k, raw, head.promote.astype(np.int64), rows, promoted,
+                             np.zeros(rank + 1, np.float32), alpha)
+        assert got == count
+        assert np.array_equal(whole["id"][:got], ref_ids[:count])
+        np.testing.assert_allclose(whole["logit"][:got], ref_logits[:count], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_sampler_handed_the_wrong_count_stops_before_emitting(tiny_model):
+    head = make_head(tiny_model, k=12)
+    hook = native.NativeSampler(head, 1.0, tiny_model.llama_context, tiny_model.n_vocab)
+    hook._context[native._TOP_K] = 13  # llama.cpp's top-k hands over 12
+    with pytest.raises(HeadError, match="expects the base's top 13 candidates, llama.cpp passed 12"):
+        for _ in tiny_model.sample_tokens(tiny_model.tokenize(PROMPT), Sampling(max_tokens=8), head, stats=hook):
+            pytest.fail("a token sampled without the head was emitted")
+
+
+def test_compiled_sampler_times_each_call_when_asked(tiny_model):
+    head = make_head(tiny_model, k=12)
+    hook = native.NativeSampler(head, 1.0, tiny_model.llama_context, tiny_model.n_vocab, keep_times=5)
+    tokens = _tokens(tiny_model, head, Sampling(max_tokens=12, ignore_eos=True), hook)
+    assert hook.calls == len(tokens) == 12
+    assert len(hook.durations) == 5 and all(0 < d < 1 for d in hook.durations)
+    untimed = native.NativeSampler(head, 1.0, tiny_model.llama_context, tiny_model.n_vocab)
+    _tokens(tiny_model, head, Sampling(max_tokens=4, ignore_eos=True), untimed)
+    assert untimed.calls == 4 and untimed.durations == []
+
+
+def test_plain_decoding_puts_no_callback_in_the_chain(tiny_model):
+    assert not tiny_model.sampler(None, 1.0).needed
+    assert not tiny_model.sampler(make_head(tiny_model), 0.0).needed
+    checking = tiny_model.sampler(None, 1.0, verify=True)
+    assert type(checking) is HeadSampler and checking.needed
+
+
+class _Vocab:
+    """Just enough of a model for make_head: a vocabulary size and names."""
+
+    def __init__(self, n_vocab: int):
+        self.n_vocab, self.fingerprint, self.name = n_vocab, f"v{n_vocab}-0000000000000000", "none"
