@@ -89,6 +89,9 @@ def test_cover_rate_bounds_top1_and_equals_it_at_k1(measured):
     assert k1["summary"]["cover_k"] == 1
     for system, row in run["summary"]["systems"].items():
         assert row["top1_vs_aligned"] - 1e-9 <= row["cover_vs_aligned"] <= 1.0
+        if system != "aligned":  # every covered position agrees or is a covered change
+            top1, changed = row["top1_vs_aligned"], row["cover_changed_vs_aligned"]
+            assert row["cover_vs_aligned"] == pytest.approx(top1 + (1 - top1) * (changed if top1 < 1 else 0.0))
         assert k1["summary"]["systems"][system]["cover_vs_aligned"] == pytest.approx(row["top1_vs_aligned"], abs=0.02)
         for label in ("harmful", "benign"):
             assert row[f"top1_vs_aligned_{label}"] - 1e-9 <= row[f"cover_vs_aligned_{label}"] <= 1.0

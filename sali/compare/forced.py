@@ -1,7 +1,8 @@
 """Teacher-forced figures of `sali compare`: on the aligned model's own responses, each system's
 top-1 agreement with the aligned model, KL(aligned ‖ system) and cover rate (the aligned top-1
-among the system's top K logits: the tokens a top-k head can re-rank), overall, by response
-position and by prompt label.
+among the system's top K logits: the tokens a top-k head can re-rank), also at the positions
+where the system's own top-1 differs (the changes a re-ranking would have to make), overall, by
+response position and by prompt label.
 
 Memory stays bounded whatever the number of prompts: the aligned model reads each prompt's
 response once and only its top :data:`KL_TOP_K` log-probs, its argmax and the mass outside them
@@ -68,8 +69,8 @@ def teacher_forced(plan: Plan, results: dict[str, dict[str, Result]],
                 if progress:
                     progress(system.name)
         present = sorted({p.label or "unlabelled" for p in plan.prompts if prompt_key(p) in store})
-    figures[aligned.name] = {"top1": 1.0, "kl": 0.0, "cover": 1.0, "by_position": {},
-                             "by_label": {lab: {"top1": 1.0, "kl": 0.0, "cover": 1.0} for lab in present}}
+    same = {"top1": 1.0, "kl": 0.0, "cover": 1.0, "cover_changed": float("nan")}  # no position differs
+    figures[aligned.name] = {**same, "by_position": {}, "by_label": {lab: dict(same) for lab in present}}
     return figures
 
 
@@ -147,35 +148,40 @@ class _Targets:
 
 
 class _Tally:
-    """Running sums of top-1 agreement, KL and cover per position bucket and per label: a
-    system's figures without keeping a value per position."""
+    """Running sums of top-1 agreement, KL and cover (at all positions, and at the positions
+    where the top-1 differs) per position bucket and per label: a system's figures without
+    keeping a value per position."""
 
     def __init__(self):
-        self.buckets = np.zeros((len(POSITION_BUCKETS), 4))  # agree, kl, cover, positions
+        self.buckets = np.zeros((len(POSITION_BUCKETS), 6))  # agree, kl, cover, differ, cover where differ, positions
         self.labels: dict[str, np.ndarray] = {}
 
     def add(self, agree: np.ndarray, kl: np.ndarray, cover: np.ndarray, label: str) -> None:
         """One prompt's ``(T,)`` agreement (bool), KL (nats) and cover (bool) by response position."""
+        def sums(mask: np.ndarray) -> tuple:
+            return (agree[mask].sum(), kl[mask].sum(), cover[mask].sum(), (~agree[mask]).sum(),
+                    (cover[mask] & ~agree[mask]).sum(), mask.sum())
+
         positions = np.arange(len(agree))
         for b, (low, high) in enumerate(POSITION_BUCKETS):
-            inside = (positions >= low) & (positions < high)
-            self.buckets[b] += (agree[inside].sum(), kl[inside].sum(), cover[inside].sum(), inside.sum())
-        self.labels.setdefault(label, np.zeros(4))
-        self.labels[label] += (agree.sum(), kl.sum(), cover.sum(), len(agree))
+            self.buckets[b] += sums((positions >= low) & (positions < high))
+        self.labels.setdefault(label, np.zeros(6))
+        self.labels[label] += sums(np.ones(len(agree), dtype=bool))
+
+    @staticmethod
+    def _figures(sums: np.ndarray) -> dict[str, float]:
+        agree, kl, cover, differ, cover_differ, n = sums
+        return {"top1": _ratio(agree, n), "kl": _ratio(kl, n), "cover": _ratio(cover, n), "cover_changed": _ratio(cover_differ, differ)}
 
     def summary(self) -> dict[str, Any]:
         total = self.buckets.sum(axis=0)
         by_position = {}
-        for (low, high), (agree, kl, cover, n) in zip(POSITION_BUCKETS, self.buckets):
-            if n:
+        for (low, high), sums in zip(POSITION_BUCKETS, self.buckets):
+            if sums[-1]:
                 label = f"{low}" if high == low + 1 else (f"{low}-{high - 1}" if high < 10**9 else f"{low}+")
-                by_position[label] = {"top1": agree / n, "kl": kl / n, "cover": cover / n, "positions": int(n)}
-        return {
-            "top1": _ratio(total[0], total[3]), "kl": _ratio(total[1], total[3]), "cover": _ratio(total[2], total[3]),
-            "positions": int(total[3]), "by_position": by_position,
-            "by_label": {label: {"top1": _ratio(a, n), "kl": _ratio(k, n), "cover": _ratio(c, n)}
-                         for label, (a, k, c, n) in sorted(self.labels.items())},
-        }
+                by_position[label] = {**self._figures(sums), "positions": int(sums[-1])}
+        return {**self._figures(total), "positions": int(total[-1]), "by_position": by_position,
+                "by_label": {label: self._figures(sums) for label, sums in sorted(self.labels.items())}}
 
 
 def _ratio(value: float, count: float) -> float:

@@ -53,10 +53,12 @@ def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[st
             row["top1_vs_aligned"] = forced[system.name]["top1"]
             row["kl_vs_aligned"] = forced[system.name]["kl"]
             row["cover_vs_aligned"] = forced[system.name]["cover"]
+            row["cover_changed_vs_aligned"] = forced[system.name]["cover_changed"]
             for label, values in forced[system.name].get("by_label", {}).items():
                 row[f"top1_vs_aligned_{label}"] = values["top1"]
                 row[f"kl_vs_aligned_{label}"] = values["kl"]
                 row[f"cover_vs_aligned_{label}"] = values["cover"]
+                row[f"cover_changed_vs_aligned_{label}"] = values["cover_changed"]
         rows[system.name] = row
     return {
         "systems": rows,
@@ -154,6 +156,7 @@ COLUMNS = [
     ("f1_vs_aligned", "F1 vs aligned"),
     ("top1_vs_aligned", "top-1 vs aligned"),
     ("cover_vs_aligned", "cover"),
+    ("cover_changed_vs_aligned", "cover where top-1 differs"),
     ("kl_vs_aligned", "KL"),
     ("loops", "loops"),
     ("tokens_per_second", "tok/s"),
@@ -215,7 +218,9 @@ def notes(summary: dict[str, Any]) -> str:
                  "(Python re.search on the stripped response), with its Wilson 95% interval.")
     if summary.get("cover_k"):
         text += (f" cover: share of positions where the aligned model's top-1 token is among the system's top "
-                 f"{summary['cover_k']} logits (for the base: the tokens a top-{summary['cover_k']} head can re-rank).")
+                 f"{summary['cover_k']} logits (for the base: the tokens a top-{summary['cover_k']} head can re-rank); "
+                 "cover where top-1 differs: the same, counted only where the system's own top-1 is another token "
+                 "(the changes a re-ranking would have to make).")
     if summary.get("answer_match") == "text":
         text += " exact match: the prompt's answer occurs in the response as whole words, case and punctuation ignored."
     return text
