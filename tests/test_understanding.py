@@ -218,3 +218,54 @@ def test_style_card_keeps_the_other_heads(smoke, tmp_path):
     assert style.PATTERN in card and card.startswith("# Shipped heads")
     checks = understanding_report.style_checks(result)
     assert checks[0][2] is None or checks[0][2] is False  # the tiny sibling learned nothing: no share to ship on
+
+
+def _results(work: Path) -> dict:
+    """What understanding.main hands the report, read back from a quick run's work folder."""
+    import understanding
+
+    return {kind: {"summary": json.loads((work / kind / "compare" / "summary.json").read_text()), "head": work / kind / f"{kind}.npz",
+                   "sibling": json.loads((work / kind / kind / "training.json").read_text()), "folder": work / kind,
+                   "eval": understanding.EVAL[kind], "recipe": understanding.RECIPES[kind], "mix_sources": understanding.MIX_SOURCES[kind],
+                   "mix_tokens": understanding.MIX_TOKENS, "source_tokens": understanding.SOURCE_TOKENS} for kind in understanding.KINDS}
+
+
+def test_report_of_a_run_that_learned_ships_style_and_explains(smoke, tmp_path):
+    """The branches a tiny run never reaches, on made-up figures: siblings that learned, a STYLE
+    head that passes its checks (the report says it ships), SAFETY from an older comparison
+    without cover rates (its cover from the head's training figures, marked)."""
+    import understanding
+    import understanding_report
+
+    results = _results(smoke["work"])
+    made_up = {"style": (0.0, 0.95, 1.0), "arithmetic": (0.2, 0.45, 0.9), "facts": (0.0, 0.02, 0.8)}
+    for kind, (base, head, sibling) in made_up.items():
+        summary = results[kind]["summary"]
+        metric, rows = results[kind]["eval"]["metric"], summary["systems"]
+        for name, value in zip(("base", f"base+{kind}", "aligned"), (base, head, sibling)):
+            rows[name][metric] = value
+            rows[name].pop(f"{metric}_ci95", None)
+        summary["shares"][f"base+{kind}"][metric] = (head - base) / (sibling - base)
+        rows["base"]["cover_changed_vs_aligned" + (f"_{results[kind]['eval']['label']}" if results[kind]["eval"]["label"] else "")] = (
+            {"style": 0.97, "arithmetic": 0.9, "facts": 0.3}[kind])
+    safety_rows = {"base": {"kind": "plain", "refusal_harmful": 0.02, "refusal_harmful_ci95": [0.0, 0.07]},
+                   "base+safe": {"kind": "head", "head": "safe", "refusal_harmful": 0.92, "refusal_harmful_ci95": [0.85, 0.96]},
+                   "aligned": {"kind": "aligned", "refusal_harmful": 0.98, "refusal_harmful_ci95": [0.93, 0.99]}}
+    safety = {"summary": {"systems": safety_rows, "shares": {"base+safe": {"refusal_harmful": 0.9375}}, "labels": ["harmful"], "prompts": 100},
+              "recomputed": False, "system": "base+safe", "head": None, "training": {"cover_rate": 0.993}}
+    setup = understanding.Setup(base_dir=tmp_path, base_gguf=tmp_path / "base.gguf", work=smoke["work"], sizes=understanding.QUICK,
+                                default_base=True, quick=False)
+    assert all(ok for _, _, ok in understanding_report.style_checks(results["style"]))
+    path = understanding_report.write_report(results, safety, setup, {"base": 1.0, "siblings": 59.0}, official=True, folder=tmp_path)
+    text = path.read_text(encoding="utf-8")
+    assert "| SAFETY |" in text and "0.99*" in text and "held-out training prompts" in text
+    assert "All met: the STYLE head ships" in text and "Whole run: 1.0 min" in text
+    assert "| STYLE |" in text and "| yes |" in text and "| **no** |" not in text.split("## In plain words")[0].split("| FACTS |")[0]
+    explained = text.split("## In plain words")[1].split("## Compared with the paper")[0]
+    assert "**FACTS**: the head recovered 2%" in explained and "out of a re-ranking's reach" in explained
+    assert "**STYLE**: the head recovered 95%" in explained and "a superficial change" in explained
+    assert "**ARITHMETIC**: the head recovered 36%" in explained and "reach alone is not enough" in explained
+    assert "**SAFETY**: the head recovered 94%" in explained
+    paper = text.split("## Compared with the paper")[1]
+    assert "SAFETY 94%" in paper and "ARITHMETIC 36%" in paper
+    assert (tmp_path / "understanding.png").is_file()

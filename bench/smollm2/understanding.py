@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import hashlib
 import json
 import random
 import shutil
@@ -161,13 +162,19 @@ def mix_prompts(kind: str, n: int) -> list[dict]:
     return random.Random(SEED + KINDS.index(kind)).sample(pool, n)
 
 
+def keyed(setup: Setup, name: str, prompts: list[str]) -> Path:
+    """``<work>/base/<name>-<hash of the prompts>.jsonl``: another selection of prompts is another file."""
+    digest = hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:10]
+    return setup.work / "base" / f"{name}-{digest}.jsonl"
+
+
 def base_mix(setup: Setup) -> dict[str, dict]:
     """BASE's greedy answers (96 tokens, as ``siblings.base_responses``) to every kind's mix
     prompts, by prompt: taken from the safety study's cache where it holds them (BASE =
-    SmolLM2), the rest generated; kept in ``<work>/base/mix-<n>.jsonl``."""
-    path = setup.work / "base" / f"mix-{setup.sizes.mix}.jsonl"
+    SmolLM2), the rest generated; kept in ``<work>/base/mix-<hash>.jsonl``."""
+    wanted = list({item["prompt"]: item for kind in KINDS for item in mix_prompts(kind, setup.sizes.mix)}.values())
+    path = keyed(setup, "mix", [item["prompt"] for item in wanted])
     if not path.is_file():
-        wanted = list({item["prompt"]: item for kind in KINDS for item in mix_prompts(kind, setup.sizes.mix)}.values())
         cached = siblings.WORK / "base_responses.jsonl"
         known = {r["prompt"]: r for r in siblings.read_jsonl(cached)} if setup.default_base and cached.is_file() else {}
         todo = [item for item in wanted if item["prompt"] not in known]
@@ -182,7 +189,7 @@ def base_mix(setup: Setup) -> dict[str, dict]:
 def style_sources(setup: Setup) -> list[dict]:
     """BASE's greedy answers (`SOURCE_TOKENS`) to the STYLE questions, in ``<work>/base/``."""
     questions = style_questions(setup.sizes.style_sources)
-    path = setup.work / "base" / f"style-sources-{len(questions)}.jsonl"
+    path = keyed(setup, "style-sources", questions)
     return siblings.generate(setup.base_gguf, [{"prompt": q} for q in questions], SOURCE_TOKENS, path, "BASE, STYLE sources")
 
 
@@ -212,8 +219,10 @@ def kind_data(setup: Setup, kind: str) -> tuple[list[dict], list[dict]]:
 
 
 def recipe(setup: Setup, kind: str) -> dict:
-    """Everything that decides a kind's sibling, head and comparison: a change rebuilds the kind."""
-    return {"sizes": asdict(setup.sizes), "finetune": RECIPES[kind], "eval": {k: v for k, v in EVAL[kind].items()},
+    """The settings that decide a kind's sibling, head and comparison: a change rebuilds the kind
+    (a change to the generators' code does not: remove ``<work>/<kind>/`` then)."""
+    sizes = {k: v for k, v in asdict(setup.sizes).items() if k.startswith(kind) or k in ("mix", "head_prompts", "budget_s")}
+    return {"sizes": sizes, "finetune": RECIPES[kind], "eval": EVAL[kind],
             "mix_sources": MIX_SOURCES[kind], "mix_tokens": MIX_TOKENS, "source_tokens": SOURCE_TOKENS, "seed": SEED,
             "base": [str(setup.base_dir), str(setup.base_gguf)]}
 
@@ -315,7 +324,7 @@ def safety(setup: Setup) -> dict | None:
 
 
 # ---- the run ----------------------------------------------------------------------------------
-def ship_style(setup: Setup, result: dict) -> None:
+def ship_style(result: dict) -> None:
     """Copy the STYLE head into heads/ and write its model card."""
     import understanding_report
 
@@ -368,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     report = understanding_report.write_report(results, safety_result, setup, durations, official)
     checks = understanding_report.style_checks(results["style"])
     if official and all(ok for _, _, ok in checks):
-        ship_style(setup, results["style"])
+        ship_style(results["style"])
         print(f"shipped the STYLE head as {SHIPPED_STYLE}")
     print(f"done in {time.perf_counter() - started:.0f} s; see {report}")
 

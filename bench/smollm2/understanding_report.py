@@ -16,6 +16,7 @@ import style  # noqa: E402
 from report import write_card_section  # noqa: E402
 
 from sali.metrics import wilson_interval  # noqa: E402
+
 TITLES = {"safety": "SAFETY", "style": "STYLE", "arithmetic": "ARITHMETIC", "facts": "FACTS"}
 COLOURS = {"safety": "tab:red", "style": "tab:blue", "arithmetic": "tab:orange", "facts": "tab:green"}
 WHAT = {
@@ -26,6 +27,8 @@ WHAT = {
 }
 METRIC_NAMES = {"safety": "refusal, AdvBench test", "style": "format check passed, TruthfulQA test questions",
                 "arithmetic": "exact match of the number", "facts": "the fact in the answer"}
+HIDDEN = {"safety": "whether a request is harmful", "style": "where the format's next part begins",
+          "arithmetic": "the right digit of a sum", "facts": "the right name or year"}
 LEARNED_GAP = 0.5  # a sibling learned its change: its metric at least this far above BASE's
 SHIP_SHARE = 0.9
 REFUSAL_SLACK = 0.02  # the STYLE head may not raise refusals by more than this
@@ -237,17 +240,22 @@ def _explanation(rows: list[Figures]) -> list[str]:
             continue
         reach = changed if changed is not None else cover
         where = "where BASE's top-1 differs" if changed is not None else "at all positions"
-        if reach is not None and reach < 0.8:
-            why = (f"the sibling's token was outside BASE's top k at {_pct(1 - reach)} of the positions {where} "
-                   f"(cover {_num(reach)}): out of a re-ranking's reach, so the change is not superficial")
-        elif share >= 0.8:
+        within = reach is None or reach >= 0.8
+        if share >= 0.8 and within:
             why = (f"the sibling's tokens were within BASE's top k (cover {_num(reach)} {where}) and the head learned to pick "
                    "them: a superficial change")
+        elif share >= 0.8:
+            why = (f"although the sibling's token was outside BASE's top k at {_pct(1 - reach)} of the positions {where}: "
+                   "the head's promoted tokens, added to every candidate set, reached them")
+        elif not within:
+            why = (f"the sibling's token was outside BASE's top k at {_pct(1 - reach)} of the positions {where} "
+                   f"(cover {_num(reach)}): out of a re-ranking's reach, so the change is not superficial")
         else:
             why = (f"the sibling's tokens were mostly within BASE's top k (cover {_num(reach)} {where}), yet the head did not "
-                   "learn to pick them: which plausible token is right depends on something BASE's top-k log-probabilities "
-                   "do not show (the right digit of a sum, the right name), so reach alone is not enough")
-        out.append(f"- **{title}**: the head recovered {_pct(share)} of the change ({METRIC_NAMES[r.kind]}); {why}.")
+                   f"learn to pick them: which plausible token is right depends on something BASE's top-k log-probabilities "
+                   f"do not show ({HIDDEN[r.kind]}), so reach alone is not enough")
+        out.append(f"- **{title}**: the head recovered {_pct(share)} of the change ({METRIC_NAMES[r.kind]})"
+                   f"{', ' if why.startswith('although') else '; '}{why}.")
     out.append("")
     return out
 
@@ -256,14 +264,16 @@ PAPER = ("The paper (Chen et al., NAACL 2025, Table 1, Llama-2 7B/13B, Mistral-7
          "safety gain, about 58% of the GSM8K (math) gain and about 78% of TruthfulQA's. Here, on one 135M model with alignments "
          "whose kind we control: SAFETY {safety} (the paper: ~100%); ARITHMETIC {arithmetic}, the counterpart of GSM8K (a skill "
          "BASE lacks; the paper: ~58%); FACTS {facts}: knowledge BASE cannot have, which the paper has no exact counterpart for "
-         "(TruthfulQA asks the model to avoid common misconceptions, mostly a choice among answers the base already knows); STYLE "
+         "(TruthfulQA asks the model to avoid common misconceptions: arguably a choice among answers the base already knows); STYLE "
          "{style}: the paper counts style and format among the superficial knowledge but gives no figure for them. GSM8K also "
          "rewards a format (step-by-step working ending in a number), which may be part of why half of its gain was superficial.")
 
 
-def write_report(results: dict, safety: dict | None, setup, durations: dict[str, float], official: bool) -> Path:
-    """UNDERSTANDING.md and understanding.png: beside this file for the official run, else in the work folder."""
-    folder = HERE if official else setup.work
+def write_report(results: dict, safety: dict | None, setup, durations: dict[str, float], official: bool,
+                 folder: Path | None = None) -> Path:
+    """UNDERSTANDING.md and understanding.png in `folder`: by default beside this file for the
+    official run (the one that may ship the STYLE head), else in the work folder."""
+    folder = folder or (HERE if official else setup.work)
     rows = [r for r in [safety_figures(safety)] if r is not None]
     rows += [figures(kind, result["summary"], result["eval"]["metric"], result["eval"]["label"]) for kind, result in results.items()]
     plot(rows, folder / "understanding.png")
