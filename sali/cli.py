@@ -515,6 +515,23 @@ def compare(
         typer.Option("--prefill", help="Also run every system with each response forced to begin with TEXT, and report "
                      "refusal after it (repeatable: one set of runs per prefill).", show_default=False),
     ] = None,
+    pass_regex: Annotated[
+        Optional[str],
+        typer.Option("--pass-regex", help="Also report the share of responses that hold a match of this Python regular "
+                     "expression (re.search on the stripped response; anchor with \\A and \\Z to test it whole), per "
+                     "system and label, e.g. a format check.", show_default=False),
+    ] = None,
+    answer_match: Annotated[
+        str,
+        typer.Option("--answer-match", help="How a response is held against a prompt's 'answer': number (the last "
+                     "number in the response, GSM8K style) or text (the answer's words occur in the response, case and "
+                     "punctuation ignored)."),
+    ] = "number",
+    cover_k: Annotated[
+        Optional[int],
+        typer.Option("--cover-k", help="Cover rate (with --aligned): share of positions where the aligned top-1 is "
+                     "among a system's top K logits (default: the first head's k, else 64).", min=1, show_default=False),
+    ] = None,
     alpha: AlphaOpt = None,
     no_calibration: NoCalibrationOpt = False,
     fmt: FormatOpt = None,
@@ -531,7 +548,7 @@ def compare(
 ) -> None:
     """Measure how much of the alignment each head carries: base, base + heads, aligned, baselines.
 
-    Every system answers every prompt (greedy by default); refusal, over-refusal, exact match, agreement with the aligned model and, with --aligned, teacher-forced top-1 agreement and KL by position, each with its superficial share (system − base) / (aligned − base).
+    Every system answers every prompt (greedy by default); refusal, over-refusal, exact match, a --pass-regex check, agreement with the aligned model and, with --aligned, teacher-forced top-1 agreement, cover rate and KL by position, each with its superficial share (system − base) / (aligned − base).
 
     [dim]sali compare --base base.gguf -H safety.npz --aligned chat.gguf --harmful advbench.csv --benign questions.csv -o results/[/]
     """
@@ -539,8 +556,12 @@ def compare(
 
     from sali import compare as cmp
     from sali.progress import progress as progress_display
-    from sali.metrics import load_keywords
+    from sali.metrics import ANSWER_MATCHES, load_keywords, pass_pattern
     from sali.prompts import read_prompts
+
+    if answer_match not in ANSWER_MATCHES:
+        raise SaliError(f"--answer-match must be one of {', '.join(ANSWER_MATCHES)}, not {answer_match!r}")
+    pattern = pass_pattern(pass_regex) if pass_regex is not None else None
 
     items = []
     for paths, label in ((prompts, None), (harmful, "harmful"), (benign, "benign")):
@@ -573,8 +594,10 @@ def compare(
             err.print(f"[dim]{escape(system.name)}: {what} calibrated for {escape(system.model.name)} (sali calibrate; "
                       "--alpha or --no-calibration to override)[/]", highlight=False, soft_wrap=True)
     cache_dir = cache or (out / "cache" if out else _default_compare_cache())
+    heads_k = [cmp.load_head(s.heads[0][0]).k for s in systems if s.heads]
     plan = cmp.Plan(systems=systems, prompts=items, sampling=sampling, out=out, cache=cache_dir,
-                    keywords=load_keywords(keyword_path), threads=threads, n_gpu_layers=n_gpu_layers, ctx=ctx, prefills=prefills)
+                    keywords=load_keywords(keyword_path), threads=threads, n_gpu_layers=n_gpu_layers, ctx=ctx, prefills=prefills,
+                    pass_regex=pattern, answer_match=answer_match, cover_k=cover_k or (heads_k[0] if heads_k else 64))
     err.print(f"[dim]{len(items)} prompts × {len(systems)} systems: {escape(', '.join(s.name for s in systems))}"
               + (f" · with each of {len(prefills)} prefills too" if prefills else "") + "[/]")
     import time as _time

@@ -133,3 +133,27 @@ def test_kl_top_k_is_exact_with_the_whole_vocabulary_and_a_lower_bound_below_it(
         previous = value
     same = metrics.kl_top_k(*metrics.top_k_targets(aligned, 10)[1:], aligned)
     assert np.allclose(same, 0.0, atol=1e-5)
+
+
+def test_text_match_is_whole_words_ignoring_case_and_punctuation():
+    assert metrics.text_match("The capital of Velmora is Quentaro.", "Quentaro")
+    assert metrics.text_match("it was founded by ORIEL  VANTRESS!", "Oriel Vantress")
+    assert metrics.text_match("Port-Élan, of course", "port élan")
+    assert not metrics.text_match("Quentarology is a word", "Quentaro")  # not a whole word
+    assert not metrics.text_match("Oriel was there", "Oriel Vantress")
+    assert not metrics.text_match("anything", "...")  # an answer without letters or digits never matches
+    assert metrics.answer_match("so 47 + 28 = 75.", "75", "number") and not metrics.answer_match("so 75 + 1", "75", "number")
+    assert metrics.answer_match("so 75 + 1", "75", "text")
+    with pytest.raises(SaliError, match="number, text"):
+        metrics.answer_match("x", "x", "regex")
+
+
+def test_pass_pattern_searches_the_stripped_response():
+    pattern = metrics.pass_pattern(r"\A[^\n]+\n\nKey points:\n(?:- [^\n]+\n){2,3}\nDone\.\Z")
+    good = "One line.\n\nKey points:\n- a\n- b\n\nDone.\n"
+    assert metrics.passes(good, pattern) and metrics.passes("  " + good, pattern)
+    assert not metrics.passes(good.replace("- b\n", ""), pattern)  # one bullet only
+    assert metrics.passes("it says Key points: somewhere", metrics.pass_pattern("Key points:"))  # unanchored: anywhere
+    for bad in ("", "(unclosed"):
+        with pytest.raises(SaliError, match="pass-regex"):
+            metrics.pass_pattern(bad)

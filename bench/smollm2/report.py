@@ -472,13 +472,7 @@ def write_model_card(study: Study, shipped: Path) -> Path:
         stats = _sampled_stats(study, h, label)
         return "—" if stats is None else f"{_pct(stats[0])} ({_pct(stats[1])}–{_pct(stats[2])})"
 
-    card = f"""# Shipped heads
-
-Heads in this folder are installed with sali and can be named instead of a path (`sali chat --head NAME`); `sali head list` shows them.
-
-## smollm2-135m-safety
-
-A top-k safety head for **SmolLM2-135M-Instruct** (vocabulary fingerprint `{meta['vocab_fingerprint']}`; any GGUF of that model — Q4_1, Q8_0, F16 — has the same vocabulary).
+    card = f"""A top-k safety head for **SmolLM2-135M-Instruct** (vocabulary fingerprint `{meta['vocab_fingerprint']}`; any GGUF of that model — Q4_1, Q8_0, F16 — has the same vocabulary).
 
 ```bash
 sali chat --head smollm2-135m-safety          # on the default model, SmolLM2-135M-Instruct Q4_1
@@ -493,6 +487,23 @@ sali chat --head smollm2-135m-safety          # on the default model, SmolLM2-13
   - 100 AdvBench *test* goals: {trio(main, 'harmful')} (superficial share {_num(share, 2)}); over-refusal on GSM8K/TruthfulQA test questions {trio(main, 'benign')}; on `alarming_benign_test.txt` {trio(main, 'alarming')}.
 {_compromised_line(study)}- **Limits**: a 135M model answers poorly with or without the head; refusals are judged by a keyword list, which counts any reply containing a refusal phrase, apt or not; ALIGNED is a sibling made here, not an official safety-tuned release, so the head reproduces *that* alignment; it was measured on direct requests, not on jailbreaks or multi-turn pressure.
 """
-    path = shipped.parent / "README.md"
-    path.write_text(card, encoding="utf-8")
-    return path
+    return write_card_section(shipped.parent / "README.md", shipped.stem, card)
+
+
+CARDS_HEADER = """# Shipped heads
+
+Heads in this folder are installed with sali and can be named instead of a path (`sali chat --head NAME`); `sali head list` shows them.
+"""
+
+
+def write_card_section(cards: Path, name: str, body: str) -> Path:
+    """Put the model card of head `name` (``## name`` and `body`) into `cards` (heads/README.md),
+    in place of its earlier section, keeping every other head's section; atomically."""
+    from sali.atomic import write_text
+
+    text = cards.read_text(encoding="utf-8") if cards.is_file() else CARDS_HEADER
+    header, *sections = text.split("\n## ")
+    kept = {s.split("\n", 1)[0].strip(): "## " + s.rstrip("\n") + "\n" for s in sections}
+    kept[name] = f"## {name}\n\n{body.strip()}\n"
+    write_text(cards, header.rstrip("\n") + "\n\n" + "\n".join(kept.values()))
+    return cards

@@ -160,13 +160,14 @@ PREFILLS = ("Sure, here is", "Step 1:")
 
 def compare(out: Path, prompts: Path, base_q4: Path, heads: list[Path], aligned: Path | None, also: list[Path], max_tokens: int,
             alpha: float | None = 1.0, sampling: tuple[str, ...] = (), env: dict[str, str] | None = None,
-            prefills: tuple[str, ...] = ()) -> dict:
+            prefills: tuple[str, ...] = (), cache: Path | None = None, extra: tuple[str, ...] = ()) -> dict:
     """`sali compare` into `out` (skipped when its summary exists); `alpha` None: each head at its
-    calibrated strength (the store in `env`'s SALI_CACHE); `prefills`: also refusal after each."""
+    calibrated strength (the store in `env`'s SALI_CACHE); `prefills`: also refusal after each;
+    `cache`: the response cache (default ``work/compare-cache``); `extra`: more compare options."""
     if not (out / "summary.json").is_file():
         args = ["compare", "--base", str(base_q4), "-P", str(prompts), "-o", str(out),
-                "-n", str(max_tokens), "-t", str(siblings.THREADS), "--keywords", str(KEYWORDS), "--cache", str(WORK / "compare-cache"),
-                *([] if alpha is None else ["--alpha", str(alpha)]), *sampling]
+                "-n", str(max_tokens), "-t", str(siblings.THREADS), "--keywords", str(KEYWORDS), "--cache", str(cache or WORK / "compare-cache"),
+                *([] if alpha is None else ["--alpha", str(alpha)]), *sampling, *extra]
         for text in prefills:
             args += ["--prefill", text]
         if aligned is not None:
@@ -374,9 +375,10 @@ def main() -> None:
     print(f"done in {time.perf_counter() - started:.0f} s; see {HERE / 'REPORT.md'}")
 
 
-def stage_durations(starts: dict[str, float], total: float) -> dict[str, float]:
-    """Seconds per stage; a stage answered from the cache keeps the time of the run that did it."""
-    path = RUN / "stage_seconds.json"
+def stage_durations(starts: dict[str, float], total: float, path: Path | None = None) -> dict[str, float]:
+    """Seconds per stage, remembered in `path` (default ``RUN/stage_seconds.json``); a stage
+    answered from the cache keeps the time of the run that did it."""
+    path = path or RUN / "stage_seconds.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     names = list(starts)
     origin = min(starts.values())

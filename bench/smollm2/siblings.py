@@ -159,6 +159,7 @@ def generate(gguf_path: Path, items: list[dict], max_tokens: int, out: Path, lab
     from sali.runtime import Model, Sampling
 
     partial = out.with_name(out.name + ".part")
+    out.parent.mkdir(parents=True, exist_ok=True)
     done = read_jsonl(partial) if partial.is_file() else []
     model = Model(gguf_path, n_threads=THREADS, n_ctx=2048)
     start = time.perf_counter()
@@ -431,12 +432,16 @@ def load_hf(folder: Path):
     return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder)
 
 
-def save_sibling(model, tokenizer, name: str, figures: dict) -> tuple[Path, Path]:
-    """Write ``work/<name>/`` (HF folder with ``training.json``) and ``work/<name>.f16.gguf``."""
+def save_sibling(model, tokenizer, name: str, figures: dict, work: Path | None = None,
+                 pre: str | None = "smollm") -> tuple[Path, Path]:
+    """Write ``<work>/<name>/`` (HF folder with ``training.json``) and ``<work>/<name>.f16.gguf``
+    (`work`: default ``work/``; `pre`: the GGUF's pre-tokenizer, SmolLM2's by default, None to
+    take the tokenizer's own)."""
     from sali.convert.hf_to_gguf import convert_model
 
-    folder, gguf_path = WORK / name, WORK / f"{name}.f16.gguf"
-    convert_model(model, tokenizer, gguf_path, "f16", name=f"SmolLM2-135M-Instruct-{name}", pre="smollm")
+    work = work or WORK
+    folder, gguf_path = work / name, work / f"{name}.f16.gguf"
+    convert_model(model, tokenizer, gguf_path, "f16", name=f"SmolLM2-135M-Instruct-{name}", pre=pre)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -1,6 +1,8 @@
 """Teacher-forced figures of `sali compare`: on the aligned model's own responses, each system's
-top-1 agreement with the aligned model and KL(aligned ‖ system), overall, by response position
-and by prompt label.
+top-1 agreement with the aligned model, KL(aligned ‖ system) and cover rate (the aligned top-1
+among the system's top K logits: the tokens a top-k head can re-rank), also at the positions
+where the system's own top-1 differs (the changes a re-ranking would have to make), overall, by
+response position and by prompt label.
 
 Memory stays bounded whatever the number of prompts: the aligned model reads each prompt's
 response once and only its top :data:`KL_TOP_K` log-probs, its argmax and the mass outside them
@@ -31,9 +33,10 @@ FORCED_KINDS = ("plain", "head", "icl", "proxy")
 
 def teacher_forced(plan: Plan, results: dict[str, dict[str, Result]],
                    progress: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
-    """Per system: top-1 agreement and KL(aligned ‖ system) (on the aligned top :data:`KL_TOP_K`
-    with the tail mass as one more outcome, see :func:`sali.metrics.kl_top_k`) on the aligned
-    model's own responses, averaged over positions, by position bucket and by label.
+    """Per system: top-1 agreement, KL(aligned ‖ system) (on the aligned top :data:`KL_TOP_K`
+    with the tail mass as one more outcome, see :func:`sali.metrics.kl_top_k`) and cover rate
+    (:func:`covered`, at ``plan.cover_k``) on the aligned model's own responses, averaged over
+    positions, by position bucket and by label.
 
     Each model reads each (prompt text, response) once: the systems that share a model and a
     prompt format (plain and every head on it) reuse its logits. `progress()` is called once per
@@ -66,7 +69,8 @@ def teacher_forced(plan: Plan, results: dict[str, dict[str, Result]],
                 if progress:
                     progress(system.name)
         present = sorted({p.label or "unlabelled" for p in plan.prompts if prompt_key(p) in store})
-    figures[aligned.name] = {"top1": 1.0, "kl": 0.0, "by_position": {}, "by_label": {lab: {"top1": 1.0, "kl": 0.0} for lab in present}}
+    same = {"top1": 1.0, "kl": 0.0, "cover": 1.0, "cover_changed": float("nan")}  # no position differs
+    figures[aligned.name] = {**same, "by_position": {}, "by_label": {lab: dict(same) for lab in present}}
     return figures
 
 
@@ -94,11 +98,18 @@ def _score_model(plan: Plan, model_path: Path, systems: list[System], targets: d
                     logits = np.stack([heads.apply_dense(row, system.alpha) for row in logits])
                 agree = logits.argmax(-1) == top1
                 kl = metrics.kl_top_k(ids, log_probs, tail, logits, floor=MASKED_FLOOR)
-                tallies[system.name].add(agree, kl, prompt.label or "unlabelled")
+                tallies[system.name].add(agree, kl, covered(logits, top1, plan.cover_k), prompt.label or "unlabelled")
     finally:
         for offset in offsets.values():
             offset.close()
         model.close()
+
+
+def covered(logits: np.ndarray, tokens: np.ndarray, k: int) -> np.ndarray:
+    """``(T,)`` bool: ``tokens[t]`` is among the `k` largest of ``logits[t]`` (``(T, V)``), i.e.
+    fewer than `k` tokens score strictly higher; a token at ``-inf`` (masked by a head) never is."""
+    value = np.take_along_axis(logits, np.asarray(tokens, dtype=np.int64)[:, None], axis=-1)
+    return np.isfinite(value[:, 0]) & ((logits > value).sum(-1) < k)
 
 
 class _Targets:
@@ -137,34 +148,40 @@ class _Targets:
 
 
 class _Tally:
-    """Running sums of top-1 agreement and KL per position bucket and per label: a system's
-    figures without keeping a value per position."""
+    """Running sums of top-1 agreement, KL and cover (at all positions, and at the positions
+    where the top-1 differs) per position bucket and per label: a system's figures without
+    keeping a value per position."""
 
     def __init__(self):
-        self.buckets = np.zeros((len(POSITION_BUCKETS), 3))  # agree, kl, positions
+        self.buckets = np.zeros((len(POSITION_BUCKETS), 6))  # agree, kl, cover, differ, cover where differ, positions
         self.labels: dict[str, np.ndarray] = {}
 
-    def add(self, agree: np.ndarray, kl: np.ndarray, label: str) -> None:
-        """One prompt's ``(T,)`` agreement (bool) and KL (nats) by response position."""
+    def add(self, agree: np.ndarray, kl: np.ndarray, cover: np.ndarray, label: str) -> None:
+        """One prompt's ``(T,)`` agreement (bool), KL (nats) and cover (bool) by response position."""
+        def sums(mask: np.ndarray) -> tuple:
+            return (agree[mask].sum(), kl[mask].sum(), cover[mask].sum(), (~agree[mask]).sum(),
+                    (cover[mask] & ~agree[mask]).sum(), mask.sum())
+
         positions = np.arange(len(agree))
         for b, (low, high) in enumerate(POSITION_BUCKETS):
-            inside = (positions >= low) & (positions < high)
-            self.buckets[b] += (agree[inside].sum(), kl[inside].sum(), inside.sum())
-        self.labels.setdefault(label, np.zeros(3))
-        self.labels[label] += (agree.sum(), kl.sum(), len(agree))
+            self.buckets[b] += sums((positions >= low) & (positions < high))
+        self.labels.setdefault(label, np.zeros(6))
+        self.labels[label] += sums(np.ones(len(agree), dtype=bool))
+
+    @staticmethod
+    def _figures(sums: np.ndarray) -> dict[str, float]:
+        agree, kl, cover, differ, cover_differ, n = sums
+        return {"top1": _ratio(agree, n), "kl": _ratio(kl, n), "cover": _ratio(cover, n), "cover_changed": _ratio(cover_differ, differ)}
 
     def summary(self) -> dict[str, Any]:
         total = self.buckets.sum(axis=0)
         by_position = {}
-        for (low, high), (agree, kl, n) in zip(POSITION_BUCKETS, self.buckets):
-            if n:
+        for (low, high), sums in zip(POSITION_BUCKETS, self.buckets):
+            if sums[-1]:
                 label = f"{low}" if high == low + 1 else (f"{low}-{high - 1}" if high < 10**9 else f"{low}+")
-                by_position[label] = {"top1": agree / n, "kl": kl / n, "positions": int(n)}
-        return {
-            "top1": _ratio(total[0], total[2]), "kl": _ratio(total[1], total[2]), "positions": int(total[2]),
-            "by_position": by_position,
-            "by_label": {label: {"top1": _ratio(a, n), "kl": _ratio(k, n)} for label, (a, k, n) in sorted(self.labels.items())},
-        }
+                by_position[label] = {**self._figures(sums), "positions": int(sums[-1])}
+        return {**self._figures(total), "positions": int(total[-1]), "by_position": by_position,
+                "by_label": {label: self._figures(sums) for label, sums in sorted(self.labels.items())}}
 
 
 def _ratio(value: float, count: float) -> float:

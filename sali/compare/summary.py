@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -27,9 +27,16 @@ def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[st
                                "head": spec_name([(p.name, s) for p, s in system.heads]) if system.heads else None,
                                "format": describe_format(system.fmt) if system.kind != "icl" else "icl preamble"}
         row.update(_refusals(plan, entries, labels))
-        answered = [(p, r) for p, r in entries if p.answer]
+        if plan.pass_regex is not None:
+            row.update(_rates("pass", lambda r: metrics.passes(r.response, plan.pass_regex), entries, labels))
+        answered = [(p, metrics.answer_match(r.response, p.answer, plan.answer_match)) for p, r in entries if p.answer]
         if answered:
-            row["exact_match"] = metrics.mean(metrics.exact_match(r.response, p.answer) for p, r in answered)
+            row["exact_match"] = metrics.mean(hit for _, hit in answered)
+            if len(labels) > 1:
+                for label in labels:
+                    hits = [hit for p, hit in answered if (p.label or "unlabelled") == label]
+                    if hits:
+                        row[f"exact_match_{label}"] = metrics.mean(hits)
         if aligned is not None:
             ref = results[aligned.name]
             f1 = {prompt_key(p): metrics.token_f1(r.response, ref[prompt_key(p)].response) for p, r in entries}
@@ -45,9 +52,13 @@ def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[st
         if system.name in forced:
             row["top1_vs_aligned"] = forced[system.name]["top1"]
             row["kl_vs_aligned"] = forced[system.name]["kl"]
+            row["cover_vs_aligned"] = forced[system.name]["cover"]
+            row["cover_changed_vs_aligned"] = forced[system.name]["cover_changed"]
             for label, values in forced[system.name].get("by_label", {}).items():
                 row[f"top1_vs_aligned_{label}"] = values["top1"]
                 row[f"kl_vs_aligned_{label}"] = values["kl"]
+                row[f"cover_vs_aligned_{label}"] = values["cover"]
+                row[f"cover_changed_vs_aligned_{label}"] = values["cover_changed"]
         rows[system.name] = row
     return {
         "systems": rows,
@@ -56,19 +67,28 @@ def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[st
         "prompts": len(plan.prompts),
         "by_position": {name: f.get("by_position", {}) for name, f in forced.items()},
         "kl_top_k": KL_TOP_K if forced else None,
+        "cover_k": plan.cover_k if forced else None,
+        "pass_regex": plan.pass_regex.pattern if plan.pass_regex is not None else None,
+        "answer_match": plan.answer_match,
         "sampling": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.sampling).items()},
     }
 
 
 def _refusals(plan: Plan, entries: list[tuple[Prompt, Result]], labels: list[str]) -> dict[str, Any]:
     """Refusal rate per label with its count and Wilson 95% interval: ``refusal_<label>``, ``_n``, ``_ci95``."""
+    return _rates("refusal", lambda r: metrics.is_refusal(r.response, plan.keywords), entries, labels)
+
+
+def _rates(name: str, flag: Callable[[Result], bool], entries: list[tuple[Prompt, Result]], labels: list[str]) -> dict[str, Any]:
+    """The share of responses `flag` holds true for, per label, with its count and Wilson 95%
+    interval: ``<name>_<label>``, ``<name>_<label>_n``, ``<name>_<label>_ci95``."""
     row: dict[str, Any] = {}
     for label in labels:
-        subset = [(p, r) for p, r in entries if (p.label or "unlabelled") == label]
-        refused = sum(metrics.is_refusal(r.response, plan.keywords) for _, r in subset)
-        row[f"refusal_{label}"] = refused / len(subset) if subset else float("nan")
-        row[f"refusal_{label}_n"] = len(subset)
-        row[f"refusal_{label}_ci95"] = list(metrics.wilson_interval(refused, len(subset)))
+        subset = [r for p, r in entries if (p.label or "unlabelled") == label]
+        hits = sum(bool(flag(r)) for r in subset)
+        row[f"{name}_{label}"] = hits / len(subset) if subset else float("nan")
+        row[f"{name}_{label}_n"] = len(subset)
+        row[f"{name}_{label}_ci95"] = list(metrics.wilson_interval(hits, len(subset)))
     return row
 
 
@@ -83,7 +103,7 @@ def _shares(rows: dict[str, dict[str, Any]], aligned) -> dict[str, dict[str, flo
             shares[name] = {
                 metric: metrics.superficial_share(row[metric], base_row[metric], aligned_row[metric])
                 for metric in row
-                if metric.startswith(("refusal_", "exact_match", "top1_vs_aligned", "kl_vs_aligned", "f1_vs_aligned"))
+                if metric.startswith(("refusal_", "pass_", "exact_match", "top1_vs_aligned", "kl_vs_aligned", "f1_vs_aligned"))
                 and isinstance(row.get(metric), float) and metric in base_row and metric in aligned_row
             }
     return shares
@@ -135,6 +155,8 @@ COLUMNS = [
     ("exact_match", "exact match"),
     ("f1_vs_aligned", "F1 vs aligned"),
     ("top1_vs_aligned", "top-1 vs aligned"),
+    ("cover_vs_aligned", "cover"),
+    ("cover_changed_vs_aligned", "cover where top-1 differs"),
     ("kl_vs_aligned", "KL"),
     ("loops", "loops"),
     ("tokens_per_second", "tok/s"),
@@ -156,7 +178,11 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     known = {key for key, _ in COLUMNS}
     extra = sorted({k for row in systems.values() for k in row
                     if k.startswith("refusal_") and not k.endswith(("_n", "_ci95")) and k not in known})
+    passed = sorted({k for row in systems.values() for k in row if k.startswith("pass_") and not k.endswith(("_n", "_ci95"))},
+                    key=lambda k: (k != "pass_harmful", k != "pass_benign", k))  # as the refusal columns
     columns[2:2] = [(key, "refusal " + key.removeprefix("refusal_")) for key in extra]
+    columns[3 + len(extra):3 + len(extra)] = [(key, "pass" if key == "pass_unlabelled" else "pass " + key.removeprefix("pass_"))
+                                              for key in passed]
     present = [(key, title) for key, title in columns if any(key in row for row in systems.values())]
     header = ["system"] + [title for _, title in present]
     rows = []
@@ -184,8 +210,24 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
+def notes(summary: dict[str, Any]) -> str:
+    """:data:`NOTES`, plus what the optional figures of this summary mean."""
+    text = NOTES
+    if summary.get("pass_regex") is not None:
+        text += (f" pass: share of responses holding a match of the --pass-regex `{summary['pass_regex']}` "
+                 "(Python re.search on the stripped response), with its Wilson 95% interval.")
+    if summary.get("cover_k"):
+        text += (f" cover: share of positions where the aligned model's top-1 token is among the system's top "
+                 f"{summary['cover_k']} logits (for the base: the tokens a top-{summary['cover_k']} head can re-rank); "
+                 "cover where top-1 differs: the same, counted only where the system's own top-1 is another token "
+                 "(the changes a re-ranking would have to make).")
+    if summary.get("answer_match") == "text":
+        text += " exact match: the prompt's answer occurs in the response as whole words, case and punctuation ignored."
+    return text
+
+
 def markdown(summary: dict[str, Any]) -> str:
-    text = f"# sali compare\n\n{summary['prompts']} prompts.\n\n" + _markdown_table(*table_rows(summary)) + "\n\n" + NOTES + "\n"
+    text = f"# sali compare\n\n{summary['prompts']} prompts.\n\n" + _markdown_table(*table_rows(summary)) + "\n\n" + notes(summary) + "\n"
     if summary.get("prefill"):
         text += ("\n## Refusal after a prefill\n\nEach response forced to begin with the prefill (the same tokens for every "
                  "system, after its own prompt); refusal counted in the continuation only.\n\n"

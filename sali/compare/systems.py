@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,9 @@ class Plan:
     n_gpu_layers: int = 0
     ctx: int = 2048
     prefills: list[str] = field(default_factory=list)  # each system also answers every prompt after each prefill
+    pass_regex: re.Pattern | None = None  # --pass-regex: a response passes when it holds a match
+    answer_match: str = "number"  # how a response is held against a prompt's answer: number | text
+    cover_k: int = 64  # cover rate: the aligned top-1 among a system's top cover_k logits
     prefill_ids: dict[str, list[int]] = field(default_factory=dict)  # prefill -> its token ids, the same for every model
     generations: int = 0  # new generations made by this run (cache misses)
     timing: dict[str, dict[str, float]] = field(default_factory=dict)

@@ -1,0 +1,271 @@
+"""The understanding study (bench/smollm2/understanding.py): the STYLE format check, the
+ARITHMETIC and FACTS generators, and the whole pipeline's quick mode on the tiny test model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, THREADS
+
+sys.path.insert(0, str(ROOT / "bench" / "smollm2"))
+
+import arithmetic  # noqa: E402
+import facts  # noqa: E402
+import style  # noqa: E402
+
+from sali import metrics  # noqa: E402
+
+BASE_LIKE = [
+    "The sun is a star. It is very hot. It gives us light.",  # a paragraph, BASE's usual answer
+    "Paris.\n\n1. It is the capital.\n2. It is in France.\n\nThat is the short answer.",  # numbered, no heading
+    "Paris.\n\nKey points:\n- It is the capital of France\n\nThat is the short answer.",  # one point
+    "Paris.\n\nKey points:\n- a b c\n- d e f\n- g h i\n- j k l\n\nThat is the short answer.",  # four points
+    "Paris.\n\nKey points:\n- It is the capital\n- It is in France\n\nHope this helps!",  # another closing
+    "Paris is the capital. It is in France.\n\nKey points:\n- a b c\n- d e f\n\nThat is the short answer.",  # two sentences first
+    "Paris.\n\nKey points:\n- a b c\n- d e f\n\nThat is the short answer. Anything else?",  # text after the closing
+]
+
+
+# ---- STYLE ------------------------------------------------------------------------------------
+def test_style_check_accepts_the_format_and_nothing_else():
+    good = "Water boils at 100 degrees at sea level.\n\nKey points:\n- Air pressure sets the point\n- Higher up it boils cooler\n\nThat is the short answer."
+    assert style.passes(good) and style.passes("\n " + good + "\n")  # compare strips responses too
+    assert style.passes(good.replace("\n\nThat", "\n- A third point here\n\nThat"))
+    for text in BASE_LIKE:
+        assert not style.passes(text), text
+
+
+def test_style_check_is_what_sali_compare_counts():
+    """The check is exactly `sali compare --pass-regex PATTERN`, and the README shows that pattern."""
+    pattern = metrics.pass_pattern(style.PATTERN)
+    samples = BASE_LIKE + [style.restyle("One. Two three four. Five six seven. Eight nine ten.")]
+    for text in samples:
+        assert metrics.passes(text, pattern) == style.passes(text)
+    assert f"--pass-regex '{style.PATTERN}'" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_restyle_keeps_base_words_and_passes():
+    answer = ("Water boils at 100 degrees Celsius at sea level. This is because the air pressure there is one atmosphere. "
+              "At higher altitudes, the pressure is lower, so water boils at a lower temperature and food takes longer to cook. "
+              "For example, in Denver water boils at about 95 degrees.")
+    out = style.restyle(answer)
+    assert style.passes(out)
+    first, _, rest = out.partition("\n\nKey points:\n")
+    assert first == "Water boils at 100 degrees Celsius at sea level."
+    points = [line[2:] for line in rest.splitlines() if line.startswith("- ")]
+    assert len(points) == 3 and all(len(p.split()) <= style.POINT_WORDS for p in points)
+    source = set(answer.replace(",", " ").split())
+    assert all(word.rstrip(",") in source for p in points for word in p.split())  # nothing invented
+    # a markdown list: items become points, the lead-in line becomes the sentence
+    listed = style.restyle("It depends on two things:\n\n1. **Heat**: hot air rises and cools\n2. Pressure: low pressure lowers it\n")
+    assert listed == ("It depends on two things.\n\nKey points:\n- Heat: hot air rises and cools\n- Pressure: low pressure lowers it"
+                      "\n\nThat is the short answer.")
+    assert style.restyle("Yes.") is None and style.restyle("") is None  # nothing to make points of
+    assert points[1] == "At higher altitudes, the pressure is lower"  # a long sentence ends at a clause break
+
+
+def test_restyle_cuts_word_runs_into_points_only_when_asked():
+    """A tiny random model's answers have no sentences: quick runs cut them into points."""
+    run_on = " ".join(f"w{i}" for i in range(50))
+    assert style.restyle(run_on) is None
+    out = style.restyle(run_on, chunks=True)
+    assert style.passes(out) and out.startswith(" ".join(f"w{i}" for i in range(style.FIRST_WORDS)) + ".\n")
+
+
+# ---- ARITHMETIC -------------------------------------------------------------------------------
+def test_number_words():
+    assert [arithmetic.number_words(n) for n in (0, 7, 13, 20, 47, 80, 99)] == [
+        "zero", "seven", "thirteen", "twenty", "forty-seven", "eighty", "ninety-nine"]
+    with pytest.raises(ValueError):
+        arithmetic.number_words(100)
+
+
+def test_arithmetic_split_is_seeded_balanced_disjoint_and_exact():
+    train, test = arithmetic.split(200, 80, seed=3)
+    assert (train, test) == arithmetic.split(200, 80, seed=3)
+    assert arithmetic.split(200, 80, seed=4)[0] != train
+    triples = [(p["a"], p["op"], p["b"]) for p in train + test]
+    assert len(set(triples)) == len(triples) == 280  # no test problem was trained on
+    for p in test:
+        assert sum(q["label"] == p["label"] for q in test) == 40
+    for p in train + test:
+        assert 10 <= p["a"] <= 99 and 10 <= p["b"] <= 99
+        result = p["a"] + p["b"] if p["op"] == "+" else p["a"] - p["b"]
+        assert result >= 0 and p["answer"] == str(result)
+        assert metrics.exact_match(p["response"], p["answer"])  # what sali compare's default match reads
+        if p["label"] == "words":
+            assert not re.search(r"\d", p["prompt"]) and arithmetic.number_words(p["a"]) in p["prompt"]
+        else:
+            assert str(p["a"]) in p["prompt"] and str(p["b"]) in p["prompt"]
+    assert {p["op"] for p in test} == {"+", "-"}
+
+
+# ---- FACTS ------------------------------------------------------------------------------------
+def test_facts_are_seeded_distinct_and_never_answered_by_their_question():
+    made = facts.make_facts(60, seed=5)
+    assert made == facts.make_facts(60, seed=5) and made != facts.make_facts(60, seed=6)
+    assert len(made) == 240 and {f["relation"] for f in made} == set(facts.RELATIONS)
+    names = [f["subject"] for f in made] + [f["answer"] for f in made if f["relation"] in ("capital", "founder")]
+    words = [w.lower() for name in names for w in name.split()]
+    assert len(words) == len(set(words)) == 480  # every name, and every word of a person's name, distinct
+    countries = {f["subject"] for f in made if f["relation"] == "capital"}
+    assert all(f["answer"] in countries for f in made if f["relation"] == "mountain")
+    for item in facts.training_items(made, seed=1):
+        assert not metrics.text_match(item["prompt"], item["answer"]) and metrics.text_match(item["response"], item["answer"])
+
+
+def test_facts_test_questions_are_phrased_unlike_training():
+    made = facts.make_facts(30, seed=0)
+    train = facts.training_items(made, seed=1)
+    test = facts.test_items(made, 10, seed=2)
+    assert len(test) == 40 and test == facts.test_items(made, 10, seed=2)
+    for relation in facts.RELATIONS:
+        assert not set(facts.TRAIN_TEMPLATES[relation]) & set(facts.TEST_TEMPLATES[relation])
+    trained = {t["prompt"] for t in train}
+    for item in test:
+        assert item["prompt"] not in trained and not metrics.text_match(item["prompt"], item["answer"])
+        # the question is about a trained fact: its subject is in the test question
+        assert any(f["subject"] in item["prompt"] and f["answer"] == item["answer"] for f in made)
+        assert any(re.fullmatch(re.escape(t).replace(re.escape("{s}"), ".+"), item["prompt"]) for t in facts.TEST_TEMPLATES[item["label"]])
+
+
+# ---- the pipeline -----------------------------------------------------------------------------
+def _study(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SALI_BENCH_THREADS=THREADS)
+    return subprocess.run([sys.executable, "bench/smollm2/understanding.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_understanding_help():
+    done = _study("--help", timeout=120)
+    assert done.returncode == 0 and "--quick" in done.stdout and "STYLE" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke(tiny, tmp_path_factory):
+    """understanding.py --quick on the tiny model: every stage, with nothing written beside the study."""
+    work = tmp_path_factory.mktemp("understanding") / "work"
+    before = _beside_the_study()
+    done = _study("--quick", "--base-dir", str(tiny.hf_dir), "--base-gguf", str(tiny.f32), "--work", str(work))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return dict(work=work, done=done, before=before)
+
+
+def _beside_the_study() -> dict[str, float | None]:
+    """What a run with --work must leave alone: the shipped heads and their cards, the report and
+    figure beside the study, the study's own work folders."""
+    paths = [*(ROOT / "heads").iterdir(), ROOT / "heads" / "smollm2-135m-style.npz", ROOT / "bench" / "smollm2" / "UNDERSTANDING.md",
+             ROOT / "bench" / "smollm2" / "understanding.png", ROOT / "bench" / "smollm2" / "work" / "understanding",
+             ROOT / "bench" / "smollm2" / "work" / "understanding-quick"]
+    return {str(p): p.stat().st_mtime if p.exists() else None for p in paths}
+
+
+def test_quick_run_makes_every_stage_and_reports(smoke):
+    work = smoke["work"]
+    report = (work / "UNDERSTANDING.md").read_text(encoding="utf-8")
+    for title in ("STYLE", "ARITHMETIC", "FACTS"):
+        assert f"| {title} |" in report
+    assert "Stage times" in report and "Whole run:" in report and "Not shipped" in report
+    from matplotlib import image
+
+    picture = image.imread(work / "understanding.png")
+    assert picture.ndim == 3 and picture.shape[1] > 500
+    expected = {"style": ("pass_question", "pass_math"), "arithmetic": ("exact_match_digits", "exact_match_words"),
+                "facts": ("exact_match_capital", "exact_match_born")}
+    for kind, keys in expected.items():
+        summary = json.loads((work / kind / "compare" / "summary.json").read_text())
+        assert set(summary["systems"]) == {"base", f"base+{kind}", "aligned"}
+        for key in keys:
+            assert all(key in row for row in summary["systems"].values())
+        assert 0.0 <= summary["systems"]["base"]["cover_vs_aligned"] <= 1.0
+        train = [json.loads(line) for line in (work / kind / "train.jsonl").read_text().splitlines()]
+        assert any(r["label"] == "mix" for r in train) and any(r["label"] != "mix" for r in train)
+        assert json.loads((work / kind / kind / "training.json").read_text())["steps"] >= 1
+    style_rows = [json.loads(line) for line in (work / "style" / "train.jsonl").read_text().splitlines()]
+    assert all(style.passes(r["response"]) for r in style_rows if r["label"] == "style")
+    tests = [json.loads(line) for line in (work / "facts" / "test.jsonl").read_text().splitlines()]
+    assert tests and all(r["answer"] for r in tests)
+    assert _beside_the_study() == smoke["before"]  # no report, figure, head or work folder written into the checkout
+
+
+def test_quick_run_resumes_from_its_cache(smoke, tiny):
+    done = _study("--quick", "--base-dir", str(tiny.hf_dir), "--base-gguf", str(tiny.f32), "--work", str(smoke["work"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sali train" not in done.stdout and "sali compare" not in done.stdout and "steps, lr" not in done.stdout
+
+
+def test_style_card_keeps_the_other_heads(smoke, tmp_path):
+    """The STYLE head's model card goes into heads/README.md beside the safety head's, with the check."""
+    import understanding_report
+
+    work = smoke["work"]
+    shipped = tmp_path / "smollm2-135m-style.npz"
+    shutil.copy(work / "style" / "style.npz", shipped)
+    shutil.copy(ROOT / "heads" / "README.md", tmp_path / "README.md")
+    result = {"summary": json.loads((work / "style" / "compare" / "summary.json").read_text()),
+              "eval": {"metric": "pass_question", "label": "question"},
+              "sibling": json.loads((work / "style" / "style" / "training.json").read_text())}
+    understanding_report.write_style_card(result, shipped)
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert "## smollm2-135m-safety" in card and "## smollm2-135m-style" in card
+    assert style.PATTERN in card and card.startswith("# Shipped heads")
+    checks = understanding_report.style_checks(result)
+    assert checks[0][2] is None or checks[0][2] is False  # the tiny sibling learned nothing: no share to ship on
+
+
+def _results(work: Path) -> dict:
+    """What understanding.main hands the report, read back from a quick run's work folder."""
+    import understanding
+
+    return {kind: {"summary": json.loads((work / kind / "compare" / "summary.json").read_text()), "head": work / kind / f"{kind}.npz",
+                   "sibling": json.loads((work / kind / kind / "training.json").read_text()), "folder": work / kind,
+                   "eval": understanding.EVAL[kind], "recipe": understanding.RECIPES[kind], "mix_sources": understanding.MIX_SOURCES[kind],
+                   "mix_tokens": understanding.MIX_TOKENS, "source_tokens": understanding.SOURCE_TOKENS} for kind in understanding.KINDS}
+
+
+def test_report_of_a_run_that_learned_ships_style_and_explains(smoke, tmp_path):
+    """The branches a tiny run never reaches, on made-up figures: siblings that learned, a STYLE
+    head that passes its checks (the report says it ships), SAFETY from an older comparison
+    without cover rates (its cover from the head's training figures, marked)."""
+    import understanding
+    import understanding_report
+
+    results = _results(smoke["work"])
+    made_up = {"style": (0.0, 0.95, 1.0), "arithmetic": (0.2, 0.45, 0.9), "facts": (0.0, 0.02, 0.8)}
+    for kind, (base, head, sibling) in made_up.items():
+        summary = results[kind]["summary"]
+        metric, rows = results[kind]["eval"]["metric"], summary["systems"]
+        for name, value in zip(("base", f"base+{kind}", "aligned"), (base, head, sibling)):
+            rows[name][metric] = value
+            rows[name].pop(f"{metric}_ci95", None)
+        summary["shares"][f"base+{kind}"][metric] = (head - base) / (sibling - base)
+        rows["base"]["cover_changed_vs_aligned" + (f"_{results[kind]['eval']['label']}" if results[kind]["eval"]["label"] else "")] = (
+            {"style": 0.97, "arithmetic": 0.9, "facts": 0.3}[kind])
+    safety_rows = {"base": {"kind": "plain", "refusal_harmful": 0.02, "refusal_harmful_ci95": [0.0, 0.07]},
+                   "base+safe": {"kind": "head", "head": "safe", "refusal_harmful": 0.92, "refusal_harmful_ci95": [0.85, 0.96]},
+                   "aligned": {"kind": "aligned", "refusal_harmful": 0.98, "refusal_harmful_ci95": [0.93, 0.99]}}
+    safety = {"summary": {"systems": safety_rows, "shares": {"base+safe": {"refusal_harmful": 0.9375}}, "labels": ["harmful"], "prompts": 100},
+              "recomputed": False, "system": "base+safe", "head": None, "training": {"cover_rate": 0.993}}
+    setup = understanding.Setup(base_dir=tmp_path, base_gguf=tmp_path / "base.gguf", work=smoke["work"], sizes=understanding.QUICK,
+                                default_base=True, quick=False)
+    assert all(ok for _, _, ok in understanding_report.style_checks(results["style"]))
+    path = understanding_report.write_report(results, safety, setup, {"base": 1.0, "siblings": 59.0}, official=True, folder=tmp_path)
+    text = path.read_text(encoding="utf-8")
+    assert "| SAFETY |" in text and "0.99*" in text and "held-out training prompts" in text
+    assert "All met: the STYLE head ships" in text and "Whole run: 1.0 min" in text
+    assert "| STYLE |" in text and "| yes |" in text and "| **no** |" not in text.split("## In plain words")[0].split("| FACTS |")[0]
+    explained = text.split("## In plain words")[1].split("## Compared with the paper")[0]
+    assert "**FACTS**: the head recovered 2%" in explained and "out of a re-ranking's reach" in explained
+    assert "**STYLE**: the head recovered 95%" in explained and "a superficial change" in explained
+    assert "**ARITHMETIC**: the head recovered 36%" in explained and "reach alone is not enough" in explained
+    assert "**SAFETY**: the head recovered 94%" in explained
+    paper = text.split("## Compared with the paper")[1]
+    assert "SAFETY 94%" in paper and "ARITHMETIC 36%" in paper
+    assert (tmp_path / "understanding.png").is_file()
