@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import time
 from dataclasses import dataclass, field
 
 import numba
@@ -34,10 +35,9 @@ from numba.extending import intrinsic
 from sali.head import Head
 
 # context slots, int64 each (alpha: a float64's bits)
-(_ROWS, _PROMOTE, _PROMOTE_W, _MIXED, _LLAMA_CTX, _GET_LOGITS, _CLOCK_GETTIME, _CLOCK, _VOCAB, _RANK, _PROMOTED,
- _TOP_K, _ALPHA, _ERROR, _GOT, _CALLS, _TIMES, _TIMES_CAPACITY) = range(18)
-_SLOTS = 18
-_CLOCK_MONOTONIC = 1  # Linux and macOS: a clock no one can set back
+(_ROWS, _PROMOTE, _PROMOTE_W, _MIXED, _LLAMA_CTX, _GET_LOGITS, _CLOCK_GETTIME, _CLOCK_ID, _CLOCK, _VOCAB, _RANK, _PROMOTED,
+ _TOP_K, _ALPHA, _ERROR, _GOT, _CALLS, _TIMES, _TIMES_CAPACITY) = range(19)
+_SLOTS = 19
 ERROR_WRONG_SIZE, ERROR_NO_LOGITS = 1, 2
 
 
@@ -136,7 +136,7 @@ _kernel = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_
 @numba.njit(cache=True, nogil=True)
 def _now(ctx) -> int:
     """Monotonic nanoseconds, through the clock_gettime address in the context."""
-    _call_clock_gettime(ctx[_CLOCK_GETTIME], _CLOCK_MONOTONIC, ctx[_CLOCK])
+    _call_clock_gettime(ctx[_CLOCK_GETTIME], ctx[_CLOCK_ID], ctx[_CLOCK])
     clock = carray(_int64_at(ctx[_CLOCK]), 2)
     return clock[0] * 1_000_000_000 + clock[1]
 
@@ -213,7 +213,8 @@ class NativeSampler:
         ctx[_MIXED], ctx[_CLOCK], ctx[_TIMES] = mixed.ctypes.data, clock.ctypes.data, times.ctypes.data
         ctx[_LLAMA_CTX] = self.llama_ctx
         ctx[_GET_LOGITS] = _address(llama_cpp.llama_get_logits_ith)
-        ctx[_CLOCK_GETTIME] = _address(ctypes.CDLL(None).clock_gettime)
+        if self.keep_times:  # the platform's monotonic clock (its id differs between Linux and macOS)
+            ctx[_CLOCK_GETTIME], ctx[_CLOCK_ID] = _address(ctypes.CDLL(None).clock_gettime), time.CLOCK_MONOTONIC
         ctx[_VOCAB], ctx[_RANK], ctx[_PROMOTED] = self.n_vocab, self.head.rank, promote.size
         ctx[_TOP_K] = min(self.head.k, self.n_vocab)
         ctx[_ALPHA:_ALPHA + 1].view(np.float64)[0] = float(self.alpha)
