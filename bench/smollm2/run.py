@@ -313,8 +313,9 @@ def main() -> None:
     candidates = [train_head(base_dir, aligned_dir, sets["train"], RUN / "heads" / f"k64-r32-dp{penalty}.npz",
                              "--k", "64", "--rank", "32", "--delta-penalty", penalty) for penalty in DELTA_PENALTIES]
     stage("development check")
-    # ALIGNED alongside (generation only): the teacher's own over-refusal, visible before any held-out figure
-    dev_summary = compare(RUN / "dev", sets["dev"], base_q4, candidates, None, [aligned_gguf], 32)
+    dev_summary = compare(RUN / "dev", sets["dev"], base_q4, candidates, None, [], 32)
+    # ALIGNED alone on the same prompts: the teacher's own over-refusal, visible before any held-out figure
+    dev_summary["systems"].setdefault("aligned", compare(RUN / "dev-aligned", sets["dev"], aligned_gguf, [], None, [], 32)["systems"]["base"])
     head = pick_head(dev_summary, candidates)
     print(f"  chosen on development prompts: {head.stem}", flush=True)
     stage("main comparison")
