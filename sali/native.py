@@ -198,6 +198,7 @@ class NativeSampler:
     n_vocab: int
     keep_times: int = 0
     _context: np.ndarray = field(init=False, repr=False)
+    _times: np.ndarray = field(init=False, repr=False)  # (keep_times,) int64 ns, a ring the machine code writes
     _keep: list = field(init=False, repr=False)  # every buffer the machine code reads through an address
 
     def __post_init__(self) -> None:
@@ -220,6 +221,7 @@ class NativeSampler:
         ctx[_ALPHA:_ALPHA + 1].view(np.float64)[0] = float(self.alpha)
         ctx[_TIMES_CAPACITY] = self.keep_times
         self._context = ctx
+        self._times = times
         self._keep = [rows, promoted, promote, mixed, times, clock]
 
     @property
@@ -254,12 +256,13 @@ class NativeSampler:
         kept = min(self.calls, self.keep_times)
         if not kept:
             return []
-        times, capacity = self._keep[4], self.keep_times
+        times, capacity = self._times, self.keep_times
         order = [(self.calls - kept + i) % capacity for i in range(kept)]
         return [float(times[i]) * 1e-9 for i in order]
 
     @property
     def seconds(self) -> float:
+        """Seconds of the calls still kept (all of them when ``keep_times`` ≥ calls)."""
         return sum(self.durations)
 
     def adjusted(self) -> None:
