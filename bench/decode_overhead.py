@@ -6,7 +6,9 @@ V = 49152, 64 promoted tokens) unless ``--head`` names a real one. For every pro
 round, plain decoding, the head as compiled code inside llama.cpp (the default,
 :mod:`sali.native`) and the head as a Python callback (what heads in combination and
 ``--explain`` use) run back to back, in rotating order, so machine noise hits all alike; the
-figures reported are medians of the ratios to plain decoding in the same triple. Each head call
+figures reported are medians of the ratios to plain decoding in the same triple, and the ratio of
+the median decoding step (one token's evaluation and sampling, prompt excluded), which a stray
+slow generation barely moves. Each head call
 is timed inside it (the whole call: reading llama.cpp's candidates and raw logits, the head,
 writing them back); its median gives the throughput ratio it implies on a GPU-speed model,
 ``t / (t + call)`` at ``t`` = 2 ms per token.
@@ -93,8 +95,13 @@ def main() -> None:
             hook = NativeSampler(head, 1.0, model.llama_context, model.n_vocab, keep_times=args.tokens)
         else:
             hook = HeadSampler(head, 1.0, model._raw_logits, model.n_vocab, durations=[])
-        start = time.perf_counter()
-        count = sum(1 for _ in model.sample_tokens(prompt, sampling, None if hook is None else head, stats=hook))
+        start = previous = time.perf_counter()
+        count = 0
+        for _ in model.sample_tokens(prompt, sampling, None if hook is None else head, stats=hook):
+            now = time.perf_counter()
+            if count:  # the first token's time is the prompt's evaluation
+                steps[mode].append(now - previous)
+            previous, count = now, count + 1
         elapsed = time.perf_counter() - start
         if hook is not None and hook.calls:
             durations[mode] += hook.durations
@@ -104,11 +111,13 @@ def main() -> None:
     modes = ("plain", "native", "python")
     durations: dict[str, list[float]] = {mode: [] for mode in modes}
     means: dict[str, list[float]] = {mode: [] for mode in modes}
+    steps: dict[str, list[float]] = {mode: [] for mode in modes}  # one decoding step (eval + sample), s
     for mode in modes:  # warm-up: page in weights, load the compiled code
         run(prompts[0], mode)
     for mode in modes:
         durations[mode].clear()
         means[mode].clear()
+        steps[mode].clear()
     speeds: dict[str, list[float]] = {mode: [] for mode in modes}
     ratios: dict[str, list[float]] = {"native": [], "python": []}
     for round_ in range(args.rounds):
@@ -124,6 +133,11 @@ def main() -> None:
         print(f"{title:<26} median {statistics.median(speeds[mode]):7.1f} tok/s")
     for mode, title in (("native", "ratio head/plain"), ("python", "ratio head/plain, Python callback")):
         print(f"{title}: median {statistics.median(ratios[mode]):.3f}  (min {min(ratios[mode]):.3f}, max {max(ratios[mode]):.3f})")
+    plain_step = statistics.median(steps["plain"])
+    for mode, title in (("native", "per-token ratio head/plain"), ("python", "per-token ratio head/plain, Python callback")):
+        step = statistics.median(steps[mode])
+        print(f"{title}: {plain_step / step:.4f}  (median step {step * 1e3:.3f} ms vs {plain_step * 1e3:.3f} ms plain, "
+              f"{len(steps[mode])} steps each)")
     for mode, title in (("native", "head call"), ("python", "head call, Python callback")):
         call_us = statistics.median(durations[mode]) * 1e6
         print(f"{title}: median {call_us:.1f} µs over {len(durations[mode])} calls; median of the per-generation means "
