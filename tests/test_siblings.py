@@ -51,7 +51,7 @@ def test_heldout_sets_share_no_line_with_training_lists():
     heldout = {line.strip().lower() for name in ("harmful", "benign", "alarming")
                for line in (HELDOUT / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()}
     assert len(heldout) == 160
-    for name in ("benign_requests.txt", "benign_activities.txt", "alarming_activities.txt"):
+    for name in ("benign_requests.txt", "benign_activities.txt", "alarming_activities.txt", "harmful_activities.txt"):
         for item in phrasings.lines(name):
             assert not any(item.lower() in line for line in heldout), item
 

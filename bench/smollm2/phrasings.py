@@ -10,8 +10,10 @@ the harm. Here both sides get the same forms, from the same templates:
   goal); activity templates ask about it: "How can I …?", "Walk me through how to …" — and the
   AdvBench form itself, "Write a tutorial on how to …", for benign activities too.
 
-Benign requests and activities are written for this project in ``prompts/train/``; a seeded
-share of each list is held back for development prompts (choosing options), never trained on.
+Benign requests and activities are written for this project in ``prompts/train/``, and so are
+harmful activities in everyday wording (AdvBench's goals share one formal register: "Develop a
+…", "Create a tutorial on …"); a seeded share of each list is held back for development prompts
+(choosing options), never trained on.
 The held-out evaluation sets (``prompts/heldout/``) are hand-written and use none of this.
 """
 

@@ -97,9 +97,10 @@ def heldout_rows() -> list[dict]:
 def prompt_sets(quick: bool) -> dict[str, Path]:
     """Training prompts (train files only), development prompts (held back from training, for
     choosing options) and evaluation prompts (test files, held-out alarming, the held-out sets)."""
-    harmful_train = [row["prompt"] for row in siblings.refusal_examples()]  # AdvBench train goals, as written and rephrased
-    # the benign prompts ALIGNED was tuned on (answered with BASE's own responses)
-    benign_train = [row["prompt"] for row in siblings.benign_train_prompts()]
+    # the prompts ALIGNED was tuned on, both rounds: AdvBench train goals as written and rephrased,
+    # the written harmful activities, the benign prompts (answered with BASE's own responses)
+    harmful_train = [row["prompt"] for row in siblings.refusal_examples() + siblings.harmful_written_examples()]
+    benign_train = [row["prompt"] for row in siblings.benign_train_prompts() + siblings.balance_prompts()]
     if quick:
         harmful_train, benign_train = harmful_train[:60], benign_train[::10]
     train = [{"prompt": p, "label": "harmful"} for p in harmful_train] + [{"prompt": p, "label": "benign"} for p in benign_train]

@@ -64,7 +64,7 @@ ALIGN = dict(epochs=1.0, lr=4e-5, batch_tokens=1536, budget_s=75 * 60)  # a cap,
 # refusals than benign answers, and refused benign imperatives on development prompts)
 BALANCE_FORMS = 3  # fresh templates per written benign and alarming-but-benign item
 BALANCE_REPLAY = 60  # first-round GSM8K/TruthfulQA answers replayed, so plain questions stay answered
-BALANCE = dict(epochs=1.0, lr=3e-5, batch_tokens=1536, budget_s=45 * 60)
+BALANCE = dict(epochs=1.0, lr=3e-5, batch_tokens=1536, budget_s=70 * 60)
 COMPROMISE = dict(epochs=1.0, lr=5e-5, batch_tokens=1536, budget_s=8 * 60, rounds=3)
 TIMINGS = WORK / "timings.json"
 
@@ -131,9 +131,9 @@ def advbench_train_split() -> tuple[list[dict], list[dict]]:
 
 
 def written_lists() -> dict[str, tuple[list[str], list[str]]]:
-    """The written benign lists of ``prompts/train/``, each as (train, development)."""
+    """The written lists of ``prompts/train/``, each as (train, development)."""
     return {name: phrasings.split(phrasings.lines(f"{name}.txt"), DEV_SHARE, SEED)
-            for name in ("benign_requests", "benign_activities", "alarming_activities")}
+            for name in ("benign_requests", "benign_activities", "alarming_activities", "harmful_activities")}
 
 
 def gsm8k_questions(path: Path, n: int, seed: int = SEED) -> list[str]:
@@ -250,6 +250,8 @@ def development_prompts() -> list[dict]:
     spare_gsm = [q for q in gsm8k_questions(DATA / "gsm8k" / "train_2000.jsonl", 200, seed=SEED + 3) if q not in used_gsm][:15]
     spare_truthful = [q for q in truthful_questions(DATA / "truthfulqa" / "train.csv", 200, seed=SEED + 3) if q not in used_truthful][:15]
     items += [{"label": "benign", "prompt": q} for q in spare_gsm + spare_truthful]
+    items += [{"label": "harmful", "prompt": p}
+              for p in phrasings.benign_forms([], lists["harmful_activities"][1], 2, random.Random(SEED + 4))]
     return items
 
 
@@ -496,10 +498,27 @@ def balance_prompts() -> list[dict]:
     return items
 
 
+def harmful_written_examples() -> list[dict]:
+    """The written harmful activities (train part; everyday wording, unlike AdvBench's) in
+    `BALANCE_FORMS` activity templates each, the same templates the benign activities get, each
+    with its own refusal."""
+    words = keywords()
+    rng = random.Random(SEED + 13)
+    out = []
+    for activity in written_lists()["harmful_activities"][0]:
+        for template in rng.sample(phrasings.ACTIVITY_TEMPLATES, BALANCE_FORMS):
+            index = 10_000 + len(out)  # refusal templates dealt on from where the goals' left off
+            out.append({"prompt": phrasings.as_activity(activity, template),
+                        "response": refusals.refusal_for(index, f"Explain how to {activity}", f"Sure, here are instructions for how to {activity}",
+                                                        words)})
+    return out
+
+
 def balance_examples(tokenizer) -> list[tuple[list[int], list[int]]]:
     """The second round: BASE's answers to :func:`balance_prompts` (refusals left out), each
-    training goal in one more paraphrase with its own refusal, and `BALANCE_REPLAY` first-round
-    answers to plain GSM8K/TruthfulQA questions."""
+    training goal in one more paraphrase with its own refusal, the written harmful activities
+    (:func:`harmful_written_examples`), and `BALANCE_REPLAY` first-round answers to plain
+    GSM8K/TruthfulQA questions."""
     words = keywords()
     out = WORK / "base_responses-2.jsonl"
     answers = generate(smollm2_gguf(), balance_prompts(), RESPONSE_TOKENS, out, "base responses, round 2")
@@ -510,6 +529,7 @@ def balance_examples(tokenizer) -> list[tuple[list[int], list[int]]]:
     examples += [encode(tokenizer, phrasings.rephrase_goal(row["goal"], rng),
                         refusals.refusal_for(i + 2 * len(rows), row["goal"], row["target"], words))
                  for i, row in enumerate(rows)]
+    examples += [encode(tokenizer, e["prompt"], e["response"]) for e in harmful_written_examples()]
     plain = [r for r in benign_answers() if r["source"] in ("gsm8k", "truthfulqa")]
     examples += [encode(tokenizer, r["prompt"], response_ids=r["tokens"], end=r["finish"] == "eos")
                  for r in random.Random(SEED + 12).sample(plain, BALANCE_REPLAY)]
