@@ -17,8 +17,9 @@ def _tokens(model, head, sampling, hook) -> list[int]:
     return list(model.sample_tokens(model.tokenize(PROMPT), sampling, head, stats=hook))
 
 
-@pytest.mark.parametrize("sampling", [Sampling(max_tokens=24), Sampling(max_tokens=24, temperature=1.0, seed=5)],
-                         ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [Sampling(max_tokens=24), Sampling(max_tokens=24, temperature=1.0, seed=5),
+                                      Sampling(max_tokens=24, temperature=1.0, seed=7, top_k=0, top_p=1.0, min_p=0.0)],
+                         ids=["greedy", "sampled", "sampled-in-candidate-order"])
 def test_compiled_and_python_paths_choose_the_same_tokens(tiny_model, sampling):
     head = make_head(tiny_model, k=12, promote=[3, 4, 5, 200])
     plain = _tokens(tiny_model, None, sampling, None)
@@ -58,11 +59,32 @@ def test_compiled_kernel_equals_the_reference_kernel():
         np.testing.assert_allclose(whole["logit"][:got], ref_logits[:count], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 2, 7, 64])
+def test_compiled_top_k_selection_leaves_the_k_largest_first_in_order(k):
+    """What llama.cpp's top-k sampler would leave: the k largest, largest first, ids with them;
+    on shuffled, ascending and descending logits."""
+    rng = np.random.default_rng(k)
+    n = 2000
+    for order in ("shuffled", "ascending", "descending"):
+        values = rng.permutation(n).astype(np.float32) * 0.01 - 7  # distinct
+        if order != "shuffled":
+            values = np.sort(values) if order == "ascending" else -np.sort(-values)
+        ids = rng.permutation(n).astype(np.int32)
+        whole = np.zeros(n, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        whole["id"], whole["logit"] = ids, values
+        words = whole.view(np.int32)
+        native._select_top_k(words, words.view(np.float32)[1:], n, k, np.zeros(k, np.int32), np.zeros(k, np.float32))
+        best = np.argsort(-values)[:k]
+        assert np.array_equal(whole["logit"][:k], values[best]), order
+        assert np.array_equal(whole["id"][:k], ids[best]), order
+
+
 def test_compiled_sampler_handed_the_wrong_count_stops_before_emitting(tiny_model):
     head = make_head(tiny_model, k=12)
     hook = native.NativeSampler(head, 1.0, tiny_model.llama_context, tiny_model.n_vocab)
-    hook._context[native._TOP_K] = 13  # llama.cpp's top-k hands over 12
-    with pytest.raises(HeadError, match="expects the base's top 13 candidates, llama.cpp passed 12"):
+    V = tiny_model.n_vocab
+    hook._context[native._TOP_K] = V + 1  # llama.cpp hands over the whole vocabulary, V
+    with pytest.raises(HeadError, match=f"expects between {V + 1} and {V} candidates, llama.cpp passed {V}"):
         for _ in tiny_model.sample_tokens(tiny_model.tokenize(PROMPT), Sampling(max_tokens=8), head, stats=hook):
             pytest.fail("a token sampled without the head was emitted")
 
