@@ -105,6 +105,8 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         if hook is not None and hook.calls:
             durations[mode] += hook.durations
+            if mode == "native":
+                selections.extend(hook.selection_durations)
             means[mode].append(hook.seconds / hook.calls)
         return count / elapsed
 
@@ -112,12 +114,14 @@ def main() -> None:
     durations: dict[str, list[float]] = {mode: [] for mode in modes}
     means: dict[str, list[float]] = {mode: [] for mode in modes}
     steps: dict[str, list[float]] = {mode: [] for mode in modes}  # one decoding step (eval + sample), s
+    selections: list[float] = []  # the compiled sampler's choice of the top k, s
     for mode in modes:  # warm-up: page in weights, load the compiled code
         run(prompts[0], mode)
     for mode in modes:
         durations[mode].clear()
         means[mode].clear()
         steps[mode].clear()
+    selections.clear()
     speeds: dict[str, list[float]] = {mode: [] for mode in modes}
     ratios: dict[str, list[float]] = {"native": [], "python": []}
     for round_ in range(args.rounds):
@@ -143,6 +147,10 @@ def main() -> None:
         print(f"{title}: median {call_us:.1f} µs over {len(durations[mode])} calls; median of the per-generation means "
               f"{statistics.median(means[mode]) * 1e6:.1f} µs; implied decode ratio at 2 ms per token (GPU-speed 1B model): "
               f"{2000 / (2000 + call_us):.4f}")
+        if mode == "native":
+            select_us = statistics.median(selections) * 1e6
+            print(f"  top-k selection inside the compiled call (llama.cpp's top-k sampler does it for the Python callback): "
+                  f"median {select_us:.1f} µs; head call + selection at 2 ms per token: {2000 / (2000 + call_us + select_us):.4f}")
 
 
 if __name__ == "__main__":

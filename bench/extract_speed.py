@@ -12,7 +12,7 @@ serves as both BASE and ALIGNED, as no offline pair exists. Positions per second
 one process, on the same prompts, alternating the two methods over rounds; the median ratio is
 printed, then the head file size for V = 49152 (k = 64, rank = 32).
 
-    python bench/extract_speed.py [--prompts 16] [--tokens 48] [--rounds 3] [--threads 2]
+    python bench/extract_speed.py [--prompts 32] [--batch 32] [--tokens 48] [--rounds 3] [--threads 2]
     python bench/extract_speed.py --smoke --model tiny-hf/   # seconds: the test suite's smoke run
 """
 
@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import smollm2_gguf  # noqa: E402
+from sali.training import TrainJob  # noqa: E402
 
 QUESTIONS = [
     "How do I bake sourdough bread?",
@@ -79,16 +81,20 @@ def step_by_step(base, aligned, base_rows, aligned_rows, max_new, stop, target_k
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--reference-prompts", type=int, default=8,
+                        help="prompts the step-by-step method reads each round (it takes one prompt at a time, so its "
+                             "positions/s do not depend on how many; fewer keeps the benchmark short)")
     parser.add_argument("--tokens", type=int, default=48, help="max new tokens per response")
-    parser.add_argument("--batch", type=int, default=8, help="sali's prompts per extraction batch")
+    parser.add_argument("--batch", type=int, default=TrainJob.extract_batch,
+                        help=f"sali's prompts per extraction batch (default: sali train's, {TrainJob.extract_batch})")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", type=Path, help="a Hugging Face model folder instead of SmolLM2-135M-Instruct")
     parser.add_argument("--smoke", action="store_true", help="2 prompts, 4 tokens, 1 round, 1 thread: checks the script runs")
     args = parser.parse_args()
     if args.smoke:
-        args.prompts, args.tokens, args.batch, args.rounds, args.threads = 2, 4, 2, 1, 1
+        args.prompts, args.reference_prompts, args.tokens, args.batch, args.rounds, args.threads = 2, 2, 4, 2, 1, 1
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,9 +122,10 @@ def main() -> None:
         base="smollm2", aligned="smollm2", base_identity="", aligned_identity="", base_format={"type": "chat"},
         prompts_sha="", n_prompts=len(prompts), max_new_tokens=args.tokens, k_store=min(256, len(tokenizer)),
         target_k=min(256, len(tokenizer)),
-        batch_prompts=args.batch, dtype="float32",
+        batch_prompts=args.batch, dtype="float32", hidden=False,  # what a top-k head (sali train's default kind) extracts
     )
-    print(f"model {name} as base and aligned · {len(prompts)} prompts · ≤{args.tokens} new tokens · threads {args.threads}")
+    print(f"model {name} as base and aligned · {len(prompts)} prompts in batches of {args.batch} (step-by-step: the first "
+          f"{min(args.reference_prompts, len(prompts))}) · ≤{args.tokens} new tokens · threads {args.threads}")
 
     def ours() -> int:
         count = 0
@@ -128,7 +135,8 @@ def main() -> None:
         return count
 
     def reference() -> int:
-        return step_by_step(model, model, rows, rows, args.tokens, stop, settings.target_k, settings.k_store)
+        few = rows[: args.reference_prompts]
+        return step_by_step(model, model, few, few, args.tokens, stop, settings.target_k, settings.k_store)
 
     ours()  # warm-up
     ratios, ours_rates, ref_rates = [], [], []
@@ -144,6 +152,14 @@ def main() -> None:
         print(f"round {round_ + 1}: sali {rates['sali']:.1f} pos/s · step-by-step {rates['step']:.1f} pos/s · ratio {ratios[-1]:.2f}")
     print(f"median positions/s: sali {statistics.median(ours_rates):.1f}, step-by-step {statistics.median(ref_rates):.1f}")
     print(f"median speed-up: {statistics.median(ratios):.2f}x")
+
+    shard = extract.extract_batch(model, model, rows[: args.batch], rows[: args.batch], pad, stops, replace(settings, hidden=True))
+    positions = len(shard["token"])
+    per_position = {name: shard[name].nbytes / positions for name in settings.arrays()}
+    hidden = shard["hidden"].nbytes / positions
+    print(f"shard bytes per position: {sum(per_position.values()):.0f} for a top-k head, {sum(per_position.values()) + hidden:.0f} "
+          f"with the hidden states a white-box head reads ({hidden:.0f}): "
+          f"{1 - sum(per_position.values()) / (sum(per_position.values()) + hidden):.0%} smaller without")
 
     from sali.head import Head
 

@@ -404,8 +404,9 @@ def train(
         int, typer.Option("--max-new-tokens", help="Longest aligned response.", min=1, rich_help_panel="Extraction")
     ] = 128,
     extract_batch: Annotated[
-        int, typer.Option("--extract-batch", help="Prompts per extraction batch.", min=1, rich_help_panel="Extraction")
-    ] = 8,
+        int, typer.Option("--extract-batch", help="Prompts per extraction batch (generated together; one cache shard).",
+                          min=1, rich_help_panel="Extraction")
+    ] = 32,
     trajectories: Annotated[
         str,
         typer.Option(

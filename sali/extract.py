@@ -7,8 +7,9 @@ For each batch of prompts:
    base's format): the states the base reaches when a head fails to steer it, where ALIGNED's
    choices show how to steer back (e.g. into a refusal after a compliant opening). Steps 2 and 3
    then run on both sets of responses; a base response identical to ALIGNED's is skipped.
-2. ALIGNED reads prompt + response teacher-forced in one forward pass: its top-K logits at every
-   response position (the distillation target).
+2. ALIGNED's top-K logits at every response position (the distillation target): on its own
+   responses, the logits its generation already computed (kept by ``generate``, so no second
+   pass); on the base's responses, one teacher-forced forward pass.
 3. BASE reads the same response tokens after the prompt in *the base's* format, also in one
    teacher-forced pass: its full-vocabulary log-probs, of which only the top ``k_store``
    (ids + values) and the values at ALIGNED's top-K ids are kept, and for the white-box head
@@ -130,26 +131,53 @@ def _left_pad(rows: list[list[int]], pad: int):
     return ids, mask
 
 
-def generate_responses(model, prompt_rows: list[list[int]], pad: int, stop: set[int], max_new_tokens: int) -> list[list[int]]:
-    """Greedy responses (ids, ending with the stop token when one was produced)."""
+def generate_responses(model, prompt_rows: list[list[int]], pad: int, stop: set[int], max_new_tokens: int,
+                       keep_top: int = 0):
+    """Greedy responses (ids, ending with the stop token when one was produced).
+
+    With `keep_top` = K > 0, returns ``(responses, (values, ids))``: the model's K largest raw
+    next-token logits at every generated step, ``(B, T, K)`` float32 and int64 (T = longest
+    response), largest first. These are the positions :func:`teacher_forced` reads, taken on the
+    way from the output projection (a forward hook sees each step's ``(B, 1, V)`` logits before
+    any logits processor), so ALIGNED needs no second pass and only K of V values per position
+    are held.
+    """
     import torch
 
     ids, mask = _left_pad(prompt_rows, pad)
     device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=sorted(stop) or None,
-        )
+    kept: list[tuple[Any, Any]] = []
+
+    def keep(module, args, output) -> None:
+        kept.append(output[:, -1].float().topk(keep_top, dim=-1))
+
+    hook = model.get_output_embeddings().register_forward_hook(keep) if keep_top else None
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=sorted(stop) or None,
+            )
+    finally:
+        if hook is not None:
+            hook.remove()
     responses = []
     for row in out[:, ids.shape[1] :].tolist():
         cut = next((i + 1 for i, token in enumerate(row) if token in stop), len(row))
         responses.append(row[:cut])
-    return responses
+    if not keep_top:
+        return responses
+    longest = max(len(r) for r in responses)
+    if len(kept) < longest:  # a model whose generation does not call its output projection once a step
+        raise SaliError(f"{type(model).__name__}: its generation made {len(kept)} output-projection calls for {longest} tokens")
+    return responses, (torch.stack([v for v, _ in kept[:longest]], dim=1), torch.stack([i for _, i in kept[:longest]], dim=1))
+
+
+FORCED_ROWS = 8  # responses per teacher-forced pass: bounds its (rows, T, V) logits whatever the extraction batch
 
 
 def teacher_forced(model, prompt_rows: list[list[int]], responses: list[list[int]], pad: int):
@@ -203,13 +231,16 @@ def extract_batch(base, aligned, base_rows, aligned_rows, pad, stops, settings: 
     `stops` maps ``"aligned"`` and ``"base"`` to each model's end-of-response ids. The shard's
     ``responses`` entry holds ALIGNED's responses (ids), one per prompt.
     """
-    responses = {"aligned": generate_responses(aligned, aligned_rows, pad, stops["aligned"], settings.max_new_tokens)}
+    own_aligned, aligned_top = generate_responses(aligned, aligned_rows, pad, stops["aligned"], settings.max_new_tokens,
+                                                  keep_top=settings.target_k)
+    responses = {"aligned": own_aligned}
     if settings.trajectories == "aligned+base":
         own = generate_responses(base, base_rows, pad, stops["base"], settings.max_new_tokens)
         responses["base"] = [r if r != a else [] for r, a in zip(own, responses["aligned"])]
     parts = []
     for name, rows in responses.items():
-        part = read_responses(base, aligned, base_rows, aligned_rows, rows, pad, settings)
+        part = read_responses(base, aligned, base_rows, aligned_rows, rows, pad, settings,
+                              aligned_top=aligned_top if name == "aligned" else None)
         if len(part["token"]):
             part["source"] = np.full(len(part["token"]), SOURCES[name], dtype=np.int8)
             parts.append(part)
@@ -220,35 +251,49 @@ def extract_batch(base, aligned, base_rows, aligned_rows, pad, stops, settings: 
     return out
 
 
-def read_responses(base, aligned, base_rows, aligned_rows, responses, pad, settings: ExtractSettings) -> dict[str, np.ndarray]:
+def read_responses(base, aligned, base_rows, aligned_rows, responses, pad, settings: ExtractSettings,
+                   aligned_top=None) -> dict[str, np.ndarray]:
     """Both models teacher-forced on `responses` (one list of ids per prompt; empty ones are
-    skipped): every :data:`SHARD_ARRAYS` entry but ``source``, one row per response position."""
-    import torch
-
+    skipped), :data:`FORCED_ROWS` responses per pass: every :data:`SHARD_ARRAYS` entry but
+    ``source``, one row per response position. `aligned_top`: ALIGNED's top-K logits on these
+    responses, ``(values, ids)`` each ``(B, T, K)``, when its generation kept them
+    (:func:`generate_responses`); ALIGNED is then not run again."""
     keep_rows = [i for i, r in enumerate(responses) if r]
     if not keep_rows:
         return {name: np.zeros((0,)) for name in settings.arrays() if name != "source"}
-    al_logits, _ = teacher_forced(aligned, [aligned_rows[i] for i in keep_rows], [responses[i] for i in keep_rows], pad)
-    base_logits, hidden = teacher_forced(base, [base_rows[i] for i in keep_rows], [responses[i] for i in keep_rows], pad)
-    select = torch.zeros(al_logits.shape[:2], dtype=torch.bool)
-    for j, i in enumerate(keep_rows):
-        select[j, : len(responses[i])] = True
-    al_logits = al_logits[select.to(al_logits.device)]
+    parts = [_read_rows(base, aligned, base_rows, aligned_rows, responses, keep_rows[start : start + FORCED_ROWS], pad,
+                        settings, aligned_top)
+             for start in range(0, len(keep_rows), FORCED_ROWS)]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _read_rows(base, aligned, base_rows, aligned_rows, responses, rows, pad, settings: ExtractSettings, aligned_top):
+    """:func:`read_responses` for the non-empty responses `rows` (indices), in one pass per model."""
+    import torch
+
+    lengths = [len(responses[i]) for i in rows]
+    base_logits, hidden = teacher_forced(base, [base_rows[i] for i in rows], [responses[i] for i in rows], pad)
+    select = torch.zeros((len(rows), max(lengths)), dtype=torch.bool)
+    for j, n in enumerate(lengths):
+        select[j, :n] = True
+    if aligned_top is not None:
+        al_values, al_ids = (part[rows, : max(lengths)].to(base_logits.device)[select.to(base_logits.device)] for part in aligned_top)
+    else:
+        al_logits, _ = teacher_forced(aligned, [aligned_rows[i] for i in rows], [responses[i] for i in rows], pad)
+        al_values, al_ids = al_logits[select.to(al_logits.device)].topk(settings.target_k, dim=-1)
+        del al_logits
     base_lp = torch.log_softmax(base_logits[select.to(base_logits.device)], dim=-1)
-    al_values, al_ids = al_logits.topk(settings.target_k, dim=-1)
+    del base_logits
     base_values, base_ids = base_lp.topk(settings.k_store, dim=-1)
-    rows = np.concatenate([np.full(len(responses[i]), i, dtype=np.int32) for i in keep_rows])
-    steps = np.concatenate([np.arange(len(responses[i]), dtype=np.int32) for i in keep_rows])
-    tokens = np.concatenate([np.asarray(responses[i], dtype=np.int32) for i in keep_rows])
     arrays = {
-        "row": rows,
-        "step": steps,
-        "token": tokens,
+        "row": np.concatenate([np.full(n, i, dtype=np.int32) for i, n in zip(rows, lengths)]),
+        "step": np.concatenate([np.arange(n, dtype=np.int32) for n in lengths]),
+        "token": np.concatenate([np.asarray(responses[i], dtype=np.int32) for i in rows]),
         "base_ids": base_ids.cpu().numpy().astype(np.int32),
         "base_lp": base_values.cpu().numpy().astype(np.float16),
         "al_ids": al_ids.cpu().numpy().astype(np.int32),
         "al_logits": al_values.cpu().numpy().astype(np.float16),
-        "base_at_al": base_lp.gather(-1, al_ids).cpu().numpy().astype(np.float16),
+        "base_at_al": base_lp.gather(-1, al_ids.to(base_lp.device)).cpu().numpy().astype(np.float16),
     }
     if settings.hidden:
         arrays["hidden"] = hidden[select.to(hidden.device)].float().cpu().numpy().astype(np.float16)

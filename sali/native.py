@@ -36,8 +36,8 @@ from sali.head import Head
 
 # context slots, int64 each (alpha: a float64's bits)
 (_ROWS, _PROMOTE, _PROMOTE_W, _MIXED, _LLAMA_CTX, _GET_LOGITS, _CLOCK_GETTIME, _CLOCK_ID, _CLOCK, _VOCAB, _RANK, _PROMOTED,
- _TOP_K, _ALPHA, _ERROR, _GOT, _CALLS, _TIMES, _TIMES_CAPACITY) = range(19)
-_SLOTS = 19
+ _TOP_K, _ALPHA, _ERROR, _GOT, _CALLS, _TIMES, _TIMES_CAPACITY, _HEAP_IDS, _HEAP_LOGITS, _BLOCK_MAX, _BLOCKS) = range(23)
+_SLOTS = 23
 ERROR_WRONG_SIZE, ERROR_NO_LOGITS = 1, 2
 
 
@@ -134,11 +134,116 @@ _kernel = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_
 
 
 @numba.njit(cache=True, nogil=True)
+def _sift_down(heap_ids, heap_logits, slot, size):
+    """Restore the min-heap order below `slot` (the smallest logit at the root)."""
+    while True:
+        child = 2 * slot + 1
+        if child >= size:
+            return
+        if child + 1 < size and heap_logits[child + 1] < heap_logits[child]:
+            child += 1
+        if heap_logits[child] >= heap_logits[slot]:
+            return
+        heap_ids[slot], heap_ids[child] = heap_ids[child], heap_ids[slot]
+        heap_logits[slot], heap_logits[child] = heap_logits[child], heap_logits[slot]
+        slot = child
+
+
+@numba.njit(cache=True, nogil=True)
+def _select_top_k(ids, logits, n, k, heap_ids, heap_logits):
+    """Move the `k` largest of the `n` candidates to the front, largest first, as llama.cpp's
+    top-k sampler leaves them (ties in any order). One pass through a size-`k` min-heap: about
+    ``n`` comparisons when few candidates beat the k-th best, which is the usual case, against a
+    sort of llama_token_data structs in llama.cpp's sampler (measured about 100 µs a token at
+    V = 49,152 on the 2-core development machine).
+
+    ``ids``/``logits``: strided views as in :func:`_packed_kernel`; ``heap_ids``/``heap_logits``:
+    ``(k,)`` scratch.
+    """
+    for i in range(k):
+        heap_ids[i] = ids[3 * i]
+        heap_logits[i] = logits[3 * i]
+    for slot in range(k // 2 - 1, -1, -1):
+        _sift_down(heap_ids, heap_logits, slot, k)
+    for i in range(k, n):
+        value = logits[3 * i]
+        if value > heap_logits[0]:
+            heap_ids[0] = ids[3 * i]
+            heap_logits[0] = value
+            _sift_down(heap_ids, heap_logits, 0, k)
+    for last in range(k - 1, -1, -1):  # pop the smallest to the back: largest first at the front
+        ids[3 * last] = heap_ids[0]
+        logits[3 * last] = heap_logits[0]
+        heap_ids[0], heap_logits[0] = heap_ids[last], heap_logits[last]
+        _sift_down(heap_ids, heap_logits, 0, last)
+
+
+@numba.njit(cache=True, nogil=True)
 def _now(ctx) -> int:
     """Monotonic nanoseconds, through the clock_gettime address in the context."""
     _call_clock_gettime(ctx[_CLOCK_GETTIME], ctx[_CLOCK_ID], ctx[_CLOCK])
     clock = carray(_int64_at(ctx[_CLOCK]), 2)
     return clock[0] * 1_000_000_000 + clock[1]
+
+
+BLOCK = 64  # raw logits per block in :func:`_select_top_k_raw`
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nnan", "ninf"})
+def _block_maxima(raw, block_max):
+    """``block_max[b]`` = the largest of ``raw[b * BLOCK : (b + 1) * BLOCK]`` (a loop the compiler vectorises)."""
+    V = raw.shape[0]
+    for b in range(block_max.shape[0]):
+        top = raw[b * BLOCK]
+        for i in range(b * BLOCK + 1, min(V, (b + 1) * BLOCK)):
+            top = max(top, raw[i])
+        block_max[b] = top
+
+
+@numba.njit(cache=True, nogil=True)
+def _select_top_k_raw(raw, ids, logits, k, block_max, heap_ids, heap_logits) -> bool:
+    """:func:`_select_top_k` for the whole vocabulary in token-id order, read from llama.cpp's
+    contiguous ``(V,)`` raw logits: the k-th largest block maximum is a floor for the top k
+    (k blocks reach it, so k logits do), so only the blocks that reach it are searched, a few
+    thousand logits instead of V. Returns False (and writes nothing) when fewer than k finite
+    logits were found or the vocabulary has fewer than k blocks, for :func:`_select_top_k` to do
+    it the long way."""
+    n_blocks = block_max.shape[0]
+    if k > n_blocks:
+        return False
+    _block_maxima(raw, block_max)
+    for i in range(k):  # the k largest block maxima, in a min-heap: its root is the floor
+        heap_ids[i] = i
+        heap_logits[i] = block_max[i]
+    for slot in range(k // 2 - 1, -1, -1):
+        _sift_down(heap_ids, heap_logits, slot, k)
+    for b in range(k, n_blocks):
+        if block_max[b] > heap_logits[0]:
+            heap_ids[0] = b
+            heap_logits[0] = block_max[b]
+            _sift_down(heap_ids, heap_logits, 0, k)
+    floor = heap_logits[0]
+    for i in range(k):
+        heap_ids[i] = -1
+        heap_logits[i] = -np.inf
+    V = raw.shape[0]
+    for b in range(n_blocks):
+        if block_max[b] >= floor:
+            for i in range(b * BLOCK, min(V, (b + 1) * BLOCK)):
+                value = raw[i]
+                if value > heap_logits[0]:
+                    heap_ids[0] = i
+                    heap_logits[0] = value
+                    _sift_down(heap_ids, heap_logits, 0, k)
+    for i in range(k):
+        if heap_ids[i] < 0:
+            return False
+    for last in range(k - 1, -1, -1):
+        ids[3 * last] = heap_ids[0]
+        logits[3 * last] = heap_logits[0]
+        heap_ids[0], heap_logits[0] = heap_ids[last], heap_logits[last]
+        _sift_down(heap_ids, heap_logits, 0, last)
+    return True
 
 
 @numba.cfunc(types.void(types.CPointer(types.int64), types.CPointer(types.int64)), nogil=True, cache=True)
@@ -151,10 +256,10 @@ def _apply(sampler, cur):
         return  # the decoding loop stops at this token
     timed = ctx[_TIMES_CAPACITY] > 0
     start = _now(ctx) if timed else 0
-    k = ctx[_TOP_K]
-    if cur[1] != k:
+    k, n = ctx[_TOP_K], cur[1]
+    if n < k or n > ctx[_VOCAB]:
         ctx[_ERROR] = ERROR_WRONG_SIZE
-        ctx[_GOT] = cur[1]
+        ctx[_GOT] = n
         return
     raw = _call_get_logits(ctx[_GET_LOGITS], ctx[_LLAMA_CTX], -1)
     if raw == 0:
@@ -165,7 +270,16 @@ def _apply(sampler, cur):
     alpha = carray(_float64_at(address + 8 * _ALPHA), 1)[0]
     # llama_token_data is {int32 id; float logit; float p}: candidate i's id is word 3i of an int32
     # view of the array, its logit word 3i of a float32 view that starts 4 bytes on
-    count = _kernel(carray(_int32_at(data), 3 * V), carray(_float32_at(data + 4), 3 * V - 1), k,
+    ids, logits = carray(_int32_at(data), 3 * V), carray(_float32_at(data + 4), 3 * V - 1)
+    if n > k:
+        heap_ids, heap_logits = carray(_int32_at(ctx[_HEAP_IDS]), k), carray(_float32_at(ctx[_HEAP_LOGITS]), k)
+        # the whole vocabulary, untouched (this sampler comes first in the chain): read the raw logits
+        quick = n == V and _select_top_k_raw(
+            carray(_float32_at(raw), V), ids, logits, k, carray(_float32_at(ctx[_BLOCK_MAX]), ctx[_BLOCKS]), heap_ids, heap_logits)
+        if not quick:
+            _select_top_k(ids, logits, n, k, heap_ids, heap_logits)
+    selected = _now(ctx) if timed else 0
+    count = _kernel(ids, logits, k,
                     carray(_float32_at(raw), V), carray(_int64_at(ctx[_PROMOTE]), m),
                     carray(_float32_at(ctx[_ROWS]), (V, 2 * r + 1)), carray(_float32_at(ctx[_PROMOTE_W]), (m, r + 1)),
                     carray(_float32_at(ctx[_MIXED]), r + 1), alpha)
@@ -173,8 +287,11 @@ def _apply(sampler, cur):
     cur[2] = -1  # selected: none
     cur[3] = 0  # sorted = false; the other 7 bytes of this word are the struct's padding
     calls = ctx[_CALLS]
-    if timed:
-        carray(_int64_at(ctx[_TIMES]), ctx[_TIMES_CAPACITY])[calls % ctx[_TIMES_CAPACITY]] = _now(ctx) - start
+    if timed:  # two rings: the head's part of the call, then the top-k selection's
+        capacity = ctx[_TIMES_CAPACITY]
+        times = carray(_int64_at(ctx[_TIMES]), 2 * capacity)
+        times[calls % capacity] = _now(ctx) - selected
+        times[capacity + calls % capacity] = selected - start
     ctx[_CALLS] = calls + 1
 
 
@@ -198,7 +315,7 @@ class NativeSampler:
     n_vocab: int
     keep_times: int = 0
     _context: np.ndarray = field(init=False, repr=False)
-    _times: np.ndarray = field(init=False, repr=False)  # (keep_times,) int64 ns, a ring the machine code writes
+    _times: np.ndarray = field(init=False, repr=False)  # (2 * keep_times,) int64 ns: two rings the machine code writes
     _keep: list = field(init=False, repr=False)  # every buffer the machine code reads through an address
 
     def __post_init__(self) -> None:
@@ -207,8 +324,11 @@ class NativeSampler:
         rows, promoted = self.head.packed()
         promote = np.ascontiguousarray(self.head.promote, dtype=np.int64)
         mixed = np.zeros(self.head.rank + 1, dtype=np.float32)
-        times = np.zeros(max(self.keep_times, 1), dtype=np.int64)
+        times = np.zeros(2 * max(self.keep_times, 1), dtype=np.int64)
         clock = np.zeros(2, dtype=np.int64)
+        top_k = min(self.head.k, self.n_vocab)
+        heap_ids, heap_logits = np.zeros(top_k, dtype=np.int32), np.zeros(top_k, dtype=np.float32)
+        block_max = np.zeros(-(-self.n_vocab // BLOCK), dtype=np.float32)
         ctx = np.zeros(_SLOTS, dtype=np.int64)
         ctx[_ROWS], ctx[_PROMOTE], ctx[_PROMOTE_W] = rows.ctypes.data, promote.ctypes.data, promoted.ctypes.data
         ctx[_MIXED], ctx[_CLOCK], ctx[_TIMES] = mixed.ctypes.data, clock.ctypes.data, times.ctypes.data
@@ -217,12 +337,14 @@ class NativeSampler:
         if self.keep_times:  # the platform's monotonic clock (its id differs between Linux and macOS)
             ctx[_CLOCK_GETTIME], ctx[_CLOCK_ID] = _address(ctypes.CDLL(None).clock_gettime), time.CLOCK_MONOTONIC
         ctx[_VOCAB], ctx[_RANK], ctx[_PROMOTED] = self.n_vocab, self.head.rank, promote.size
-        ctx[_TOP_K] = min(self.head.k, self.n_vocab)
+        ctx[_TOP_K] = top_k
+        ctx[_HEAP_IDS], ctx[_HEAP_LOGITS] = heap_ids.ctypes.data, heap_logits.ctypes.data
+        ctx[_BLOCK_MAX], ctx[_BLOCKS] = block_max.ctypes.data, block_max.size
         ctx[_ALPHA:_ALPHA + 1].view(np.float64)[0] = float(self.alpha)
         ctx[_TIMES_CAPACITY] = self.keep_times
         self._context = ctx
         self._times = times
-        self._keep = [rows, promoted, promote, mixed, times, clock]
+        self._keep = [rows, promoted, promote, mixed, times, clock, heap_ids, heap_logits, block_max]
 
     @property
     def active(self) -> bool:
@@ -237,6 +359,11 @@ class NativeSampler:
         return self.active
 
     @property
+    def selects_top_k(self) -> bool:
+        """It picks the base's top k itself (:func:`_select_top_k`): the chain needs no top-k sampler before it."""
+        return True
+
+    @property
     def calls(self) -> int:
         return int(self._context[_CALLS])
 
@@ -244,25 +371,32 @@ class NativeSampler:
     def error(self) -> BaseException | None:
         code = int(self._context[_ERROR])
         if code == ERROR_WRONG_SIZE:
-            return RuntimeError(f"the head expects the base's top {self._context[_TOP_K]} candidates, "
-                                f"llama.cpp passed {self._context[_GOT]}")
+            return RuntimeError(f"the head expects between {self._context[_TOP_K]} and {self._context[_VOCAB]} "
+                                f"candidates, llama.cpp passed {self._context[_GOT]}")
         if code == ERROR_NO_LOGITS:
             return RuntimeError("llama.cpp returned no logits for the last token")
         return None
 
+    def _ring(self, offset: int) -> list[float]:
+        kept = min(self.calls, self.keep_times)
+        capacity = self.keep_times
+        return [float(self._times[offset + (self.calls - kept + i) % capacity]) * 1e-9 for i in range(kept)]
+
     @property
     def durations(self) -> list[float]:
-        """Seconds of each of the latest ``keep_times`` calls, oldest first."""
-        kept = min(self.calls, self.keep_times)
-        if not kept:
-            return []
-        times, capacity = self._times, self.keep_times
-        order = [(self.calls - kept + i) % capacity for i in range(kept)]
-        return [float(times[i]) * 1e-9 for i in order]
+        """Seconds the head took in each of the latest ``keep_times`` calls, oldest first: reading
+        the candidates and raw logits, the head's arithmetic, writing them back (the selection of
+        the top k, which llama.cpp's top-k sampler does before the Python callback, not included)."""
+        return self._ring(0)
+
+    @property
+    def selection_durations(self) -> list[float]:
+        """Seconds the choice of the base's top k took in each of the latest ``keep_times`` calls."""
+        return self._ring(self.keep_times)
 
     @property
     def seconds(self) -> float:
-        """Seconds of the calls still kept (all of them when ``keep_times`` ≥ calls)."""
+        """Seconds of the head's part of the calls still kept (all of them when ``keep_times`` ≥ calls)."""
         return sum(self.durations)
 
     def adjusted(self) -> None:

@@ -292,6 +292,12 @@ class HeadSampler:
         return None
 
     @property
+    def selects_top_k(self) -> bool:
+        """Whether it picks the base's top k itself (the compiled sampler does; this callback relies
+        on llama.cpp's top-k sampler just before it)."""
+        return False
+
+    @property
     def needed(self) -> bool:
         """Whether the chain needs this callback at all (plain decoding with nothing to check does not)."""
         return self.active or self.verify or self.probe is not None
@@ -651,7 +657,7 @@ class Model:
         """Yield sampled token ids until an end-of-generation token, `max_tokens` or the context
         end; the generator's return value is the finish reason (``eos``, ``length``, ``context``).
 
-        The chain: [native top-k(head.k)] → head callback → penalties → top-k → top-p → min-p →
+        The chain: [native top-k(head.k), unless the compiled head selects its own] → head → penalties → top-k → top-p → min-p →
         temperature → sampling (or greedy). `head` is a :class:`Head` or heads in combination
         (:class:`sali.combine.Combined`). With `explain` a list, an :class:`Explained` is
         appended to it for every token before the token is yielded.
@@ -672,7 +678,7 @@ class Model:
             ctrl_c = CtrlC()
             try:
                 ctrl_c.install()
-                if hook.active:
+                if hook.active and not hook.selects_top_k:
                     chain.add_top_k(hook.top_k)  # native selection: the callback gets only the top k
                 if hook.needed:
                     hook.attach(chain)

@@ -35,7 +35,7 @@ class TrainJob:
     epochs: int = 30
     lr: float = 3e-3
     batch_size: int = 512
-    extract_batch: int = 8
+    extract_batch: int = 32
     trajectories: str = "aligned"
     delta_penalty: float = 1.0
     val_fraction: float = 0.1

@@ -49,8 +49,9 @@ class TinyModels:
         return getattr(self, outtype)
 
 
-def run_sali(*args: str, input: str | None = None, timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real `sali` command in a subprocess (as a user would) and capture its output."""
+def run_sali(*args: str, input: str | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `sali` command in a subprocess (as a user would) and capture its output. The
+    timeout only catches a hang: a loaded machine makes a seconds-long command take minutes."""
     full_env = dict(os.environ, COLUMNS="120", NO_COLOR="1", **(env or {}))
     full_env.pop("SALI_DEBUG", None)
     return subprocess.run(

@@ -119,3 +119,32 @@ def test_format_ids_match_llama_cpp_tokenization(tiny, tiny_model):
             text = render(fmt, [{"role": "user", "content": prompt}], chat_template=tiny_model.chat_template,
                           bos_token=tiny_model.bos_text, eos_token=tiny_model.eos_text)
             assert format_ids(tokenizer, fmt, prompt) == tiny_model.tokenize(text), (fmt, prompt)
+
+
+def test_top_logits_kept_by_generation_equal_a_teacher_forced_pass(tiny):
+    """ALIGNED's distillation targets come from its generation (no second pass): its top-K
+    logits there must be what a teacher-forced pass over prompt + response computes, left padding
+    and responses of different lengths included."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sali.extract import end_ids, format_ids, generate_responses, teacher_forced
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny.hf_dir, dtype=torch.float32).eval()
+    rows = [format_ids(tokenizer, {"type": "chat"}, p) for p in ("Hi", "How do I bake sourdough bread at home?", "Why?")]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    free = generate_responses(model, rows, pad, end_ids(tokenizer, model), 12)
+    stop = end_ids(tokenizer, model) | {free[0][4]}  # the first row stops early
+    K = 20
+    responses, (values, ids) = generate_responses(model, rows, pad, stop, 12, keep_top=K)
+    assert len({len(r) for r in responses}) > 1
+    forced, _ = teacher_forced(model, rows, responses, pad)
+    longest = max(len(r) for r in responses)
+    assert values.shape == ids.shape == (3, longest, K) and forced.shape[:2] == (3, longest)
+    for i, response in enumerate(responses):
+        n = len(response)
+        want_values, want_ids = forced[i, :n].topk(K, dim=-1)
+        torch.testing.assert_close(values[i, :n], want_values, rtol=1e-4, atol=1e-4)
+        assert torch.equal(ids[i, :n], want_ids)
+        assert ids[i, :n, 0].tolist() == response  # greedy: each step's best is the token taken

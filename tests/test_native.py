@@ -17,8 +17,9 @@ def _tokens(model, head, sampling, hook) -> list[int]:
     return list(model.sample_tokens(model.tokenize(PROMPT), sampling, head, stats=hook))
 
 
-@pytest.mark.parametrize("sampling", [Sampling(max_tokens=24), Sampling(max_tokens=24, temperature=1.0, seed=5)],
-                         ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [Sampling(max_tokens=24), Sampling(max_tokens=24, temperature=1.0, seed=5),
+                                      Sampling(max_tokens=24, temperature=1.0, seed=7, top_k=0, top_p=1.0, min_p=0.0)],
+                         ids=["greedy", "sampled", "sampled-in-candidate-order"])
 def test_compiled_and_python_paths_choose_the_same_tokens(tiny_model, sampling):
     head = make_head(tiny_model, k=12, promote=[3, 4, 5, 200])
     plain = _tokens(tiny_model, None, sampling, None)
@@ -58,11 +59,67 @@ def test_compiled_kernel_equals_the_reference_kernel():
         np.testing.assert_allclose(whole["logit"][:got], ref_logits[:count], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 2, 7, 64])
+def test_compiled_top_k_selection_leaves_the_k_largest_first_in_order(k):
+    """What llama.cpp's top-k sampler would leave: the k largest, largest first, ids with them;
+    on shuffled, ascending and descending logits."""
+    rng = np.random.default_rng(k)
+    n = 2000
+    for order in ("shuffled", "ascending", "descending"):
+        values = rng.permutation(n).astype(np.float32) * 0.01 - 7  # distinct
+        if order != "shuffled":
+            values = np.sort(values) if order == "ascending" else -np.sort(-values)
+        ids = rng.permutation(n).astype(np.int32)
+        whole = np.zeros(n, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        whole["id"], whole["logit"] = ids, values
+        words = whole.view(np.int32)
+        native._select_top_k(words, words.view(np.float32)[1:], n, k, np.zeros(k, np.int32), np.zeros(k, np.float32))
+        best = np.argsort(-values)[:k]
+        assert np.array_equal(whole["logit"][:k], values[best]), order
+        assert np.array_equal(whole["id"][:k], ids[best]), order
+
+
+@pytest.mark.parametrize("k", [1, 5, 64])
+def test_top_k_from_the_raw_logits_by_blocks_equals_a_full_sort(k):
+    """The block-maximum search (only blocks that reach the k-th largest block maximum are read)
+    finds the same k as a full sort: random logits, a vocabulary that does not fill its last
+    block, the top k crowded into one block, -inf logits; and declines when fewer than k are finite."""
+    rng = np.random.default_rng(k)
+    cases = {"random": rng.standard_normal(5000).astype(np.float32) * 3,
+             "ragged": rng.standard_normal(native.BLOCK * 70 + 7).astype(np.float32)}
+    crowded = rng.standard_normal(6000).astype(np.float32)
+    crowded[128:128 + native.BLOCK] += 50  # every one of the top k in one block
+    cases["crowded"] = crowded
+    masked = rng.standard_normal(6000).astype(np.float32)
+    masked[rng.choice(6000, 5000, replace=False)] = -np.inf
+    cases["masked"] = masked
+    for name, raw in cases.items():
+        V = raw.size
+        whole = np.zeros(V, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        whole["id"], whole["logit"] = np.arange(V), raw
+        words = whole.view(np.int32)
+        blocks = np.zeros(-(-V // native.BLOCK), np.float32)
+        assert native._select_top_k_raw(raw, words, words.view(np.float32)[1:], k, blocks, np.zeros(k, np.int32),
+                                        np.zeros(k, np.float32)), name
+        best = np.argsort(-raw, kind="stable")[:k]
+        assert np.array_equal(whole["logit"][:k], raw[best]), name
+        assert set(whole["id"][:k].tolist()) == set(best.tolist()), name
+    few = np.full(300, -np.inf, np.float32)
+    few[:3] = 1.0
+    whole = np.zeros(300, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+    words = whole.view(np.int32)
+    assert not native._select_top_k_raw(few, words, words.view(np.float32)[1:], 5, np.zeros(5, np.float32),
+                                        np.zeros(5, np.int32), np.zeros(5, np.float32))
+    assert not native._select_top_k_raw(few, words, words.view(np.float32)[1:], 6, np.zeros(5, np.float32),
+                                        np.zeros(6, np.int32), np.zeros(6, np.float32))  # 6 > 5 blocks
+
+
 def test_compiled_sampler_handed_the_wrong_count_stops_before_emitting(tiny_model):
     head = make_head(tiny_model, k=12)
     hook = native.NativeSampler(head, 1.0, tiny_model.llama_context, tiny_model.n_vocab)
-    hook._context[native._TOP_K] = 13  # llama.cpp's top-k hands over 12
-    with pytest.raises(HeadError, match="expects the base's top 13 candidates, llama.cpp passed 12"):
+    V = tiny_model.n_vocab
+    hook._context[native._TOP_K] = V + 1  # llama.cpp hands over the whole vocabulary, V
+    with pytest.raises(HeadError, match=f"expects between {V + 1} and {V} candidates, llama.cpp passed {V}"):
         for _ in tiny_model.sample_tokens(tiny_model.tokenize(PROMPT), Sampling(max_tokens=8), head, stats=hook):
             pytest.fail("a token sampled without the head was emitted")
 
