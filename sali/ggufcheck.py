@@ -236,6 +236,26 @@ def _numbers(header: Header, key: str) -> list:
     return list(value) if isinstance(value, list) else [value]
 
 
+def kv_cache_bytes_per_token(header: Header) -> int | None:
+    """Bytes of llama.cpp's default (f16) KV cache per context position, from the header's
+    layer count, key/value heads and head sizes; None when a field it needs is missing."""
+    fields = header.fields
+    arch = fields.get("general.architecture")
+    if not isinstance(arch, bytes):
+        return None
+    arch = arch.decode("utf-8", "replace")
+    try:
+        layers = max(_numbers(header, f"{arch}.block_count"))
+        heads = max(_numbers(header, f"{arch}.attention.head_count"))
+        kv_heads = max(_numbers(header, f"{arch}.attention.head_count_kv")) if f"{arch}.attention.head_count_kv" in fields else heads
+        head_size = max(_numbers(header, f"{arch}.embedding_length")) // heads
+        key = max(_numbers(header, f"{arch}.attention.key_length")) if f"{arch}.attention.key_length" in fields else head_size
+        value = max(_numbers(header, f"{arch}.attention.value_length")) if f"{arch}.attention.value_length" in fields else head_size
+    except (KeyError, ValueError, TypeError, ZeroDivisionError):
+        return None
+    return int(layers * kv_heads * (key + value) * 2)
+
+
 def _is_count(value, lowest: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= lowest
 

@@ -476,6 +476,23 @@ def _check_sampler_contract(model: "Model") -> None:
         _CONTRACT["checked"] = True
 
 
+def _check_context_fits(header, n_ctx: int, n_gpu_layers: int) -> None:
+    """Refuse a context whose buffers cannot fit in this machine's memory, before llama.cpp
+    tries: a context of billions of tokens makes the kernel kill the process silently when the
+    pages are touched. Counted: llama-cpp-python's token buffer (4 bytes a position) and, with
+    no layer offloaded to a GPU, llama.cpp's f16 KV cache."""
+    from sali.ggufcheck import kv_cache_bytes_per_token
+
+    per_token = 4 + ((kv_cache_bytes_per_token(header) or 0) if not n_gpu_layers else 0)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if n_ctx * per_token > memory:
+        raise SaliError(f"a context of {n_ctx:,} tokens needs about {n_ctx * per_token / 2**30:,.0f} GiB "
+                        f"({per_token:,} bytes a token), more than this machine's {memory / 2**30:,.0f} GiB; lower --ctx")
+
+
 class Model:
     """A GGUF model loaded in llama.cpp, ready to generate with or without a head."""
 
@@ -490,7 +507,7 @@ class Model:
         verbose: bool = False,
     ):
         self.path = Path(path)
-        check_gguf(self.path)
+        _check_context_fits(check_gguf(self.path), n_ctx, n_gpu_layers)
         import llama_cpp
         import llama_cpp._logger
         from llama_cpp._utils import suppress_stdout_stderr
