@@ -272,23 +272,25 @@ def _read_rows(base, aligned, base_rows, aligned_rows, responses, rows, pad, set
     import torch
 
     lengths = [len(responses[i]) for i in rows]
-    base_logits, hidden = teacher_forced(base, [base_rows[i] for i in rows], [responses[i] for i in rows], pad)
+    chosen = [responses[i] for i in rows]
+    base_logits, hidden = teacher_forced(base, [base_rows[i] for i in rows], chosen, pad)
     select = torch.zeros((len(rows), max(lengths)), dtype=torch.bool)
     for j, n in enumerate(lengths):
         select[j, :n] = True
+    select = select.to(base_logits.device)
     if aligned_top is not None:
-        al_values, al_ids = (part[rows, : max(lengths)].to(base_logits.device)[select.to(base_logits.device)] for part in aligned_top)
+        al_values, al_ids = (part[rows, : max(lengths)].to(select.device)[select] for part in aligned_top)
     else:
-        al_logits, _ = teacher_forced(aligned, [aligned_rows[i] for i in rows], [responses[i] for i in rows], pad)
+        al_logits, _ = teacher_forced(aligned, [aligned_rows[i] for i in rows], chosen, pad)
         al_values, al_ids = al_logits[select.to(al_logits.device)].topk(settings.target_k, dim=-1)
         del al_logits
-    base_lp = torch.log_softmax(base_logits[select.to(base_logits.device)], dim=-1)
+    base_lp = torch.log_softmax(base_logits[select], dim=-1)
     del base_logits
     base_values, base_ids = base_lp.topk(settings.k_store, dim=-1)
     arrays = {
         "row": np.concatenate([np.full(n, i, dtype=np.int32) for i, n in zip(rows, lengths)]),
         "step": np.concatenate([np.arange(n, dtype=np.int32) for n in lengths]),
-        "token": np.concatenate([np.asarray(responses[i], dtype=np.int32) for i in rows]),
+        "token": np.concatenate([np.asarray(response, dtype=np.int32) for response in chosen]),
         "base_ids": base_ids.cpu().numpy().astype(np.int32),
         "base_lp": base_values.cpu().numpy().astype(np.float16),
         "al_ids": al_ids.cpu().numpy().astype(np.int32),

@@ -239,18 +239,22 @@ def _numbers(header: Header, key: str) -> list:
 def kv_cache_bytes_per_token(header: Header) -> int | None:
     """Bytes of llama.cpp's default (f16) KV cache per context position, from the header's
     layer count, key/value heads and head sizes; None when a field it needs is missing."""
-    fields = header.fields
-    arch = fields.get("general.architecture")
+    arch = header.fields.get("general.architecture")
     if not isinstance(arch, bytes):
         return None
     arch = arch.decode("utf-8", "replace")
+
+    def largest(key: str, default: int | None = None) -> int:
+        """The field's largest number (per-layer arrays included); `default` when it is absent."""
+        if default is not None and f"{arch}.{key}" not in header.fields:
+            return default
+        return max(_numbers(header, f"{arch}.{key}"))
+
     try:
-        layers = max(_numbers(header, f"{arch}.block_count"))
-        heads = max(_numbers(header, f"{arch}.attention.head_count"))
-        kv_heads = max(_numbers(header, f"{arch}.attention.head_count_kv")) if f"{arch}.attention.head_count_kv" in fields else heads
-        head_size = max(_numbers(header, f"{arch}.embedding_length")) // heads
-        key = max(_numbers(header, f"{arch}.attention.key_length")) if f"{arch}.attention.key_length" in fields else head_size
-        value = max(_numbers(header, f"{arch}.attention.value_length")) if f"{arch}.attention.value_length" in fields else head_size
+        layers, heads = largest("block_count"), largest("attention.head_count")
+        kv_heads = largest("attention.head_count_kv", heads)
+        head_size = largest("embedding_length") // heads
+        key, value = largest("attention.key_length", head_size), largest("attention.value_length", head_size)
     except (KeyError, ValueError, TypeError, ZeroDivisionError):
         return None
     return int(layers * kv_heads * (key + value) * 2)

@@ -150,6 +150,24 @@ def _sift_down(heap_ids, heap_logits, slot, size):
 
 
 @numba.njit(cache=True, nogil=True)
+def _heapify(heap_ids, heap_logits, size):
+    """Make the first `size` entries a min-heap."""
+    for slot in range(size // 2 - 1, -1, -1):
+        _sift_down(heap_ids, heap_logits, slot, size)
+
+
+@numba.njit(cache=True, nogil=True)
+def _drain_largest_first(heap_ids, heap_logits, ids, logits, k):
+    """Empty the size-`k` min-heap into candidates ``0..k-1`` of the strided views, largest first
+    (each pop of the smallest goes to the back)."""
+    for last in range(k - 1, -1, -1):
+        ids[3 * last] = heap_ids[0]
+        logits[3 * last] = heap_logits[0]
+        heap_ids[0], heap_logits[0] = heap_ids[last], heap_logits[last]
+        _sift_down(heap_ids, heap_logits, 0, last)
+
+
+@numba.njit(cache=True, nogil=True)
 def _select_top_k(ids, logits, n, k, heap_ids, heap_logits):
     """Move the `k` largest of the `n` candidates to the front, largest first, as llama.cpp's
     top-k sampler leaves them (ties in any order). One pass through a size-`k` min-heap: about
@@ -163,19 +181,14 @@ def _select_top_k(ids, logits, n, k, heap_ids, heap_logits):
     for i in range(k):
         heap_ids[i] = ids[3 * i]
         heap_logits[i] = logits[3 * i]
-    for slot in range(k // 2 - 1, -1, -1):
-        _sift_down(heap_ids, heap_logits, slot, k)
+    _heapify(heap_ids, heap_logits, k)
     for i in range(k, n):
         value = logits[3 * i]
         if value > heap_logits[0]:
             heap_ids[0] = ids[3 * i]
             heap_logits[0] = value
             _sift_down(heap_ids, heap_logits, 0, k)
-    for last in range(k - 1, -1, -1):  # pop the smallest to the back: largest first at the front
-        ids[3 * last] = heap_ids[0]
-        logits[3 * last] = heap_logits[0]
-        heap_ids[0], heap_logits[0] = heap_ids[last], heap_logits[last]
-        _sift_down(heap_ids, heap_logits, 0, last)
+    _drain_largest_first(heap_ids, heap_logits, ids, logits, k)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -189,7 +202,7 @@ def _now(ctx) -> int:
 BLOCK = 64  # raw logits per block in :func:`_select_top_k_raw`
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nnan", "ninf"})
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})  # no "ninf": a logit may be -inf
 def _block_maxima(raw, block_max):
     """``block_max[b]`` = the largest of ``raw[b * BLOCK : (b + 1) * BLOCK]`` (a loop the compiler vectorises)."""
     V = raw.shape[0]
@@ -215,8 +228,7 @@ def _select_top_k_raw(raw, ids, logits, k, block_max, heap_ids, heap_logits) -> 
     for i in range(k):  # the k largest block maxima, in a min-heap: its root is the floor
         heap_ids[i] = i
         heap_logits[i] = block_max[i]
-    for slot in range(k // 2 - 1, -1, -1):
-        _sift_down(heap_ids, heap_logits, slot, k)
+    _heapify(heap_ids, heap_logits, k)
     for b in range(k, n_blocks):
         if block_max[b] > heap_logits[0]:
             heap_ids[0] = b
@@ -238,11 +250,7 @@ def _select_top_k_raw(raw, ids, logits, k, block_max, heap_ids, heap_logits) -> 
     for i in range(k):
         if heap_ids[i] < 0:
             return False
-    for last in range(k - 1, -1, -1):
-        ids[3 * last] = heap_ids[0]
-        logits[3 * last] = heap_logits[0]
-        heap_ids[0], heap_logits[0] = heap_ids[last], heap_logits[last]
-        _sift_down(heap_ids, heap_logits, 0, last)
+    _drain_largest_first(heap_ids, heap_logits, ids, logits, k)
     return True
 
 

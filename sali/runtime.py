@@ -674,8 +674,8 @@ class Model:
         """Yield sampled token ids until an end-of-generation token, `max_tokens` or the context
         end; the generator's return value is the finish reason (``eos``, ``length``, ``context``).
 
-        The chain: [native top-k(head.k), unless the compiled head selects its own] → head → penalties → top-k → top-p → min-p →
-        temperature → sampling (or greedy). `head` is a :class:`Head` or heads in combination
+        The chain: [native top-k(head.k), unless the compiled head selects its own] → head →
+        penalties → top-k → top-p → min-p → temperature → sampling (or greedy). `head` is a :class:`Head` or heads in combination
         (:class:`sali.combine.Combined`). With `explain` a list, an :class:`Explained` is
         appended to it for every token before the token is yielded.
         """
