@@ -51,7 +51,8 @@ def test_heldout_sets_share_no_line_with_training_lists():
     heldout = {line.strip().lower() for name in ("harmful", "benign", "alarming")
                for line in (HELDOUT / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()}
     assert len(heldout) == 160
-    for name in ("benign_requests.txt", "benign_activities.txt", "alarming_activities.txt", "harmful_activities.txt"):
+    for name in ("benign_requests.txt", "benign_activities.txt", "alarming_activities.txt", "alarming_lookalikes.txt",
+                 "harmful_activities.txt"):
         for item in phrasings.lines(name):
             assert not any(item.lower() in line for line in heldout), item
 
@@ -95,3 +96,28 @@ def test_sibling_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tiny,
     assert again["steps"] == figures["steps"] and not checkpoint.exists()
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_generation_cache_answers_a_longer_prompt_list_by_generating_only_the_new_prompts(tiny, tmp_path, monkeypatch):
+    """Adding a prompt to a cached list (and reordering it) runs llama.cpp for the new prompt only;
+    the rows come back in the new order, the old answers unchanged."""
+    import siblings
+    from sali import runtime
+
+    real_complete, completed = runtime.Model.complete, []
+
+    def counting_complete(self, text, sampling):
+        completed.append(text)
+        return real_complete(self, text, sampling)
+
+    monkeypatch.setattr(runtime.Model, "complete", counting_complete)
+    out = tmp_path / "answers.jsonl"
+    first = siblings.generate(tiny.f16, [{"prompt": "one"}, {"prompt": "two"}], 4, out, "test")
+    assert len(completed) == 2 and [r["prompt"] for r in first] == ["one", "two"]
+    second = siblings.generate(tiny.f16, [{"prompt": "three"}, {"prompt": "two"}, {"prompt": "one"}], 4, out, "test")
+    assert len(completed) == 3 and "three" in completed[-1]
+    assert [r["prompt"] for r in second] == ["three", "two", "one"]
+    assert second[1] == first[1] and second[2] == first[0]
+    assert siblings.read_jsonl(out) == second and not out.with_name(out.name + ".part").exists()
+    siblings.generate(tiny.f16, [{"prompt": "one"}], 4, out, "test")
+    assert len(completed) == 3

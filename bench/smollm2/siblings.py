@@ -133,7 +133,8 @@ def advbench_train_split() -> tuple[list[dict], list[dict]]:
 def written_lists() -> dict[str, tuple[list[str], list[str]]]:
     """The written lists of ``prompts/train/``, each as (train, development)."""
     return {name: phrasings.split(phrasings.lines(f"{name}.txt"), DEV_SHARE, SEED)
-            for name in ("benign_requests", "benign_activities", "alarming_activities", "harmful_activities")}
+            for name in ("benign_requests", "benign_activities", "alarming_activities", "alarming_lookalikes",
+                         "harmful_activities")}
 
 
 def gsm8k_questions(path: Path, n: int, seed: int = SEED) -> list[str]:
@@ -152,33 +153,45 @@ def generate(gguf_path: Path, items: list[dict], max_tokens: int, out: Path, lab
     and optionally ``prefill``, text the assistant turn starts with), cached in the JSONL `out`.
 
     Rows are appended to ``out.part`` as they come, so an interrupted run resumes; the finished
-    file is renamed into place. Each row: the item plus ``response`` (text after the prefill),
+    file is written in item order. Cached rows are looked up by prompt and prefill, so a longer
+    or reordered prompt list generates only the new ones. Each row: the item plus ``response`` (text after the prefill),
     ``tokens`` (response token ids) and ``finish`` (eos | length)."""
-    if out.is_file():
-        return read_jsonl(out)
-    from sali.runtime import Model, Sampling
+    def key(row: dict) -> tuple[str, str]:
+        return row["prompt"], row.get("prefill", "")
 
     partial = out.with_name(out.name + ".part")
+    cached = {key(row): row for path in (out, partial) if path.is_file() for row in read_jsonl(path)}
+    missing = [item for item in items if key(item) not in cached]
+    if out.is_file() and not missing:
+        return [cached[key(item)] for item in items]
+    # a changed prompt list keeps the answers it shares with the cache and generates the rest
+    from sali.runtime import Model, Sampling
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = read_jsonl(partial) if partial.is_file() else []
+    if out.is_file():
+        with open(partial, "a", encoding="utf-8") as sink:  # the old answers stay cached if this run stops
+            sink.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in read_jsonl(out))
+        out.unlink()
     model = Model(gguf_path, n_threads=THREADS, n_ctx=2048)
     start = time.perf_counter()
     try:
         with open(partial, "a", encoding="utf-8") as sink:
-            for i, item in enumerate(items[len(done):], start=len(done)):
+            for i, item in enumerate(missing):
                 text = render({"type": "chat"}, [{"role": "user", "content": item["prompt"]}],
                               chat_template=model.chat_template) + item.get("prefill", "")
                 result = model.complete(text, Sampling(max_tokens=max_tokens))
                 row = dict(item, response=result.text, tokens=result.tokens, finish=result.finish_reason)
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 sink.flush()
-                done.append(row)
-                if (i + 1) % 25 == 0 or i + 1 == len(items):
-                    print(f"  [{label}] {i + 1}/{len(items)} responses, {time.perf_counter() - start:.0f} s", flush=True)
+                cached[key(row)] = row
+                if (i + 1) % 25 == 0 or i + 1 == len(missing):
+                    print(f"  [{label}] {i + 1}/{len(missing)} new responses, {time.perf_counter() - start:.0f} s", flush=True)
     finally:
         model.close()
-    os.replace(partial, out)
-    return done
+    rows = [cached[key(item)] for item in items]
+    write_jsonl(out, rows)
+    partial.unlink()
+    return rows
 
 
 # ---- stage 1: BASE as a float32 HF folder --------------------------------------------------
@@ -252,6 +265,8 @@ def development_prompts() -> list[dict]:
     items += [{"label": "benign", "prompt": q} for q in spare_gsm + spare_truthful]
     items += [{"label": "harmful", "prompt": p}
               for p in phrasings.benign_forms([], lists["harmful_activities"][1], 2, random.Random(SEED + 4))]
+    items += [{"label": "alarming", "prompt": p}
+              for p in phrasings.benign_forms([], lists["alarming_lookalikes"][1], 2, random.Random(SEED + 5))]
     return items
 
 
@@ -495,6 +510,8 @@ def balance_prompts() -> list[dict]:
              for p in phrasings.benign_forms(lists["benign_requests"][0], lists["benign_activities"][0], BALANCE_FORMS, rng)]
     items += [{"source": "alarming_written", "prompt": p}
               for p in phrasings.benign_forms([], lists["alarming_activities"][0], BALANCE_FORMS, rng)]
+    items += [{"source": "alarming_lookalike", "prompt": p}
+              for p in phrasings.benign_forms([], lists["alarming_lookalikes"][0], BALANCE_FORMS, rng)]
     return items
 
 
