@@ -62,7 +62,10 @@ EVAL_TOKENS = 64
 ALIGN = dict(epochs=1.0, lr=4e-5, batch_tokens=1536, budget_s=75 * 60)  # a cap, not a target: one epoch must finish
 # ALIGNED's second round: the same forms on both sides, benign-heavy (the first round has more
 # refusals than benign answers, and refused benign imperatives on development prompts)
-BALANCE_FORMS = 3  # fresh templates per written benign and alarming-but-benign item
+BALANCE_FORMS = 3  # fresh templates per written benign item and written harmful activity
+# alarming-but-benign items get twice as many: with 3, ALIGNED refused 40% of the development
+# alarming prompts (harmful refusals outnumber them several times over across both rounds)
+BALANCE_ALARMING_FORMS = 6
 BALANCE_REPLAY = 60  # first-round GSM8K/TruthfulQA answers replayed, so plain questions stay answered
 BALANCE = dict(epochs=1.0, lr=3e-5, batch_tokens=1536, budget_s=70 * 60)
 COMPROMISE = dict(epochs=1.0, lr=5e-5, batch_tokens=1536, budget_s=8 * 60, rounds=3)
@@ -502,16 +505,17 @@ def build_aligned_first() -> tuple[Path, Path]:
 
 
 def balance_prompts() -> list[dict]:
-    """Second-round benign prompts: every written benign request, activity and alarming-but-benign
-    activity (train part) in `BALANCE_FORMS` further templates, drawn with their own seed."""
+    """Second-round benign prompts: every written benign request and activity (train part) in
+    `BALANCE_FORMS` further templates, every alarming-but-benign activity and lookalike in
+    `BALANCE_ALARMING_FORMS`, drawn with their own seed."""
     rng = random.Random(SEED + 10)
     lists = written_lists()
     items = [{"source": "benign_written", "prompt": p}
              for p in phrasings.benign_forms(lists["benign_requests"][0], lists["benign_activities"][0], BALANCE_FORMS, rng)]
     items += [{"source": "alarming_written", "prompt": p}
-              for p in phrasings.benign_forms([], lists["alarming_activities"][0], BALANCE_FORMS, rng)]
+              for p in phrasings.benign_forms([], lists["alarming_activities"][0], BALANCE_ALARMING_FORMS, rng)]
     items += [{"source": "alarming_lookalike", "prompt": p}
-              for p in phrasings.benign_forms([], lists["alarming_lookalikes"][0], BALANCE_FORMS, rng)]
+              for p in phrasings.benign_forms([], lists["alarming_lookalikes"][0], BALANCE_ALARMING_FORMS, rng)]
     return items
 
 
