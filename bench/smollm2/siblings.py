@@ -157,8 +157,8 @@ def generate(gguf_path: Path, items: list[dict], max_tokens: int, out: Path, lab
 
     Rows are appended to ``out.part`` as they come, so an interrupted run resumes; the finished
     file is written in item order. Cached rows are looked up by prompt and prefill, so a longer
-    or reordered prompt list generates only the new ones. Each row: the item plus ``response`` (text after the prefill),
-    ``tokens`` (response token ids) and ``finish`` (eos | length)."""
+    or reordered prompt list generates only the new ones. Each row: the item plus ``response``
+    (text after the prefill), ``tokens`` (response token ids) and ``finish`` (eos | length)."""
     def key(row: dict) -> tuple[str, str]:
         return row["prompt"], row.get("prefill", "")
 
