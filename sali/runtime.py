@@ -38,7 +38,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from sali.errors import SaliError
-from sali.ggufcheck import check_gguf
+from sali.ggufcheck import check_gguf, kv_cache_bytes_per_token
 from sali.head import Head, top_k_ids
 from sali.vocab import fingerprint
 
@@ -481,8 +481,6 @@ def _check_context_fits(header, n_ctx: int, n_gpu_layers: int) -> None:
     tries: a context of billions of tokens makes the kernel kill the process silently when the
     pages are touched. Counted: llama-cpp-python's token buffer (4 bytes a position) and, with
     no layer offloaded to a GPU, llama.cpp's f16 KV cache."""
-    from sali.ggufcheck import kv_cache_bytes_per_token
-
     per_token = 4 + ((kv_cache_bytes_per_token(header) or 0) if not n_gpu_layers else 0)
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -675,8 +673,8 @@ class Model:
         end; the generator's return value is the finish reason (``eos``, ``length``, ``context``).
 
         The chain: [native top-k(head.k), unless the compiled head selects its own] → head →
-        penalties → top-k → top-p → min-p → temperature → sampling (or greedy). `head` is a :class:`Head` or heads in combination
-        (:class:`sali.combine.Combined`). With `explain` a list, an :class:`Explained` is
+        penalties → top-k → top-p → min-p → temperature → sampling (or greedy). `head` is a
+        :class:`Head` or heads in combination (:class:`sali.combine.Combined`). With `explain` a list, an :class:`Explained` is
         appended to it for every token before the token is yielded.
         """
         if not prompt_tokens:

@@ -163,17 +163,18 @@ def generate(gguf_path: Path, items: list[dict], max_tokens: int, out: Path, lab
         return row["prompt"], row.get("prefill", "")
 
     partial = out.with_name(out.name + ".part")
-    cached = {key(row): row for path in (out, partial) if path.is_file() for row in read_jsonl(path)}
+    finished = read_jsonl(out) if out.is_file() else []
+    cached = {key(row): row for row in finished + (read_jsonl(partial) if partial.is_file() else [])}
     missing = [item for item in items if key(item) not in cached]
-    if out.is_file() and not missing:
+    if finished and not missing:
         return [cached[key(item)] for item in items]
     # a changed prompt list keeps the answers it shares with the cache and generates the rest
     from sali.runtime import Model, Sampling
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.is_file():
+    if finished:
         with open(partial, "a", encoding="utf-8") as sink:  # the old answers stay cached if this run stops
-            sink.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in read_jsonl(out))
+            sink.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in finished)
         out.unlink()
     model = Model(gguf_path, n_threads=THREADS, n_ctx=2048)
     start = time.perf_counter()
