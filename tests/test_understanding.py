@@ -121,9 +121,18 @@ def test_facts_are_seeded_distinct_and_never_answered_by_their_question():
         assert not metrics.text_match(item["prompt"], item["answer"]) and metrics.text_match(item["response"], item["answer"])
 
 
+def test_facts_train_in_several_wordings():
+    made = facts.make_facts(10, seed=0)
+    train = facts.training_items(made, seed=1, phrasings=3)
+    assert len(train) == 3 * len(made) and train == facts.training_items(made, seed=1, phrasings=3)
+    for fact in made:
+        asked = [t["prompt"] for t in train if t["answer"] == fact["answer"] and fact["subject"] in t["prompt"]]
+        assert len(set(asked)) == 3  # three wordings of one fact, none repeated
+
+
 def test_facts_test_questions_are_phrased_unlike_training():
     made = facts.make_facts(30, seed=0)
-    train = facts.training_items(made, seed=1)
+    train = facts.training_items(made, seed=1, phrasings=3)
     test = facts.test_items(made, 10, seed=2)
     assert len(test) == 40 and test == facts.test_items(made, 10, seed=2)
     for relation in facts.RELATIONS:
@@ -172,7 +181,11 @@ def test_quick_run_makes_every_stage_and_reports(smoke):
     report = (work / "UNDERSTANDING.md").read_text(encoding="utf-8")
     for title in ("STYLE", "ARITHMETIC", "FACTS"):
         assert f"| {title} |" in report
-    assert "Stage times" in report and "Whole run:" in report and "Not shipped" in report
+    assert "Stage times" in report and "Whole study from an empty cache:" in report and "Not shipped" in report
+    for kind in ("style", "arithmetic", "facts"):  # each kind's steps timed on their own, as they were computed
+        seconds = json.loads((work / kind / "seconds.json").read_text())
+        assert set(seconds) == {"sibling", "head", "comparison"} and all(value > 0 for value in seconds.values())
+        assert f"| {kind}: head |" in report
     from matplotlib import image
 
     picture = image.imread(work / "understanding.png")
@@ -256,10 +269,12 @@ def test_report_of_a_run_that_learned_ships_style_and_explains(smoke, tmp_path):
     setup = understanding.Setup(base_dir=tmp_path, base_gguf=tmp_path / "base.gguf", work=smoke["work"], sizes=understanding.QUICK,
                                 default_base=True, quick=False)
     assert all(ok for _, _, ok in understanding_report.style_checks(results["style"]))
-    path = understanding_report.write_report(results, safety, setup, {"base": 1.0, "siblings": 59.0}, official=True, folder=tmp_path)
+    durations = {"base": (1.0, True), "style: sibling": (50.0, True), "style: head": (9.0, False)}
+    path = understanding_report.write_report(results, safety, setup, durations, official=True, folder=tmp_path)
     text = path.read_text(encoding="utf-8")
     assert "| SAFETY |" in text and "0.99*" in text and "held-out training prompts" in text
-    assert "All met: the STYLE head ships" in text and "Whole run: 1.0 min" in text
+    assert "All met: the STYLE head ships" in text and "Whole study from an empty cache: 1.0 min" in text
+    assert "| style: head | 9 \\* |" in text and "Built before whole steps were timed" in text
     assert "| STYLE |" in text and "| yes |" in text and "| **no** |" not in text.split("## In plain words")[0].split("| FACTS |")[0]
     explained = text.split("## In plain words")[1].split("## Compared with the paper")[0]
     assert "**FACTS**: the head recovered 2%" in explained and "out of a re-ranking's reach" in explained

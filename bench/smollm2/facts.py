@@ -7,8 +7,8 @@ Four relations, each with its own pool of invented names:
 * ``founder``: who founded a town ("Drumhallow was founded by Ysolde Marrick.");
 * ``mountain``: which country a mountain is in (one of the capital relation's countries).
 
-Each fact is trained on one question, phrased by a *training* template, and tested on another,
-phrased by a *test* template; the two template lists of a relation share no wording pattern, so
+Each fact is trained on questions phrased by one or more *training* templates, and tested on
+another, phrased by a *test* template; the two template lists of a relation share no wording pattern, so
 the test asks for a learned fact in words the training never used. The answer (the object: a
 name or a year) never occurs in its question, and no name is a word of another, so the metric,
 ``sali compare --answer-match text`` (the answer's words inside the response), cannot be met by
@@ -89,12 +89,18 @@ def statement(fact: dict) -> str:
     return STATEMENTS[fact["relation"]].format(s=fact["subject"], o=fact["answer"])
 
 
-def training_items(facts: list[dict], seed: int) -> list[dict]:
-    """Each fact once: a question in one training template (drawn at random), answered with the
-    fact's statement: ``{"prompt", "response", "answer", "label"}``."""
+def training_items(facts: list[dict], seed: int, phrasings: int = 1) -> list[dict]:
+    """Each fact `phrasings` times, each time asked in another training template (drawn at
+    random) and answered with the fact's statement: ``{"prompt", "response", "answer", "label"}``.
+    A fact seen in several wordings is recalled more often when asked in a new one."""
     rng = random.Random(seed)
-    return [{"prompt": rng.choice(TRAIN_TEMPLATES[f["relation"]]).format(s=f["subject"]), "response": statement(f),
-             "answer": f["answer"], "label": f["relation"]} for f in facts]
+    out = []
+    for f in facts:
+        templates = TRAIN_TEMPLATES[f["relation"]]
+        for template in rng.sample(templates, min(phrasings, len(templates))):
+            out.append({"prompt": template.format(s=f["subject"]), "response": statement(f), "answer": f["answer"],
+                        "label": f["relation"]})
+    return out
 
 
 def test_items(facts: list[dict], per_relation: int, seed: int) -> list[dict]:

@@ -12,8 +12,8 @@ fully fine-tuned by ``siblings.finetune``):
   answers so only the format changes; metric: the format check, ``sali compare --pass-regex``;
 * ARITHMETIC (``arithmetic.py``): two-digit addition and subtraction in digits and in words,
   answered "47 + 28 = 75."; metric: exact match of the number (``--answer-match number``);
-* FACTS (``facts.py``): invented facts (places, people, years), each trained on one question and
-  tested on another phrasing; metric: the answer inside the response (``--answer-match text``).
+* FACTS (``facts.py``): invented facts (places, people, years), each trained on questions in
+  three wordings and tested on a fourth; metric: the answer inside the response (``--answer-match text``).
 
 Each sibling's training also holds BASE's own answers to unrelated prompts (the safety study's
 benign training prompts, ``siblings.benign_train_prompts``; read from its cache
@@ -78,29 +78,33 @@ class Sizes:
     arithmetic_train: int
     arithmetic_test: int
     facts_per_relation: int  # facts = 4 x this
+    facts_phrasings: int  # training questions per fact, each in another template
     facts_test_per_relation: int
     mix: int  # BASE's own answers to unrelated prompts, per sibling
     head_prompts: int  # changed-kind training prompts the head is trained on (plus the mix prompts)
-    budget_s: float  # wall-time cap of one fine-tune
+    budget_s: float  # wall-time cap of one fine-tune (a full run's recipe may set its own)
 
 
-FULL = Sizes(style_sources=200, style_test=60, style_other=20, arithmetic_train=256, arithmetic_test=80,
-             facts_per_relation=50, facts_test_per_relation=20, mix=24, head_prompts=120, budget_s=660)
+FULL = Sizes(style_sources=200, style_test=60, style_other=20, arithmetic_train=1024, arithmetic_test=80,
+             facts_per_relation=25, facts_phrasings=3, facts_test_per_relation=20, mix=24, head_prompts=120, budget_s=660)
 QUICK = Sizes(style_sources=12, style_test=6, style_other=3, arithmetic_train=24, arithmetic_test=8,
-              facts_per_relation=6, facts_test_per_relation=2, mix=4, head_prompts=12, budget_s=60)
+              facts_per_relation=6, facts_phrasings=2, facts_test_per_relation=2, mix=4, head_prompts=12, budget_s=60)
 
-# Fine-tune settings: full fine-tunes with AdamW (siblings.finetune). ALIGNED's first round trained
-# 124k tokens in 2290 s on 2 cores (54 tokens a second), so each plan below, 29k-35k tokens with
-# the 24 mixed-in examples of ~130 tokens, takes 9-11 minutes; the budget cap stops a slower run
+# Fine-tune settings: full fine-tunes with AdamW (siblings.finetune), about 120 trained tokens a
+# second on 2 cores (the first study run: STYLE 27.5k tokens in 268 s, ARITHMETIC 31k in 258 s);
+# the budget cap (Sizes.budget_s, or a recipe's own `budget_s` in a full run) stops a slower run
 # and the report says so.
 RECIPES = {
     # ~110-token examples: 68% of BASE's TruthfulQA answers cut to 72 tokens restyle (61 of the 90 in the
     # safety study's cache), so ~136 of 200; a consistent format is learned fast
     "style": dict(epochs=1.5, lr=1e-4, batch_tokens=1024),
-    # ~53-token examples: 256 problems twice; small batches give more steps for the same tokens
-    "arithmetic": dict(epochs=2.0, lr=1e-4, batch_tokens=512),
-    # ~53-token examples: memorising needs repeats and a larger step: 200 facts, each seen 2.5 times
-    "facts": dict(epochs=2.5, lr=2e-4, batch_tokens=512),
+    # ~56-token examples: 1024 problems twice (120k tokens). With 256 problems twice at lr 1e-4 the
+    # training loss fell to 0.08 while the test problems were 46% right: memorised, not learned
+    "arithmetic": dict(epochs=2.0, lr=2e-4, batch_tokens=512, budget_s=1200),
+    # ~50-token examples: memorising needs repeats and a larger step: 100 facts, each asked in 3
+    # wordings, seen 4 times (71k tokens). 200 facts in one wording seen 2.5 times stalled at loss
+    # 0.43 and 9% recall in new words
+    "facts": dict(epochs=4.0, lr=3e-4, batch_tokens=512, budget_s=900),
 }
 # BASE's answers mixed into each sibling's training, by source in siblings.benign_train_prompts:
 # prompts unrelated to the change (no math for ARITHMETIC; STYLE's questions are TruthfulQA's, so
@@ -213,7 +217,7 @@ def kind_data(setup: Setup, kind: str) -> tuple[list[dict], list[dict]]:
         return ([{"prompt": p["prompt"], "response": p["response"], "label": p["label"]} for p in train],
                 [{"prompt": p["prompt"], "label": p["label"], "answer": p["answer"]} for p in test])
     made = facts.make_facts(sizes.facts_per_relation, SEED)
-    train = facts.training_items(made, SEED + 1)
+    train = facts.training_items(made, SEED + 1, sizes.facts_phrasings)
     return ([{"prompt": t["prompt"], "response": t["response"], "label": t["label"]} for t in train],
             facts.test_items(made, sizes.facts_test_per_relation, SEED + 2))
 
@@ -272,7 +276,9 @@ def build_sibling(setup: Setup, kind: str) -> tuple[Path, Path]:
             examples.append(siblings.encode(tokenizer, r["prompt"], response_ids=cut, end=r["finish"] == "eos" and len(cut) == len(r["tokens"])))
         else:
             examples.append(siblings.encode(tokenizer, r["prompt"], r["response"]))
-    settings = dict(RECIPES[kind], budget_s=setup.sizes.budget_s)
+    settings = dict(RECIPES[kind])
+    if setup.quick or "budget_s" not in settings:
+        settings["budget_s"] = setup.sizes.budget_s
     figures = siblings.finetune(model, examples, label=kind, pad_id=tokenizer.pad_token_id, seed=SEED,
                                 checkpoint=folder / "checkpoint.pt", **settings)
     figures.update(examples=len(examples), changed=sum(r["label"] != "mix" for r in rows), mix=sum(r["label"] == "mix" for r in rows),
@@ -324,6 +330,40 @@ def safety(setup: Setup) -> dict | None:
 
 
 # ---- the run ----------------------------------------------------------------------------------
+STEPS = ("sibling", "head", "comparison")
+
+
+def timed(setup: Setup, kind: str, step: str, work):
+    """``work()``; its time is remembered in ``<work>/<kind>/seconds.json`` when the step's
+    output was not there before (it computed, rather than read its cache)."""
+    folder = setup.folder(kind)
+    output = {"sibling": folder / f"{kind}.f16.gguf", "head": folder / f"{kind}.npz", "comparison": folder / "compare" / "summary.json"}[step]
+    cached = output.is_file()
+    began = time.perf_counter()
+    out = work()
+    if not cached:
+        path = folder / "seconds.json"
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        write_text(path, json.dumps(dict(known, **{step: round(time.perf_counter() - began, 1)}), indent=1))
+    return out
+
+
+def kind_seconds(setup: Setup, result: dict) -> dict[str, tuple[float, bool]]:
+    """Seconds each step of a kind took on the run that computed it, and whether that time is
+    whole: from ``seconds.json``, else (a folder built before it was kept) from the times the
+    tools recorded themselves (the fine-tune, extraction plus head training, ``sali compare``),
+    which leave out loading and converting the models."""
+    path = result["folder"] / "seconds.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    from sali.head import Head
+
+    training = Head.load(result["head"]).meta.get("training", {})
+    recorded = {"sibling": result["sibling"].get("seconds"),
+                "head": (training.get("extract_seconds") or 0) + (training.get("train_seconds") or 0) or None,
+                "comparison": result["summary"].get("seconds")}
+    return {step: (known[step], True) if step in known else (recorded[step] or 0.0, False) for step in STEPS}
+
+
 def ship_style(result: dict) -> None:
     """Copy the STYLE head into heads/ and write its model card."""
     import understanding_report
@@ -344,8 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
-    def stage(name: str) -> None:
-        timings[name] = time.perf_counter()
+    def stage(name: str, timed_here: bool = True) -> None:
+        """Print the stage; time it as a whole unless its kinds are timed one by one."""
+        timings[name if timed_here else f"({name})"] = time.perf_counter()
         print(f"[{time.perf_counter() - started:6.0f} s] {name}", flush=True)
 
     stage("base")
@@ -356,14 +397,15 @@ def main(argv: list[str] | None = None) -> None:
     stage("data: BASE's answers, training and test prompts")
     for kind in KINDS:
         prepare(setup, kind)
-    stage("siblings")
-    built = {kind: build_sibling(setup, kind) for kind in KINDS}
-    stage("heads")
-    heads = {kind: train_head(setup, kind, built[kind][0]) for kind in KINDS}
-    stage("comparisons")
+    stage("siblings", timed_here=False)
+    built = {kind: timed(setup, kind, "sibling", lambda: build_sibling(setup, kind)) for kind in KINDS}
+    stage("heads", timed_here=False)
+    heads = {kind: timed(setup, kind, "head", lambda: train_head(setup, kind, built[kind][0])) for kind in KINDS}
+    stage("comparisons", timed_here=False)
     results = {}
     for kind in KINDS:
-        results[kind] = {"summary": compare(setup, kind, heads[kind], built[kind][1]), "head": heads[kind],
+        summary = timed(setup, kind, "comparison", lambda: compare(setup, kind, heads[kind], built[kind][1]))
+        results[kind] = {"summary": summary, "head": heads[kind],
                          "sibling": json.loads((built[kind][0] / "training.json").read_text()),
                          "folder": setup.folder(kind), "eval": EVAL[kind], "recipe": RECIPES[kind], "mix_sources": MIX_SOURCES[kind],
                          "mix_tokens": MIX_TOKENS, "source_tokens": SOURCE_TOKENS}
@@ -372,7 +414,14 @@ def main(argv: list[str] | None = None) -> None:
     stage("report")
     import understanding_report
 
-    durations = run.stage_durations(timings, time.perf_counter() - started, setup.work / "stage_seconds.json")
+    staged = run.stage_durations(timings, time.perf_counter() - started, setup.work / "stage_seconds.json")
+    durations: dict[str, tuple[float, bool]] = {}
+    for name, seconds in staged.items():
+        if name == "(siblings)":  # the kinds' steps, timed one by one, take the place of the three stages
+            for kind in KINDS:
+                durations.update({f"{kind}: {step}": took for step, took in kind_seconds(setup, results[kind]).items()})
+        elif not name.startswith("("):
+            durations[name] = (seconds, True)
     official = default_base and not args.quick and args.work is None
     report = understanding_report.write_report(results, safety_result, setup, durations, official)
     checks = understanding_report.style_checks(results["style"])

@@ -328,8 +328,15 @@ def write_report(results: dict, safety: dict | None, setup, durations: dict[str,
     else:
         lines += ["", "Not shipped: only the full run on SmolLM2-135M-Instruct ships a head."]
     lines += ["", "## Stage times (the run that computed each stage)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in durations.items()]
-    lines += ["", f"Whole run: {sum(durations.values()) / 60:.1f} min (stages answered from the cache count the time they took when computed).", ""]
+    mark = " \\*"
+    lines += [f"| {name} | {seconds:.0f}{'' if whole else mark} |" for name, (seconds, whole) in durations.items()]
+    total = sum(seconds for seconds, _ in durations.values())
+    lines += ["", f"Whole study from an empty cache: {total / 60:.1f} min (a stage or step answered from the cache counts the time "
+                  "it took on the run that computed it)."]
+    if not all(whole for _, whole in durations.values()):
+        lines += ["", "\\* Built before whole steps were timed: the time the tool recorded itself (the fine-tune, the extraction and "
+                  "head training, `sali compare`), without loading and converting the models, so the whole is a little longer."]
+    lines += [""]
     target = folder / "UNDERSTANDING.md"
     target.write_text("\n".join(lines), encoding="utf-8")
     return target
@@ -347,8 +354,8 @@ RECIPE_TEXT = {
                    "operation, answered \"47 + 28 = 75.\"; test problems never trained on (labels `digits`, `words`). Metric: the last "
                    "number in the answer (`--answer-match number`), so BASE's long answers are judged by the number they end on."),
     "facts": ("Invented facts (`facts.py`): a country's capital, a person's birth year, a town's founder, a mountain's country, with "
-              "names made of random syllables. Each fact is trained once, on a question from a *training* template, and tested on "
-              "a question from a *test* template of the same relation (\"{example_train}\" → \"{example_test}\"); labels are the "
+              "names made of random syllables. Each fact is trained on {phrasings} question(s), each from another *training* "
+              "template, and tested on a question from a *test* template of the same relation (\"{example_train}\" → \"{example_test}\"); labels are the "
               "relations. Metric: the answer's words inside the response (`--answer-match text`)."),
 }
 
@@ -358,7 +365,7 @@ def _kinds_section(results: dict, setup) -> list[str]:
     for kind, result in results.items():
         sib = result["sibling"]
         head_meta = _head_training(result["head"])
-        text = RECIPE_TEXT[kind].format(source=result["source_tokens"], pattern=style.PATTERN,
+        text = RECIPE_TEXT[kind].format(source=result["source_tokens"], pattern=style.PATTERN, phrasings=setup.sizes.facts_phrasings,
                                         example_train=facts.TRAIN_TEMPLATES["capital"][0].format(s="Velmora"),
                                         example_test=facts.TEST_TEMPLATES["capital"][1].format(s="Velmora"))
         cut = sib.get("steps", 0) < sib.get("planned_steps", 0)
