@@ -4,6 +4,7 @@ requests, and a fine-tune that resumes from its checkpoint."""
 from __future__ import annotations
 
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -55,6 +56,24 @@ def test_heldout_sets_share_no_line_with_training_lists():
                  "harmful_activities.txt"):
         for item in phrasings.lines(name):
             assert not any(item.lower() in line for line in heldout), item
+
+
+def test_unlike_development_prompts_reword_no_heldout_or_training_line():
+    """prompts/dev/: neither a held-out nor a training line, nor a close rewording of one (over
+    half of its words shared)."""
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z']+", text.lower()))
+
+    dev = [line for name in ("harmful", "benign", "alarming")
+           for line in (HELDOUT.parent / "dev" / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+    others = [line for name in ("harmful", "benign", "alarming") for line in (HELDOUT / f"{name}.txt").read_text(encoding="utf-8").splitlines()]
+    others += [item for name in ("benign_requests.txt", "benign_activities.txt", "alarming_activities.txt", "alarming_lookalikes.txt",
+                                 "harmful_activities.txt") for item in phrasings.lines(name)]
+    assert len(dev) == len(set(dev)) == 110
+    for line in dev:
+        for other in others:
+            shared = len(words(line) & words(other)) / len(words(line) | words(other))
+            assert shared <= 0.5, (line, other)
 
 
 def test_sibling_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tiny, tmp_path, monkeypatch):
