@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "smollm2"
 import phrasings  # noqa: E402
 
 HELDOUT = Path(__file__).resolve().parents[1] / "bench" / "smollm2" / "prompts" / "heldout"
+TRAIN_LISTS = ("benign_requests.txt", "benign_activities.txt", "alarming_activities.txt", "alarming_lookalikes.txt",
+               "harmful_activities.txt", "harmful_situations.txt", "benign_situations.txt")
 
 
 def test_goal_activity_takes_the_how_to_part():
@@ -48,32 +50,34 @@ def test_split_is_seeded_and_disjoint():
     assert phrasings.split(items, 0.15, seed=0) == (train, dev)
 
 
+def _lines(folder: Path) -> list[str]:
+    return [line.strip() for name in ("harmful", "benign", "alarming")
+            for line in (folder / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _reworded(line: str, other: str) -> bool:
+    """Over half of the two lines' words (the union) shared: a close rewording, or the same line."""
+    a, b = (set(re.findall(r"[a-z']+", text.lower())) for text in (line, other))
+    return len(a & b) > 0.5 * len(a | b)
+
+
 def test_heldout_sets_share_no_line_with_training_lists():
-    heldout = {line.strip().lower() for name in ("harmful", "benign", "alarming")
-               for line in (HELDOUT / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()}
-    assert len(heldout) == 160
-    for name in ("benign_requests.txt", "benign_activities.txt", "alarming_activities.txt", "alarming_lookalikes.txt",
-                 "harmful_activities.txt"):
+    heldout = [line.lower() for line in _lines(HELDOUT)]
+    assert len(set(heldout)) == 160
+    for name in TRAIN_LISTS:
         for item in phrasings.lines(name):
             assert not any(item.lower() in line for line in heldout), item
+            if name.endswith("_situations.txt"):  # whole requests: no rewording of a held-out line either
+                assert not any(_reworded(item, line) for line in heldout), item
 
 
 def test_unlike_development_prompts_reword_no_heldout_or_training_line():
-    """prompts/dev/: neither a held-out nor a training line, nor a close rewording of one (over
-    half of its words shared)."""
-    def words(text: str) -> set[str]:
-        return set(re.findall(r"[a-z']+", text.lower()))
-
-    dev = [line for name in ("harmful", "benign", "alarming")
-           for line in (HELDOUT.parent / "dev" / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
-    others = [line for name in ("harmful", "benign", "alarming") for line in (HELDOUT / f"{name}.txt").read_text(encoding="utf-8").splitlines()]
-    others += [item for name in ("benign_requests.txt", "benign_activities.txt", "alarming_activities.txt", "alarming_lookalikes.txt",
-                                 "harmful_activities.txt") for item in phrasings.lines(name)]
+    """prompts/dev/: neither a held-out nor a training line, nor a close rewording of one."""
+    dev = _lines(HELDOUT.parent / "dev")
+    others = _lines(HELDOUT) + [item for name in TRAIN_LISTS for item in phrasings.lines(name)]
     assert len(dev) == len(set(dev)) == 110
     for line in dev:
-        for other in others:
-            shared = len(words(line) & words(other)) / len(words(line) | words(other))
-            assert shared <= 0.5, (line, other)
+        assert not any(_reworded(line, other) for other in others), line
 
 
 def test_sibling_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tiny, tmp_path, monkeypatch):
