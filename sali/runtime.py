@@ -674,8 +674,8 @@ class Model:
 
         The chain: [native top-k(head.k), unless the compiled head selects its own] → head →
         penalties → top-k → top-p → min-p → temperature → sampling (or greedy). `head` is a
-        :class:`Head` or heads in combination (:class:`sali.combine.Combined`). With `explain` a list, an :class:`Explained` is
-        appended to it for every token before the token is yielded.
+        :class:`Head` or heads in combination (:class:`sali.combine.Combined`). With `explain` a
+        list, an :class:`Explained` is appended to it for every token before the token is yielded.
         """
         if not prompt_tokens:
             raise SaliError("the prompt is empty")

@@ -8,8 +8,8 @@ Four relations, each with its own pool of invented names:
 * ``mountain``: which country a mountain is in (one of the capital relation's countries).
 
 Each fact is trained on questions phrased by one or more *training* templates, and tested on
-another, phrased by a *test* template; the two template lists of a relation share no wording pattern, so
-the test asks for a learned fact in words the training never used. The answer (the object: a
+another, phrased by a *test* template; the two template lists of a relation share no wording
+pattern, so the test asks for a learned fact in words the training never used. The answer (the object: a
 name or a year) never occurs in its question, and no name is a word of another, so the metric,
 ``sali compare --answer-match text`` (the answer's words inside the response), cannot be met by
 echoing the question or by a near-miss.

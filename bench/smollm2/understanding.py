@@ -331,6 +331,7 @@ def safety(setup: Setup) -> dict | None:
 
 # ---- the run ----------------------------------------------------------------------------------
 STEPS = ("sibling", "head", "comparison")
+KIND_STEPS = "(siblings, heads, comparisons)"  # the stage the kinds' steps replace in the stage times
 
 
 def timed(setup: Setup, kind: str, step: str, work):
@@ -353,11 +354,11 @@ def kind_seconds(setup: Setup, result: dict) -> dict[str, tuple[float, bool]]:
     whole: from ``seconds.json``, else (a folder built before it was kept) from the times the
     tools recorded themselves (the fine-tune, extraction plus head training, ``sali compare``),
     which leave out loading and converting the models."""
+    import understanding_report
+
     path = result["folder"] / "seconds.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
-    from sali.head import Head
-
-    training = Head.load(result["head"]).meta.get("training", {})
+    training = understanding_report._head_training(result["head"])
     recorded = {"sibling": result["sibling"].get("seconds"),
                 "head": (training.get("extract_seconds") or 0) + (training.get("train_seconds") or 0) or None,
                 "comparison": result["summary"].get("seconds")}
@@ -384,10 +385,12 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
-    def stage(name: str, timed_here: bool = True) -> None:
-        """Print the stage; time it as a whole unless its kinds are timed one by one."""
-        timings[name if timed_here else f"({name})"] = time.perf_counter()
+    def say(name: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {name}", flush=True)
+
+    def stage(name: str) -> None:
+        timings[name] = time.perf_counter()
+        say(name)
 
     stage("base")
     default_base = args.base_dir is None
@@ -397,11 +400,12 @@ def main(argv: list[str] | None = None) -> None:
     stage("data: BASE's answers, training and test prompts")
     for kind in KINDS:
         prepare(setup, kind)
-    stage("siblings", timed_here=False)
+    timings[KIND_STEPS] = time.perf_counter()  # ends where "safety" begins; timed per kind and step instead
+    say("siblings")
     built = {kind: timed(setup, kind, "sibling", lambda: build_sibling(setup, kind)) for kind in KINDS}
-    stage("heads", timed_here=False)
+    say("heads")
     heads = {kind: timed(setup, kind, "head", lambda: train_head(setup, kind, built[kind][0])) for kind in KINDS}
-    stage("comparisons", timed_here=False)
+    say("comparisons")
     results = {}
     for kind in KINDS:
         summary = timed(setup, kind, "comparison", lambda: compare(setup, kind, heads[kind], built[kind][1]))
@@ -417,10 +421,10 @@ def main(argv: list[str] | None = None) -> None:
     staged = run.stage_durations(timings, time.perf_counter() - started, setup.work / "stage_seconds.json")
     durations: dict[str, tuple[float, bool]] = {}
     for name, seconds in staged.items():
-        if name == "(siblings)":  # the kinds' steps, timed one by one, take the place of the three stages
+        if name == KIND_STEPS:
             for kind in KINDS:
                 durations.update({f"{kind}: {step}": took for step, took in kind_seconds(setup, results[kind]).items()})
-        elif not name.startswith("("):
+        else:
             durations[name] = (seconds, True)
     official = default_base and not args.quick and args.work is None
     report = understanding_report.write_report(results, safety_result, setup, durations, official)
