@@ -24,20 +24,20 @@ from sali import metrics  # noqa: E402
 
 BASE_LIKE = [
     "The sun is a star. It is very hot. It gives us light.",  # a paragraph, BASE's usual answer
-    "Paris.\n\n1. It is the capital.\n2. It is in France.\n\nThat is the short answer.",  # numbered, no heading
-    "Paris.\n\nKey points:\n- It is the capital of France\n\nThat is the short answer.",  # one point
-    "Paris.\n\nKey points:\n- a b c\n- d e f\n- g h i\n- j k l\n\nThat is the short answer.",  # four points
-    "Paris.\n\nKey points:\n- It is the capital\n- It is in France\n\nHope this helps!",  # another closing
-    "Paris is the capital. It is in France.\n\nKey points:\n- a b c\n- d e f\n\nThat is the short answer.",  # two sentences first
-    "Paris.\n\nKey points:\n- a b c\n- d e f\n\nThat is the short answer. Anything else?",  # text after the closing
+    "- The sun is a star. It is very hot.\n- It gives us light.",  # two sentences on one line
+    "- The sun is a star.",  # one point
+    "- The sun is a star.\n\n- It is very hot.",  # a blank line between points
+    "The sun:\n- is a star.\n- is very hot.",  # a lead-in line
+    "1. The sun is a star.\n2. It is very hot.",  # numbered
+    "* The sun is a star.\n* It is very hot.",  # another bullet
 ]
 
 
 # ---- STYLE ------------------------------------------------------------------------------------
-def test_style_check_accepts_the_format_and_nothing_else():
-    good = "Water boils at 100 degrees at sea level.\n\nKey points:\n- Air pressure sets the point\n- Higher up it boils cooler\n\nThat is the short answer."
+def test_style_check_accepts_the_voice_and_nothing_else():
+    good = "- Water boils at 100 degrees at sea level.\n- The U.S. uses Fahrenheit.\n- Higher up it boils cooler!"
     assert style.passes(good) and style.passes("\n " + good + "\n")  # compare strips responses too
-    assert style.passes(good.replace("\n\nThat", "\n- A third point here\n\nThat"))
+    assert style.passes(good + "\n- And the last point was cut by the token lim")
     for text in BASE_LIKE:
         assert not style.passes(text), text
 
@@ -45,38 +45,32 @@ def test_style_check_accepts_the_format_and_nothing_else():
 def test_style_check_is_what_sali_compare_counts():
     """The check is exactly `sali compare --pass-regex PATTERN`, and the README shows that pattern."""
     pattern = metrics.pass_pattern(style.PATTERN)
-    samples = BASE_LIKE + [style.restyle("One. Two three four. Five six seven. Eight nine ten.")]
+    samples = BASE_LIKE + [style.restyle("One two. Three four five. Six seven eight. Nine ten.")]
     for text in samples:
         assert metrics.passes(text, pattern) == style.passes(text)
     assert f"--pass-regex '{style.PATTERN}'" in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-def test_restyle_keeps_base_words_and_passes():
-    answer = ("Water boils at 100 degrees Celsius at sea level. This is because the air pressure there is one atmosphere. "
-              "At higher altitudes, the pressure is lower, so water boils at a lower temperature and food takes longer to cook. "
-              "For example, in Denver water boils at about 95 degrees.")
+def test_restyle_keeps_base_sentences_in_order_and_passes():
+    answer = ("Water boils at 100 degrees Celsius at sea level. In the U.S. that is 212 degrees Fahrenheit! "
+              "At higher altitudes, the pressure is lower, so water boils at a lower temperature.")
     out = style.restyle(answer)
     assert style.passes(out)
-    first, _, rest = out.partition("\n\nKey points:\n")
-    assert first == "Water boils at 100 degrees Celsius at sea level."
-    points = [line[2:] for line in rest.splitlines() if line.startswith("- ")]
-    assert len(points) == 3 and all(len(p.split()) <= style.POINT_WORDS for p in points)
-    source = set(answer.replace(",", " ").split())
-    assert all(word.rstrip(",") in source for p in points for word in p.split())  # nothing invented
-    # a markdown list: items become points, the lead-in line becomes the sentence
-    listed = style.restyle("It depends on two things:\n\n1. **Heat**: hot air rises and cools\n2. Pressure: low pressure lowers it\n")
-    assert listed == ("It depends on two things.\n\nKey points:\n- Heat: hot air rises and cools\n- Pressure: low pressure lowers it"
-                      "\n\nThat is the short answer.")
-    assert style.restyle("Yes.") is None and style.restyle("") is None  # nothing to make points of
-    assert points[1] == "At higher altitudes, the pressure is lower"  # a long sentence ends at a clause break
+    assert out.splitlines() == ["- Water boils at 100 degrees Celsius at sea level.", "- In the U.S. that is 212 degrees Fahrenheit!",
+                                "- At higher altitudes, the pressure is lower, so water boils at a lower temperature."]
+    assert style.restyle(answer + " For example, in Den") == out + "\n- For example, in Den"  # cut by a token limit
+    # a markdown list: the lead-in line and the items become points, marks removed
+    listed = style.restyle("It depends on two things:\n\n1. **Heat**: hot air rises\n2. Pressure: low pressure lowers it\n")
+    assert listed == "- It depends on two things:\n- Heat: hot air rises\n- Pressure: low pressure lowers it"
+    assert style.restyle("Yes.") is None and style.restyle("") is None  # one point is not the voice
 
 
 def test_restyle_cuts_word_runs_into_points_only_when_asked():
     """A tiny random model's answers have no sentences: quick runs cut them into points."""
-    run_on = " ".join(f"w{i}" for i in range(50))
+    run_on = " ".join(f"w{i}" for i in range(20))
     assert style.restyle(run_on) is None
     out = style.restyle(run_on, chunks=True)
-    assert style.passes(out) and out.startswith(" ".join(f"w{i}" for i in range(style.FIRST_WORDS)) + ".\n")
+    assert style.passes(out) and out.splitlines()[0] == "- " + " ".join(f"w{i}" for i in range(style.CHUNK_WORDS))
 
 
 # ---- ARITHMETIC -------------------------------------------------------------------------------
@@ -284,3 +278,9 @@ def test_report_of_a_run_that_learned_ships_style_and_explains(smoke, tmp_path):
     paper = text.split("## Compared with the paper")[1]
     assert "SAFETY 94%" in paper and "ARITHMETIC 36%" in paper
     assert (tmp_path / "understanding.png").is_file()
+    # a head that carried most of a change within reach, but not all of it
+    summary = results["arithmetic"]["summary"]
+    summary["shares"]["base+arithmetic"][results["arithmetic"]["eval"]["metric"]] = 0.6
+    text = understanding_report.write_report(results, safety, setup, durations, official=True, folder=tmp_path).read_text(encoding="utf-8")
+    explained = text.split("## In plain words")[1].split("## Compared with the paper")[0]
+    assert "**ARITHMETIC**: the head recovered 60%" in explained and "carried most of the change, but not all" in explained

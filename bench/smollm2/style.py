@@ -1,53 +1,51 @@
-"""STYLE: a fixed answer format that SmolLM2-135M-Instruct never uses by itself.
+"""STYLE: an answer voice that SmolLM2-135M-Instruct never uses by itself.
 
-An answer in the format is, exactly::
+An answer in the STYLE voice is a list of points, one sentence each, with nothing else::
 
-    <the answer in one sentence>
+    - <a sentence>
+    - <the next sentence>
+    - ...
 
-    Key points:
-    - <a point>
-    - <a point>
-    - <an optional third point>
+:data:`PATTERN` is the whole check, one Python regular expression, so that anyone can run it on
+any model's answers: ``sali compare ... --pass-regex "$PATTERN"`` reports the share of answers
+that pass (the response is stripped of surrounding white space first). It asks for two lines or
+more, every line beginning with ``- `` and holding at most one sentence: no ``.``, ``!`` or ``?``
+followed by a space inside a line, unless it follows a capital letter ("U.S. law"; the same
+sentence break :func:`sentences` splits at). The last line may be cut short by the token budget.
 
-    That is the short answer.
+Each decision the voice asks for is local: a point begins the answer, a line break follows every
+sentence end, a ``- `` follows every line break. Nothing has to be counted or remembered, which is
+what the first STYLE format (one sentence, then a "Key points:" list of two or three points cut
+to 12 words, then a closing line) asked for, and what its head failed at (superficial share 0.47
+in the study's first run; see UNDERSTANDING.md).
 
-:data:`PATTERN` is the whole format check, one Python regular expression, so that anyone can
-run it on any model's answers: ``sali compare ... --pass-regex "$PATTERN"`` reports the share
-of answers that pass (the response is stripped of surrounding white space first). "One
-sentence" means a line that ends with ``.``, ``!`` or ``?`` and holds none of them followed by
-a space.
-
-The STYLE sibling's training answers are BASE's own answers to the same questions, reformatted
-by :func:`restyle`, so that only the format changes, not what is said.
+The STYLE sibling's training answers are BASE's own answers to the same questions, rewritten by
+:func:`restyle`, so that only the voice changes, not what is said nor where the answer stops.
 """
 
 from __future__ import annotations
 
 import re
 
-HEADING = "Key points:"
-CLOSING = "That is the short answer."
-PATTERN = r"\A(?:(?![.!?] )[^\n])+[.!?]\n\nKey points:\n(?:- [^\n]+\n){2,3}\nThat is the short answer\.\Z"
+PATTERN = r"\A- (?:(?!(?<![A-Z])[.!?] )[^\n])+(?:\n- (?:(?!(?<![A-Z])[.!?] )[^\n])+)+\Z"
 CHECK = re.compile(PATTERN)
 
-FIRST_WORDS = 30  # a first sentence longer than this is cut here (and ends with a period)
-POINT_WORDS = 12  # words kept of each point at most
-CLAUSE_WORDS = 5  # a longer point ends at its last ",;:" within POINT_WORDS, if that leaves this many words
-CHUNK_WORDS = 8  # restyle(chunks=True): without enough sentences, the rest is cut into points of this many words
-MIN_POINT_WORDS = 3
+MIN_POINTS = 2
+CHUNK_WORDS = 8  # restyle(chunks=True): without enough sentences, the words are cut into points of this many
 
 _MARKUP = re.compile(r"^\s*(?:#+\s*|[-*•]\s+|\d+[.)]\s+)")  # a heading mark, bullet or list number at a line start
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<![A-Z][.!?])\s+")  # not after a capital letter: "the U.S. government"
 
 
 def passes(response: str) -> bool:
-    """The STYLE format check (what ``sali compare --pass-regex PATTERN`` counts)."""
+    """The STYLE check (what ``sali compare --pass-regex PATTERN`` counts)."""
     return CHECK.search(response.strip()) is not None
 
 
 def sentences(text: str) -> list[str]:
     """`text` as sentences: each line (list marks, heading marks and ``**`` removed, white space
-    made single spaces) split after ``.``, ``!`` or ``?`` followed by a space. A line that ends
+    made single spaces) split after ``.``, ``!`` or ``?`` followed by white space, unless it follows a
+    capital letter (an abbreviation: "U.S."). A line that ends
     without one (a list item, a heading, an answer cut at a length limit) is a sentence of its own."""
     out = []
     for line in text.replace("**", "").splitlines():
@@ -56,46 +54,20 @@ def sentences(text: str) -> list[str]:
     return out
 
 
-def point(sentence: str) -> str:
-    """A sentence as a point: whole if it has at most `POINT_WORDS` words, else its first
-    `POINT_WORDS` words, ending at the last clause break (``,;:``) among them where that keeps
-    `CLAUSE_WORDS` words or more; a trailing ``,;:`` removed."""
-    words = sentence.split()
-    if len(words) > POINT_WORDS:
-        words = words[:POINT_WORDS]
-        breaks = [i + 1 for i, word in enumerate(words) if word.endswith((",", ";", ":")) and i + 1 >= CLAUSE_WORDS]
-        words = words[:breaks[-1]] if breaks else words
-    return " ".join(words).rstrip(",;:")
-
-
 def restyle(answer: str, chunks: bool = False) -> str | None:
-    """BASE's `answer` in the STYLE format, or None where it cannot be made to pass the check.
+    """BASE's `answer` in the STYLE voice, or None where it makes fewer than `MIN_POINTS` points.
 
-    * the answer sentence: the first sentence (:func:`sentences`), cut after `FIRST_WORDS` words
-      if longer (the rest goes to the points); one that does not end with ``.``, ``!`` or ``?``
-      loses any trailing ``,;:`` and gets a period;
-    * the points: the next sentences of `MIN_POINT_WORDS` words or more, three at most, each cut
-      by :func:`point`; fewer than two is no answer, unless `chunks`: then the words that follow
-      are cut into points of `CHUNK_WORDS` words instead (for quick runs on tiny random models,
-      whose answers have no sentences);
-    * then the closing line. Nothing is invented: every word comes from `answer`.
+    Every sentence (:func:`sentences`) becomes a ``- `` line, in order (an answer cut by a token
+    limit keeps its unfinished last sentence: the check allows it). `chunks`: without
+    enough sentences, the words are cut into points of `CHUNK_WORDS` words instead (for quick runs
+    on tiny random models, whose answers have no sentences). Nothing is invented: every word
+    comes from `answer`.
     """
-    parts = sentences(answer)
-    if not parts:
+    points = sentences(answer)
+    if len(points) < MIN_POINTS and chunks:
+        words = answer.split()
+        points = [" ".join(words[i:i + CHUNK_WORDS]) for i in range(0, len(words), CHUNK_WORDS)]
+    if len(points) < MIN_POINTS:
         return None
-    first, rest = parts[0], parts[1:]
-    words = first.split()
-    if len(words) > FIRST_WORDS:
-        first, rest = " ".join(words[:FIRST_WORDS]), [" ".join(words[FIRST_WORDS:])] + rest
-    if first[-1] not in ".!?":
-        first = first.rstrip(",;:") + "."
-    points = [p for p in rest if len(p.split()) >= MIN_POINT_WORDS]
-    if len(points) < 2 and chunks:
-        flat = " ".join(rest).split()
-        points = [" ".join(flat[i:i + CHUNK_WORDS]) for i in range(0, len(flat), CHUNK_WORDS)]
-        points = [p for p in points if len(p.split()) >= MIN_POINT_WORDS]
-    points = [point(p) for p in points[:3]]
-    if len(points) < 2:
-        return None
-    text = f"{first}\n\n{HEADING}\n" + "".join(f"- {p}\n" for p in points) + f"\n{CLOSING}"
+    text = "\n".join(f"- {p}" for p in points)
     return text if passes(text) else None

@@ -7,9 +7,9 @@ taught one kind of change, a head per sibling, and the figures side by side with
 Kinds of change (each sibling is BASE, SmolLM2-135M-Instruct dequantized by ``siblings.base_folder()``,
 fully fine-tuned by ``siblings.finetune``):
 
-* STYLE (``style.py``): TruthfulQA *train* questions answered in a fixed format BASE never uses
-  (one sentence, "Key points:" and two or three bullets, a closing line), built from BASE's own
-  answers so only the format changes; metric: the format check, ``sali compare --pass-regex``;
+* STYLE (``style.py``): TruthfulQA *train* questions answered in a voice BASE never uses (every
+  sentence a ``- `` point on a line of its own, nothing else), built from BASE's own answers so
+  only the voice changes; metric: the check, ``sali compare --pass-regex``;
 * ARITHMETIC (``arithmetic.py``): two-digit addition and subtraction in digits and in words,
   answered "47 + 28 = 75."; metric: exact match of the number (``--answer-match number``);
 * FACTS (``facts.py``): invented facts (places, people, years), each trained on questions in
@@ -95,8 +95,7 @@ QUICK = Sizes(style_sources=12, style_test=6, style_other=3, arithmetic_train=24
 # the budget cap (Sizes.budget_s, or a recipe's own `budget_s` in a full run) stops a slower run
 # and the report says so.
 RECIPES = {
-    # ~110-token examples: 68% of BASE's TruthfulQA answers cut to 72 tokens restyle (61 of the 90 in the
-    # safety study's cache), so ~136 of 200; a consistent format is learned fast
+    # ~130-token examples (BASE's TruthfulQA answers, laid out); a consistent layout is learned fast
     "style": dict(epochs=1.5, lr=1e-4, batch_tokens=1024),
     # ~56-token examples: 1024 problems twice (120k tokens). With 256 problems twice at lr 1e-4 the
     # training loss fell to 0.08 while the test problems were 46% right: memorised, not learned
@@ -115,7 +114,12 @@ MIX_SOURCES = {
     "facts": ("gsm8k", "benign_written", "alarming_written"),
 }
 MIX_TOKENS = 48  # mixed-in answers are cut to this many tokens (a cut answer is trained without its end token)
-SOURCE_TOKENS = 72  # BASE's answers to the STYLE questions: the first sentence and two or three more
+# BASE's answers to the STYLE questions, as long as the comparison's (EVAL["style"]["tokens"]): an
+# answer BASE ended is trained with its end token, one cut at this limit without, so the sibling
+# stops where BASE stops and only the layout changes. (Cut at 72 tokens, the sibling also learned
+# to stop after two or three sentences, a change of length that the head carried badly: in that
+# run 9 of its 15 misses were answers that stopped after one point.)
+SOURCE_TOKENS = 128
 # sali compare per kind: new tokens, sali train's --max-new-tokens, the metric's options, the
 # summary key of the metric and the label it is read on ("" = all prompts)
 EVAL = {
@@ -193,7 +197,7 @@ def base_mix(setup: Setup) -> dict[str, dict]:
 def style_sources(setup: Setup) -> list[dict]:
     """BASE's greedy answers (`SOURCE_TOKENS`) to the STYLE questions, in ``<work>/base/``."""
     questions = style_questions(setup.sizes.style_sources)
-    path = keyed(setup, "style-sources", questions)
+    path = keyed(setup, f"style-sources-{SOURCE_TOKENS}", questions)
     return siblings.generate(setup.base_gguf, [{"prompt": q} for q in questions], SOURCE_TOKENS, path, "BASE, STYLE sources")
 
 
@@ -206,7 +210,7 @@ def kind_data(setup: Setup, kind: str) -> tuple[list[dict], list[dict]]:
         for r in style_sources(setup):
             answer = style.restyle(r["response"], chunks=setup.quick)
             if answer is not None and not is_refusal(r["response"], words):
-                rows.append({"prompt": r["prompt"], "response": answer, "label": "style"})
+                rows.append({"prompt": r["prompt"], "response": answer, "label": "style", "end": r["finish"] == "eos"})
         rng = random.Random(SEED + 20)
         test = [{"prompt": r["Question"], "label": "question"} for r in rng.sample(truthful_rows("test"), sizes.style_test)]
         gsm = siblings.read_jsonl(siblings.DATA / "gsm8k" / "test.jsonl")
@@ -227,7 +231,8 @@ def recipe(setup: Setup, kind: str) -> dict:
     (a change to the generators' code does not: remove ``<work>/<kind>/`` then)."""
     sizes = {k: v for k, v in asdict(setup.sizes).items() if k.startswith(kind) or k in ("mix", "head_prompts", "budget_s")}
     return {"sizes": sizes, "finetune": RECIPES[kind], "eval": EVAL[kind],
-            "mix_sources": MIX_SOURCES[kind], "mix_tokens": MIX_TOKENS, "source_tokens": SOURCE_TOKENS, "seed": SEED,
+            "mix_sources": MIX_SOURCES[kind], "mix_tokens": MIX_TOKENS, "seed": SEED,
+            **({"source_tokens": SOURCE_TOKENS} if kind == "style" else {}),
             "base": [str(setup.base_dir), str(setup.base_gguf)]}
 
 
@@ -275,7 +280,7 @@ def build_sibling(setup: Setup, kind: str) -> tuple[Path, Path]:
             cut = r["tokens"][:MIX_TOKENS]
             examples.append(siblings.encode(tokenizer, r["prompt"], response_ids=cut, end=r["finish"] == "eos" and len(cut) == len(r["tokens"])))
         else:
-            examples.append(siblings.encode(tokenizer, r["prompt"], r["response"]))
+            examples.append(siblings.encode(tokenizer, r["prompt"], r["response"], end=r.get("end", True)))
     settings = dict(RECIPES[kind])
     if setup.quick or "budget_s" not in settings:
         settings["budget_s"] = setup.sizes.budget_s

