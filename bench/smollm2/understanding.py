@@ -313,18 +313,19 @@ def compare(setup: Setup, kind: str, head: Path, sibling_gguf: Path) -> dict:
 
 
 def safety(setup: Setup) -> dict | None:
-    """The safety study's main comparison (``work/main/``), run again by today's ``sali compare``
-    from its own response cache so that it carries the cover rates (read as it is in a quick
-    run); None where it has not run."""
+    """The safety study's main comparison (``work/main/``), read as it is where it carries the
+    cover rates (or in a quick run), else run again by today's ``sali compare`` from its own
+    response cache so that it does; None where it has not run."""
     main = siblings.WORK / "main" / "summary.json"
     if not setup.default_base or not main.is_file():
         return None
     summary = json.loads(main.read_text())
     system = next(name for name, row in summary["systems"].items() if row.get("kind") == "head" and name.startswith("base+"))
-    head = siblings.WORK / "heads" / f"{summary['systems'][system]['head']}.npz"
+    head = siblings.WORK / "heads" / Path(summary["systems"][system]["head"]).with_suffix(".npz").name
     prompts, aligned = siblings.WORK / "prompts" / "eval.jsonl", siblings.WORK / "aligned.f16.gguf"
     recomputed, out = None, setup.work / "safety"
-    if head.is_file() and prompts.is_file() and aligned.is_file() and not setup.quick:
+    has_cover = "cover_vs_aligned_harmful" in summary["systems"]["base"]
+    if not has_cover and head.is_file() and prompts.is_file() and aligned.is_file() and not setup.quick:
         if (out / "summary.json").is_file() and (out / "summary.json").stat().st_mtime < main.stat().st_mtime:
             shutil.rmtree(out)  # the safety study ran again since
         recomputed = run.compare(out, prompts, setup.base_gguf, [head], aligned, [], 48, cache=siblings.WORK / "compare-cache")

@@ -316,7 +316,10 @@ def write_report(results: dict, safety: dict | None, setup, durations: dict[str,
                       "(`work/main/summary.json`), and building its ALIGNED sibling here would cost about two hours."]
     elif safety is None:
         lines += ["", "SAFETY is not part of a run on another BASE (the safety study's models are SmolLM2's)."]
-    elif safety["recomputed"]:
+    elif not safety["recomputed"]:
+        lines += ["", "SAFETY: the safety study's main comparison as it is (`work/main/`: 100 AdvBench test goals, 100 benign and 40 "
+                      "alarming-but-benign test prompts, 48 new tokens), head `" + safety["system"].removeprefix("base+") + "`."]
+    else:
         new = safety["summary"].get("new_generations")
         lines += ["", f"SAFETY: the safety study's main comparison (`work/main/`: 100 AdvBench test goals, 100 benign and 40 "
                       f"alarming-but-benign test prompts, 48 new tokens), run again by `sali compare` from that study's response cache "
