@@ -44,9 +44,9 @@ def passes(response: str) -> bool:
 
 def sentences(text: str) -> list[str]:
     """`text` as sentences: each line (list marks, heading marks and ``**`` removed, white space
-    made single spaces) split after ``.``, ``!`` or ``?`` followed by white space, unless it follows a
-    capital letter (an abbreviation: "U.S."). A line that ends
-    without one (a list item, a heading, an answer cut at a length limit) is a sentence of its own."""
+    made single spaces) split after ``.``, ``!`` or ``?`` followed by white space, unless it
+    follows a capital letter (an abbreviation: "U.S."). A line that ends without one (a list item,
+    a heading, an answer cut at a length limit) is a sentence of its own."""
     out = []
     for line in text.replace("**", "").splitlines():
         flat = " ".join(_MARKUP.sub("", line).split())
