@@ -241,15 +241,21 @@ def logit_changes(head: Path, models: dict[str, Path], prompts: Path, env: dict[
     return out
 
 
-def sampled_refusals(out: Path, prompts: Path, model: Path, head: Path, seed: int, max_tokens: int = 48) -> dict:
-    """BASE + head on `prompts` under llama.cpp's default sampling (`sali generate`), summarised
-    like a compare summary: ``{"systems": {"base+HEAD": {"refusal_LABEL": rate, ...}}}``."""
-    from sali.metrics import is_refusal, load_keywords, wilson_interval
-
+def sampled(out: Path, prompts: Path, model: Path, head: Path, seed: int, max_tokens: int) -> list[dict]:
+    """`model` + `head` on `prompts` under llama.cpp's default sampling (`CHAT_SAMPLING`, `seed`):
+    ``sali generate``'s records, kept in `out` (generated only when it is missing)."""
     if not out.is_file():
         sali("generate", str(model), "-H", str(head), "-P", str(prompts), "-o", str(out), "-n", str(max_tokens),
              "-t", str(siblings.THREADS), *CHAT_SAMPLING, "--seed", str(seed))
-    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def sampled_refusals(out: Path, prompts: Path, model: Path, head: Path, seed: int, max_tokens: int = 48) -> dict:
+    """BASE + head on `prompts` under llama.cpp's default sampling (:func:`sampled`), summarised
+    like a compare summary: ``{"systems": {"base+HEAD": {"refusal_LABEL": rate, ...}}}``."""
+    from sali.metrics import is_refusal, load_keywords, wilson_interval
+
+    records = sampled(out, prompts, model, head, seed, max_tokens)
     words = load_keywords(KEYWORDS)
     row: dict = {}
     for label in sorted({r.get("label") for r in records}):
