@@ -73,6 +73,20 @@ def test_restyle_cuts_word_runs_into_points_only_when_asked():
     assert style.passes(out) and out.splitlines()[0] == "- " + " ".join(f"w{i}" for i in range(style.CHUNK_WORDS))
 
 
+def test_style_heldout_questions_are_not_truthfulqa_questions_or_rewordings():
+    """prompts/style/heldout.txt is phrased unlike the STYLE training (TruthfulQA questions): no
+    line is a TruthfulQA question or shares over half of its words with one."""
+    import understanding
+
+    held = [line.strip() for line in understanding.STYLE_HELDOUT.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(held) == len(set(held)) == 40
+    words = lambda text: set(re.findall(r"[a-z']+", text.lower()))  # noqa: E731
+    questions = [words(r["Question"]) for split in ("train", "test") for r in understanding.truthful_rows(split)]
+    for line in held:
+        mine = words(line)
+        assert not any(len(mine & q) > 0.5 * len(mine | q) for q in questions), line
+
+
 # ---- ARITHMETIC -------------------------------------------------------------------------------
 def test_number_words():
     assert [arithmetic.number_words(n) for n in (0, 7, 13, 20, 47, 80, 99)] == [
@@ -197,6 +211,11 @@ def test_quick_run_makes_every_stage_and_reports(smoke):
         assert json.loads((work / kind / kind / "training.json").read_text())["steps"] >= 1
     style_rows = [json.loads(line) for line in (work / "style" / "train.jsonl").read_text().splitlines()]
     assert all(style.passes(r["response"]) for r in style_rows if r["label"] == "style")
+    # STYLE's held-out questions, greedy and under sampling, one file per seed, in the report
+    held = work / "style" / "heldout"
+    assert "pass_question" in json.loads((held / "greedy" / "summary.json").read_text())["systems"]["base+style"]
+    assert all(len((held / f"sampled-{seed}.jsonl").read_text().splitlines()) == 5 for seed in (0, 1, 2))
+    assert "Held-out questions: `bench/smollm2/prompts/style/heldout.txt`, 5 everyday questions" in report
     tests = [json.loads(line) for line in (work / "facts" / "test.jsonl").read_text().splitlines()]
     assert tests and all(r["answer"] for r in tests)
     assert _beside_the_study() == smoke["before"]  # no report, figure, head or work folder written into the checkout

@@ -312,6 +312,30 @@ def compare(setup: Setup, kind: str, head: Path, sibling_gguf: Path) -> dict:
                        cache=setup.work / "compare-cache", extra=EVAL[kind]["options"])
 
 
+STYLE_HELDOUT = HERE / "prompts" / "style" / "heldout.txt"
+
+
+def style_heldout(setup: Setup, head: Path, sibling_gguf: Path) -> dict:
+    """STYLE on its held-out questions (``prompts/style/heldout.txt``: everyday questions and
+    requests phrased unlike TruthfulQA's, written after the study's runs and never tuned on):
+    ``sali compare`` greedy (BASE, BASE + head, the sibling), then BASE + head under llama.cpp's
+    default sampling (``run.sampled``), one run per seed of ``run.SAMPLING_SEEDS``. Returns
+    ``{"greedy": summary, "sampled": [share of answers passing the check, per seed]}``."""
+    folder = setup.folder("style") / "heldout"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = siblings.read_lines(STYLE_HELDOUT)
+    prompts = folder / "prompts.jsonl"
+    siblings.write_jsonl(prompts, [{"prompt": line, "label": "question"} for line in (lines[::8] if setup.quick else lines)])
+    tokens = EVAL["style"]["tokens"]
+    greedy = run.compare(folder / "greedy", prompts, setup.base_gguf, [head], sibling_gguf, [], tokens,
+                         cache=setup.work / "compare-cache", extra=EVAL["style"]["options"])
+    passed = []
+    for seed in run.SAMPLING_SEEDS:
+        answers = run.sampled(folder / f"sampled-{seed}.jsonl", prompts, setup.base_gguf, head, seed, tokens)
+        passed.append(sum(style.passes(r["response"]) for r in answers) / len(answers))
+    return {"greedy": greedy, "sampled": passed}
+
+
 def safety(setup: Setup) -> dict | None:
     """The safety study's main comparison (``work/main/``), read as it is where it carries the
     cover rates (or in a quick run), else run again by today's ``sali compare`` from its own
@@ -419,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
                          "sibling": json.loads((built[kind][0] / "training.json").read_text()),
                          "folder": setup.folder(kind), "eval": EVAL[kind], "recipe": RECIPES[kind], "mix_sources": MIX_SOURCES[kind],
                          "mix_tokens": MIX_TOKENS, "source_tokens": SOURCE_TOKENS}
+    stage("STYLE on its held-out questions, greedy and sampled")
+    results["style"]["heldout"] = style_heldout(setup, heads["style"], built["style"][1])
     stage("safety (the safety study's comparison, from its cache)")
     safety_result = safety(setup)
     stage("report")

@@ -104,7 +104,8 @@ def _with_ci(value, ci) -> str:
 
 
 def style_checks(result: dict) -> list[tuple[str, str, bool | None]]:
-    """What the STYLE head must meet to ship: superficial share ≥ `SHIP_SHARE`; refusal on every
+    """What the STYLE head must meet to ship: superficial share ≥ `SHIP_SHARE` on the test
+    questions and on the held-out ones (where measured); refusal on every
     test label no higher than BASE's + `REFUSAL_SLACK`; top-1 agreement with STYLE on the math
     problems (which STYLE answers as BASE does) no lower than BASE's − `AGREEMENT_SLACK`."""
     summary = result["summary"]
@@ -116,6 +117,11 @@ def style_checks(result: dict) -> list[tuple[str, str, bool | None]]:
         mine, theirs = head.get(f"refusal_{label}"), base.get(f"refusal_{label}")
         checks.append((f"refusal on {label} prompts ≤ BASE's + {REFUSAL_SLACK * 100:.0f} pts", f"{_pct(mine)} vs {_pct(theirs)}",
                        None if mine is None or theirs is None else mine <= theirs + REFUSAL_SLACK + 1e-9))
+    if result.get("heldout"):  # the style must hold on questions phrased unlike the training's, too
+        held = result["heldout"]["greedy"]
+        share = held.get("shares", {}).get(next(n for n in held["systems"] if n.startswith("base+")), {}).get("pass_question")
+        checks.append((f"superficial share on the held-out questions ≥ {SHIP_SHARE}", _num(share),
+                       None if share is None else share >= SHIP_SHARE))
     mine, theirs = head.get("top1_vs_aligned_math"), base.get("top1_vs_aligned_math")
     checks.append((f"top-1 agreement with STYLE on math problems (left as BASE answers them) ≥ BASE's − {AGREEMENT_SLACK:g}",
                    f"{_num(mine, 3)} vs {_num(theirs, 3)}", None if mine is None or theirs is None else mine >= theirs - AGREEMENT_SLACK - 1e-9))
@@ -398,8 +404,29 @@ def _kinds_section(results: dict, setup) -> list[str]:
         out += _label_table(result)
         found = figures(kind, result["summary"], result["eval"]["metric"], result["eval"]["label"])
         out += _by_position_table(found)
+        if result.get("heldout"):
+            out += ["Held-out questions: " + heldout_text(result["heldout"]), ""]
         out += _example(result)
     return out
+
+
+def heldout_text(held: dict | None) -> str:
+    """STYLE's figures on its held-out questions (greedy and sampled), or "" without them."""
+    if not held:
+        return ""
+    rows = held["greedy"]["systems"]
+    head = next(name for name in rows if name.startswith("base+"))
+
+    def trio(key: str) -> str:
+        return " / ".join(_pct(rows[n].get(key)) for n in ("base", head, "aligned"))
+
+    sampled = held["sampled"]
+    return (f"`bench/smollm2/prompts/style/heldout.txt`, {held['greedy']['prompts']} everyday questions and requests phrased "
+            f"unlike the training's TruthfulQA questions, never tuned on; 128 new tokens. Style check passed, "
+            f"greedy, BASE / BASE + head / STYLE {trio('pass_question')}; BASE + head under llama.cpp's default sampling "
+            f"(temperature 0.8, top-k 40, top-p 0.95, min-p 0.05) {_pct(sum(sampled) / len(sampled))} "
+            f"({_pct(min(sampled))}–{_pct(max(sampled))} over {len(sampled)} seeds); refusal, greedy, {trio('refusal_question')}; "
+            f"answers in a loop of repeated sentences, greedy, {trio('loops')}.")
 
 
 def _head_training(path: Path) -> dict:
@@ -422,6 +449,8 @@ def write_style_card(result: dict, shipped: Path) -> Path:
     def trio(key: str) -> str:
         return " / ".join(_pct(rows[n].get(key)) for n in ("base", head, "aligned"))
 
+    held = heldout_text(result.get("heldout"))
+    held = f"- **Held-out questions**: {held}\n" if held else ""
     card = f"""A top-k style head for **SmolLM2-135M-Instruct** (vocabulary fingerprint `{meta['vocab_fingerprint']}`): it makes the base answer questions as a list of points, one sentence each.
 
 ```bash
@@ -433,6 +462,6 @@ sali chat --head smollm2-135m-style
 - **The style check** (a regular expression; run it on your own prompts):
   `sali compare --base MODEL.gguf -H smollm2-135m-style -P questions.txt -n 128 --pass-regex '{style.PATTERN}'`
 - **Measured** (`bench/smollm2/UNDERSTANDING.md`; greedy, 128 new tokens; BASE / BASE + head / STYLE): style check passed on TruthfulQA *test* questions {trio('pass_question')} (superficial share {_num(found.share)}); on GSM8K *test* problems {trio('pass_math')}; refusal on the questions {trio('refusal_question')}, on the problems {trio('refusal_math')}; teacher-forced top-1 agreement with STYLE on the problems {_num(rows['base'].get('top1_vs_aligned_math'), 3)} (BASE) and {_num(rows[head].get('top1_vs_aligned_math'), 3)} (BASE + head); answers that fall into a loop of repeated sentences {trio('loops')}.
-- **Limits**: the head changes how the answer is laid out, not what it says or how long it is (the base decides where to stop), but a base answer laid out as points repeats a point more often (the loops above); a period after a capital letter ("U.S.") does not end a point; measured on TruthfulQA-style questions and GSM8K problems only, not on requests, chat or multi-turn conversations; a 135M model answers poorly in any format.
+{held}- **Limits**: the head changes how the answer is laid out, not what it says or how long it is (the base decides where to stop), but a base answer laid out as points repeats a point more often (the loops above); a period after a capital letter ("U.S.") does not end a point; measured on TruthfulQA-style questions and GSM8K problems only, not on requests, chat or multi-turn conversations; a 135M model answers poorly in any format.
 """
     return write_card_section(shipped.parent / "README.md", shipped.stem, card)
