@@ -378,8 +378,9 @@ RECIPE_TEXT = {
               "(`prompts/style/everyday.txt`: imperatives, lowercase lines, first-person situations), STYLE's answers to them; "
               "the sibling is unchanged. That change{options_text} was chosen on `prompts/style/dev.txt` alone, 40 prompts in the "
               "everyday forms (style check passed by BASE + head: 55% with the TruthfulQA-only head, 88% with the everyday "
-              "prompts, 78% with the everyday prompts and `sali train --trajectories aligned+base`; STYLE 95%); the held-out "
-              "sets were not looked at for it. This run's head, trained on the same prompts in another order, passed on 78% of "
+              "prompts, 78% with the everyday prompts and `sali train --trajectories aligned+base`; STYLE 95%). The misses that prompted the "
+              "change were read on `heldout.txt`, whose forms `everyday.txt` then took up, so that set now tests new topics only; "
+              "`heldout_forms.txt`, written with the new files in forms none of them uses, is the stricter test. This run's head, trained on the same prompts in another order, passed on 78% of "
               "the development prompts: a head's training varies that much with the order of its prompts."),
     "arithmetic": ("Two-digit addition and subtraction (`arithmetic.py`: operands 10–99, no negative results), asked in digits "
                    "(\"What is 47 + 28?\") or words (\"What is forty-seven plus twenty-eight?\") from four templates per form and "
