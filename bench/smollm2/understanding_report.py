@@ -105,8 +105,8 @@ def _with_ci(value, ci) -> str:
 
 def style_checks(result: dict) -> list[tuple[str, str, bool | None]]:
     """What the STYLE head must meet to ship: superficial share ≥ `SHIP_SHARE` on the test
-    questions and on each held-out set (where measured; not on the development set, which the
-    head's data and options were chosen on, is not run by the study); refusal on every
+    questions and on each held-out set (where measured; the development set, on which the head's
+    data and options were chosen, is neither a check nor run by the study); refusal on every
     test label no higher than BASE's + `REFUSAL_SLACK`; top-1 agreement with STYLE on the math
     problems (which STYLE answers as BASE does) no lower than BASE's − `AGREEMENT_SLACK`."""
     summary = result["summary"]
@@ -372,16 +372,18 @@ RECIPE_TEXT = {
               "counting and its head recovered 0.47; this voice, with BASE's answers cut at 72 tokens, 0.76, because its sibling "
               "had also learned to stop after two to four sentences (9 of the head's 15 misses stopped after one point). Since "
               "then BASE's answers are as long as the comparison's and keep BASE's own ending; the check and the test prompts "
-              "did not change. That recipe's head passed on TruthfulQA test questions (0.93) but not on everyday questions and requests "
-              "(0.50 on `prompts/style/heldout.txt`): most misses were answers that did not begin with a point, on prompts unlike "
-              "TruthfulQA's. So the head now also learns on {everyday} written everyday questions and requests "
-              "(`prompts/style/everyday.txt`: imperatives, lowercase lines, first-person situations), STYLE's answers to them; "
-              "the sibling is unchanged. That change{options_text} was chosen on `prompts/style/dev.txt` alone, 40 prompts in the "
-              "everyday forms (style check passed by BASE + head: 55% with the TruthfulQA-only head, 88% with the everyday "
-              "prompts, 78% with the everyday prompts and `sali train --trajectories aligned+base`; STYLE 95%). The misses that prompted the "
-              "change were read on `heldout.txt`, whose forms `everyday.txt` then took up, so that set now tests new topics only; "
-              "`heldout_forms.txt`, written with the new files in forms none of them uses, is the stricter test. This run's head, trained on the same prompts in another order, passed on 78% of "
-              "the development prompts: a head's training varies that much with the order of its prompts."),
+              "did not change. That recipe's head passed on TruthfulQA test questions (0.93) but not on everyday "
+              "questions and requests (0.50 on `prompts/style/heldout.txt`): most misses were answers that did not begin with "
+              "a point, on prompts unlike TruthfulQA's. So the head now also learns on {everyday} written everyday questions and "
+              "requests (`prompts/style/everyday.txt`: imperatives, lowercase lines, first-person situations), STYLE's answers "
+              "to them; the sibling is unchanged. That change{options_text} was chosen on `prompts/style/dev.txt` alone, 40 "
+              "prompts in the everyday forms (style check passed by BASE + head, measured by hand: 55% with the TruthfulQA-only "
+              "head, 88% with the everyday prompts, 78% with the everyday prompts and `sali train --trajectories aligned+base`; "
+              "STYLE 95%). The misses that prompted the change were read on `heldout.txt`, whose forms `everyday.txt` then took "
+              "up, so that set now tests new topics only; `heldout_forms.txt`, written with the new files in forms none of them "
+              "uses, is the stricter test. The study's own head from that recipe (the same prompts in another order) passed on "
+              "78% of the development prompts (measured when the study still ran that set): a head's training varies that much "
+              "with the order of its prompts."),
     "arithmetic": ("Two-digit addition and subtraction (`arithmetic.py`: operands 10–99, no negative results), asked in digits "
                    "(\"What is 47 + 28?\") or words (\"What is forty-seven plus twenty-eight?\") from four templates per form and "
                    "operation, answered \"47 + 28 = 75.\"; test problems never trained on (labels `digits`, `words`). Metric: the last "
