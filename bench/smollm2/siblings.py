@@ -14,7 +14,7 @@
 Everything lands in ``bench/smollm2/work/`` (gitignored); a finished stage is skipped on rerun,
 and every file or folder is written to a temporary name first, then renamed. Generation runs
 greedily in llama.cpp, one process at a time, in the model's own chat template. BASE's answers
-to the training prompts (about 50 minutes of generation) ship in ``data/base_answers.jsonl.gz``
+to the training prompts (about 45 minutes of generation) ship in ``data/base_answers.jsonl.gz``
 and seed those caches when the GGUF is the same file (:func:`seed_from_shipped`).
 """
 
@@ -205,7 +205,7 @@ def generate(gguf_path: Path, items: list[dict], max_tokens: int, out: Path, lab
     return rows
 
 
-# BASE's answers to the training prompts take about 50 minutes to generate on 2 cores and depend
+# BASE's answers to the training prompts take about 45 minutes to generate on 2 cores and depend
 # only on the prompts and the GGUF, so they ship with the repository (`--ship-answers` writes them)
 ANSWERS = HERE / "data" / "base_answers.jsonl.gz"
 SHIPPED_CACHES = {"base_responses.jsonl": RESPONSE_TOKENS, "base_responses-2.jsonl": RESPONSE_TOKENS, "compliance.jsonl": COMPLY_TOKENS}
