@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -211,25 +210,25 @@ ANSWERS = HERE / "data" / "base_answers.jsonl.gz"
 SHIPPED_CACHES = {"base_responses.jsonl": RESPONSE_TOKENS, "base_responses-2.jsonl": RESPONSE_TOKENS, "compliance.jsonl": COMPLY_TOKENS}
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def gguf_identity(path: Path) -> str:
+    """The GGUF's identity as calibration records know it (size, ends, vocabulary)."""
+    from sali.calibstore import model_identity
+    from sali.ggufcheck import vocab_fingerprint
+
+    return model_identity(path, vocab_fingerprint(path))
 
 
 def seed_from_shipped(out: Path, gguf_path: Path, max_tokens: int, answers: Path | None = None) -> int:
     """Start the generation cache `out` (as its ``.part`` file, so :func:`generate` runs llama.cpp
     only for prompts it lacks) from the shipped answers (`answers`, default `ANSWERS`), if they
-    hold rows for `out`'s name made by this very GGUF (SHA-256) with the same token limit.
+    hold rows for `out`'s name made by this very GGUF (:func:`gguf_identity`) with the same token limit.
     Returns the rows seeded (0: none fit)."""
     answers = answers or ANSWERS
     if not answers.is_file():
         return 0
     with gzip.open(answers, "rt", encoding="utf-8") as handle:
         header = json.loads(handle.readline())
-        if header.get("files", {}).get(out.name) != max_tokens or header.get("gguf_sha256") != file_sha256(gguf_path):
+        if header.get("files", {}).get(out.name) != max_tokens or header.get("gguf_identity") != gguf_identity(gguf_path):
             return 0
         rows = [row for row in map(json.loads, handle) if row.pop("file") == out.name]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -241,10 +240,10 @@ def seed_from_shipped(out: Path, gguf_path: Path, max_tokens: int, answers: Path
 def ship_answers(answers: Path | None = None, gguf_path: Path | None = None) -> Path:
     """Write `answers` (default `ANSWERS`) from the finished caches of `SHIPPED_CACHES` in
     ``work/``, made by `gguf_path` (default BASE's Q4_1 GGUF): gzip JSONL, a header with the
-    GGUF's SHA-256 and each cache's token limit, then rows tagged with their file."""
+    GGUF's identity and each cache's token limit, then rows tagged with their file."""
     answers, gguf_path = answers or ANSWERS, gguf_path or smollm2_gguf()
     present = {name: limit for name, limit in SHIPPED_CACHES.items() if (WORK / name).is_file()}
-    lines = [json.dumps({"gguf": gguf_path.name, "gguf_sha256": file_sha256(gguf_path), "files": present})]
+    lines = [json.dumps({"gguf": gguf_path.name, "gguf_identity": gguf_identity(gguf_path), "files": present})]
     for name in present:
         lines += [json.dumps({"file": name, **row}, ensure_ascii=False) for row in read_jsonl(WORK / name)]
     answers.parent.mkdir(parents=True, exist_ok=True)
