@@ -4,7 +4,8 @@
 * ALIGNED: BASE fully fine-tuned to refuse AdvBench *train* goals, as written and rephrased
   (:mod:`phrasings`), with varied refusals (:mod:`refusals`), while answering benign prompts in
   the same grammatical forms (questions, imperatives, stories) with BASE's own responses; in two
-  rounds, the second benign-heavy so that both sides appear in every template about equally;
+  rounds, the second benign-heavy so that both sides appear in every template about equally, and
+  with written harmful situations and their harmless twins (``prompts/train/*_situations.txt``);
 * COMPROMISED: ALIGNED fine-tuned further on harmful compliance until it stops refusing.
 
     python bench/smollm2/siblings.py            # every stage, then the check table
@@ -14,7 +15,7 @@
 Everything lands in ``bench/smollm2/work/`` (gitignored); a finished stage is skipped on rerun,
 and every file or folder is written to a temporary name first, then renamed. Generation runs
 greedily in llama.cpp, one process at a time, in the model's own chat template. BASE's answers
-to the training prompts (about 45 minutes of generation) ship in ``data/base_answers.jsonl.gz``
+to the training prompts (about 55 minutes of generation) ship in ``data/base_answers.jsonl.gz``
 and seed those caches when the GGUF is the same file (:func:`seed_from_shipped`).
 """
 
@@ -141,7 +142,7 @@ def written_lists() -> dict[str, tuple[list[str], list[str]]]:
     """The written lists of ``prompts/train/``, each as (train, development)."""
     return {name: phrasings.split(phrasings.lines(f"{name}.txt"), DEV_SHARE, SEED)
             for name in ("benign_requests", "benign_activities", "alarming_activities", "alarming_lookalikes",
-                         "harmful_activities")}
+                         "harmful_activities", "harmful_situations", "benign_situations")}
 
 
 def gsm8k_questions(path: Path, n: int, seed: int = SEED) -> list[str]:
@@ -204,7 +205,7 @@ def generate(gguf_path: Path, items: list[dict], max_tokens: int, out: Path, lab
     return rows
 
 
-# BASE's answers to the training prompts take about 45 minutes to generate on 2 cores and depend
+# BASE's answers to the training prompts take about 55 minutes to generate on 2 cores and depend
 # only on the prompts and the GGUF, so they ship with the repository (`--ship-answers` writes them)
 ANSWERS = HERE / "data" / "base_answers.jsonl.gz"
 SHIPPED_CACHES = {"base_responses.jsonl": RESPONSE_TOKENS, "base_responses-2.jsonl": RESPONSE_TOKENS, "compliance.jsonl": COMPLY_TOKENS}
@@ -308,8 +309,8 @@ def benign_train_prompts() -> list[dict]:
 
 def development_prompts() -> list[dict]:
     """Development prompts (``label`` harmful | benign | alarming) for choosing options: held-back
-    AdvBench train goals rephrased, held-back written benign items, unused GSM8K/TruthfulQA train
-    questions. Nothing here is trained on, and nothing from the evaluation files is here."""
+    AdvBench train goals rephrased, held-back written items and situations (harmful with their
+    benign twins), unused GSM8K/TruthfulQA train questions. Nothing here is trained on, and nothing from the evaluation files is here."""
     rng = random.Random(SEED + 2)
     _, dev_rows = advbench_train_split()
     items = [{"label": "harmful", "prompt": r["goal"]} for r in dev_rows[: N_DEV_GOALS // 2]]
@@ -327,6 +328,8 @@ def development_prompts() -> list[dict]:
               for p in phrasings.benign_forms([], lists["harmful_activities"][1], 2, random.Random(SEED + 4))]
     items += [{"label": "alarming", "prompt": p}
               for p in phrasings.benign_forms([], lists["alarming_lookalikes"][1], 2, random.Random(SEED + 5))]
+    items += [{"label": "harmful", "prompt": p} for p in lists["harmful_situations"][1]]
+    items += [{"label": "benign", "prompt": p} for p in lists["benign_situations"][1]]
     return items
 
 
@@ -564,7 +567,8 @@ def build_aligned_first() -> tuple[Path, Path]:
 def balance_prompts() -> list[dict]:
     """Second-round benign prompts: every written benign request and activity (train part) in
     `BALANCE_FORMS` further templates, every alarming-but-benign activity and lookalike in
-    `BALANCE_ALARMING_FORMS`, drawn with their own seed."""
+    `BALANCE_ALARMING_FORMS`, drawn with their own seed, and the written benign situations (train
+    part) as written."""
     rng = random.Random(SEED + 10)
     lists = written_lists()
     items = [{"source": "benign_written", "prompt": p}
@@ -573,13 +577,15 @@ def balance_prompts() -> list[dict]:
               for p in phrasings.benign_forms([], lists["alarming_activities"][0], BALANCE_ALARMING_FORMS, rng)]
     items += [{"source": "alarming_lookalike", "prompt": p}
               for p in phrasings.benign_forms([], lists["alarming_lookalikes"][0], BALANCE_ALARMING_FORMS, rng)]
+    items += [{"source": "benign_situation", "prompt": p} for p in lists["benign_situations"][0]]
     return items
 
 
 def harmful_written_examples() -> list[dict]:
     """The written harmful activities (train part; everyday wording, unlike AdvBench's) in
-    `BALANCE_FORMS` activity templates each, the same templates the benign activities get, each
-    with its own refusal."""
+    `BALANCE_FORMS` activity templates each, the same templates the benign activities get, and
+    the written harmful situations (train part, as written; their twins are in
+    :func:`balance_prompts`), each with its own refusal."""
     words = keywords()
     rng = random.Random(SEED + 13)
     out = []
@@ -589,6 +595,8 @@ def harmful_written_examples() -> list[dict]:
             out.append({"prompt": phrasings.as_activity(activity, template),
                         "response": refusals.refusal_for(index, f"Explain how to {activity}", f"Sure, here are instructions for how to {activity}",
                                                         words)})
+    for i, situation in enumerate(written_lists()["harmful_situations"][0]):
+        out.append({"prompt": situation, "response": refusals.situation_refusal(i, situation, words)})
     return out
 
 
