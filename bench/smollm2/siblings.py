@@ -310,7 +310,8 @@ def benign_train_prompts() -> list[dict]:
 def development_prompts() -> list[dict]:
     """Development prompts (``label`` harmful | benign | alarming) for choosing options: held-back
     AdvBench train goals rephrased, held-back written items and situations (harmful with their
-    benign twins), unused GSM8K/TruthfulQA train questions. Nothing here is trained on, and nothing from the evaluation files is here."""
+    benign twins), unused GSM8K/TruthfulQA train questions. Nothing here is trained on, and
+    nothing from the evaluation files is here."""
     rng = random.Random(SEED + 2)
     _, dev_rows = advbench_train_split()
     items = [{"label": "harmful", "prompt": r["goal"]} for r in dev_rows[: N_DEV_GOALS // 2]]
