@@ -177,7 +177,6 @@ def test_shipped_answers_seed_the_cache_only_for_the_same_gguf_and_token_limit(t
         assert len(completed) == 2, folder
 
 
-
 def test_situation_refusals_vary_count_as_refusals_and_repeat_for_the_same_index():
     """Whole written requests get generic refusals dealt so that 30 requests see many openings,
     each counted as a refusal by the shipped keyword list; some add a topical alternative."""

@@ -147,22 +147,33 @@ def fill(template: str, goal: str, target: str) -> str:
     return template.format(task=task_phrase(goal), thing=thing, Thing=thing[0].upper() + thing[1:])
 
 
+def dealt(templates: list[str], index: int, seed: int) -> str:
+    """The `index`-th of `templates` dealt round-robin, each round in its own seeded shuffled
+    order, so every template is used about equally."""
+    order = list(range(len(templates)))
+    random.Random(seed + index // len(templates)).shuffle(order)
+    return templates[order[index % len(templates)]]
+
+
+def finished(text: str, request: str, index: int, seed: int, keywords: list[str]) -> str:
+    """`text`, one time in three followed by an alternative fitting `request`'s topic; raises
+    ValueError if the result would not count as a refusal."""
+    if random.Random(seed * 7919 + index).random() < 1 / 3:
+        text += " " + alternative(request)
+    if not is_refusal(text, keywords):
+        raise ValueError(f"refusal without a keyword of the metric: {text!r}")
+    return text
+
+
 def refusal_for(index: int, goal: str, target: str, keywords: list[str], seed: int = 0) -> str:
     """The refusal for the `index`-th goal: templates are dealt round-robin in a seeded shuffled
     order (every template used about equally), "{thing}" templates are swapped for task-naming
     ones where the target does not match the goal, and one refusal in three gets an alternative.
     Raises ValueError if the result would not count as a refusal."""
-    order = list(range(len(TEMPLATES)))
-    random.Random(seed + index // len(TEMPLATES)).shuffle(order)
-    template = TEMPLATES[order[index % len(TEMPLATES)]]
+    template = dealt(TEMPLATES, index, seed)
     if "thing" in template.lower() and thing_phrase(goal, target) is None:
         template = NAMING_TASK[index % len(NAMING_TASK)]
-    text = fill(template, goal, target)
-    if random.Random(seed * 7919 + index).random() < 1 / 3:
-        text += " " + alternative(goal)
-    if not is_refusal(text, keywords):
-        raise ValueError(f"refusal without a keyword of the metric: {text!r}")
-    return text
+    return finished(fill(template, goal, target), goal, index, seed, keywords)
 
 
 def situation_refusal(index: int, request: str, keywords: list[str], seed: int = 0) -> str:
@@ -170,14 +181,7 @@ def situation_refusal(index: int, request: str, keywords: list[str], seed: int =
     AdvBench goal, so no slot can be filled from it): a generic template dealt round-robin in a
     seeded order, one in three followed by an alternative that fits the request's topic.
     Raises ValueError if the result would not count as a refusal."""
-    order = list(range(len(GENERIC)))
-    random.Random(seed + 1 + index // len(GENERIC)).shuffle(order)
-    text = GENERIC[order[index % len(GENERIC)]]
-    if random.Random(seed * 7919 + index).random() < 1 / 3:
-        text += " " + alternative(request)
-    if not is_refusal(text, keywords):
-        raise ValueError(f"refusal without a keyword of the metric: {text!r}")
-    return text
+    return finished(dealt(GENERIC, index, seed + 1), request, index, seed, keywords)
 
 
 def check_templates(keywords: list[str]) -> None:

@@ -371,9 +371,9 @@ def main() -> None:
         shutil.copy(calibrated["head"] if calibrated else head, SHIPPED)  # with its calibration reference
     overhead = decode_overhead(head)
     stage("report")
-    durations = stage_durations(timings, time.perf_counter() - started)
-    if durations["siblings"] <= 5 and siblings.TIMINGS.is_file():  # built before this run (siblings.py): its own record
-        durations["siblings"] = sum(json.loads(siblings.TIMINGS.read_text()).values())
+    # siblings built before this run (siblings.py) keep the time of their own record
+    recorded = {"siblings": sum(json.loads(siblings.TIMINGS.read_text()).values())} if siblings.TIMINGS.is_file() else {}
+    durations = stage_durations(timings, time.perf_counter() - started, recorded=recorded)
     main_summary["_folder"] = str(RUN / "main")
     from report import Study, write_model_card, write_report
 
@@ -387,18 +387,20 @@ def main() -> None:
     print(f"done in {time.perf_counter() - started:.0f} s; see {HERE / 'REPORT.md'}")
 
 
-def stage_durations(starts: dict[str, float], total: float, path: Path | None = None) -> dict[str, float]:
+def stage_durations(starts: dict[str, float], total: float, path: Path | None = None,
+                    recorded: dict[str, float] | None = None) -> dict[str, float]:
     """Seconds per stage, remembered in `path` (default ``RUN/stage_seconds.json``); a stage
-    answered from the cache keeps the time of the run that did it."""
+    answered from the cache keeps the time of the run that did it, or the time in `recorded`
+    (stages timed by their own tool) before that."""
     path = path or RUN / "stage_seconds.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
+    known = (json.loads(path.read_text()) if path.is_file() else {}) | (recorded or {})
     names = list(starts)
     origin = min(starts.values())
     ends = [starts[n] for n in names[1:]] + [origin + total]
     durations = {}
     for name, end in zip(names, ends):
         measured = end - starts[name]
-        durations[name] = measured if measured > 5 or name not in previous else previous[name]
+        durations[name] = measured if measured > 5 or name not in known else known[name]
     path.write_text(json.dumps(durations, indent=1))
     return durations
 

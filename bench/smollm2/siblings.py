@@ -587,16 +587,16 @@ def harmful_written_examples() -> list[dict]:
     `BALANCE_FORMS` activity templates each, the same templates the benign activities get, and
     the written harmful situations (train part, as written; their twins are in
     :func:`balance_prompts`), each with its own refusal."""
-    words = keywords()
+    words, lists = keywords(), written_lists()
     rng = random.Random(SEED + 13)
     out = []
-    for activity in written_lists()["harmful_activities"][0]:
+    for activity in lists["harmful_activities"][0]:
         for template in rng.sample(phrasings.ACTIVITY_TEMPLATES, BALANCE_FORMS):
             index = 10_000 + len(out)  # refusal templates dealt on from where the goals' left off
             out.append({"prompt": phrasings.as_activity(activity, template),
                         "response": refusals.refusal_for(index, f"Explain how to {activity}", f"Sure, here are instructions for how to {activity}",
                                                         words)})
-    for i, situation in enumerate(written_lists()["harmful_situations"][0]):
+    for i, situation in enumerate(lists["harmful_situations"][0]):
         out.append({"prompt": situation, "response": refusals.situation_refusal(i, situation, words)})
     return out
 
