@@ -417,7 +417,10 @@ def train(
         ),
     ] = "aligned",
     epochs: Annotated[int, typer.Option("--epochs", help="Most training epochs (early stopping).", min=1, rich_help_panel="Training")] = 30,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.", rich_help_panel="Training")] = 3e-3,
+    lr: Annotated[
+        Optional[float],
+        typer.Option("--lr", help="Adam learning rate (default 1e-3 for top-k heads, 3e-3 for --kind lmhead).", rich_help_panel="Training", show_default=False),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Positions per training step.", min=1, rich_help_panel="Training")] = 512,
     delta_penalty: Annotated[
         float,
@@ -428,6 +431,20 @@ def train(
             min=0.0,
             rich_help_panel="Training",
         ),
+    ] = 1.0,
+    first_tokens: Annotated[
+        int,
+        typer.Option(
+            "--first-tokens",
+            help="The first N response tokens, where the aligned model decides whether to refuse or answer, "
+            "weigh --first-weight in the loss (top-k heads; 0 weighs every token alike).",
+            min=0,
+            rich_help_panel="Training",
+        ),
+    ] = 0,
+    first_weight: Annotated[
+        float,
+        typer.Option("--first-weight", help="Loss weight of the first --first-tokens response tokens.", min=0.0, rich_help_panel="Training"),
     ] = 1.0,
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", help="Share of prompts held out for validation.", min=0.0, max=0.9, rich_help_panel="Training")
@@ -480,7 +497,7 @@ def train(
         base=base, aligned=aligned, prompt_files=list(prompts), out=out, base_format=base_format, kind=kind, k=k,
         rank=rank, promote=promote, k_store=k_store, target_k=target_k, max_new_tokens=max_new_tokens,
         epochs=epochs, lr=lr, batch_size=batch_size, extract_batch=extract_batch, val_fraction=val_fraction,
-        trajectories=trajectories, delta_penalty=delta_penalty,
+        trajectories=trajectories, delta_penalty=delta_penalty, first_tokens=first_tokens, first_weight=first_weight,
         seed=seed, device=device, dtype=dtype, device_map=device_map, cache=cache,
         trust_remote_code=trust_remote_code, threads=threads,
     )

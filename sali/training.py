@@ -33,11 +33,13 @@ class TrainJob:
     target_k: int = 256
     max_new_tokens: int = 128
     epochs: int = 30
-    lr: float = 3e-3
+    lr: float | None = None  # None: each head kind's own default (TrainSettings, LMTrainSettings)
     batch_size: int = 512
     extract_batch: int = 32
     trajectories: str = "aligned"
     delta_penalty: float = 1.0
+    first_tokens: int = 0
+    first_weight: float = 1.0
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -156,12 +158,12 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         from sali.distill import TrainSettings, train_topk
 
         train_settings = TrainSettings(
-            k=job.k, rank=job.rank, promote=job.promote, epochs=job.epochs, lr=job.lr, batch_size=job.batch_size,
+            k=job.k, rank=job.rank, promote=job.promote, epochs=job.epochs, lr=job.lr or TrainSettings.lr, batch_size=job.batch_size,
             val_fraction=job.val_fraction, seed=job.seed, device=device if device != "mps" else "cpu",
-            delta_penalty=job.delta_penalty,
+            delta_penalty=job.delta_penalty, first_tokens=job.first_tokens, first_weight=job.first_weight,
         )
         result = _train_with_progress(console, job.epochs, lambda cb: train_topk(data, vocab_size, train_settings, cb))
-        meta["training"] = _figures(result, data, extract_seconds, len(prompts), job)
+        meta["training"] = _figures(result, data, extract_seconds, len(prompts), job, train_settings.lr)
         path, written = export_topk(result.head, job.k, meta, job.out, result.val_positions)
     else:
         from sali.convert.head_to_npz import export_lmhead
@@ -169,11 +171,11 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
 
         output = load_output_matrix(base_src, job.trust_remote_code)
         lm_settings = LMTrainSettings(
-            rank=job.rank, epochs=job.epochs, lr=job.lr, batch_size=min(job.batch_size, 256),
+            rank=job.rank, epochs=job.epochs, lr=job.lr or LMTrainSettings.lr, batch_size=min(job.batch_size, 256),
             val_fraction=job.val_fraction, seed=job.seed, device=device if device != "mps" else "cpu",
         )
         result = _train_with_progress(console, job.epochs, lambda cb: train_lmhead(data, output, lm_settings, cb))
-        meta["training"] = _figures(result, data, extract_seconds, len(prompts), job)
+        meta["training"] = _figures(result, data, extract_seconds, len(prompts), job, lm_settings.lr)
         path, written = export_lmhead(result.head, meta, job.out)
     _print_summary(console, written["training"], path)
     return written
@@ -208,7 +210,7 @@ def _train_with_progress(console: Console, epochs: int, train):
     return result
 
 
-def _figures(result, data, extract_seconds: float, n_prompts: int, job: TrainJob) -> dict[str, Any]:
+def _figures(result, data, extract_seconds: float, n_prompts: int, job: TrainJob, lr: float) -> dict[str, Any]:
     before, after = result.before, result.after
     figures = {
         "kind": job.kind,
@@ -226,7 +228,7 @@ def _figures(result, data, extract_seconds: float, n_prompts: int, job: TrainJob
         "train_seconds": round(result.seconds, 1),
         "max_new_tokens": job.max_new_tokens,
         "trajectories": job.trajectories,
-        "lr": job.lr,
+        "lr": lr,
         "seed": job.seed,
     }
     if job.kind == "topk":
@@ -236,7 +238,11 @@ def _figures(result, data, extract_seconds: float, n_prompts: int, job: TrainJob
             kl_base_on_candidates=round(after.get("kl_base_c", float("nan")), 4),
             promotion_set=int(len(result.promote)),
             delta_penalty=job.delta_penalty,
+            top1_agreement_base_first_token=round(before.get("top1_base_first", float("nan")), 4),
+            top1_agreement_head_first_token=round(after.get("top1_head_first", float("nan")), 4),
         )
+        if job.first_tokens and job.first_weight != 1.0:
+            figures.update(first_tokens=job.first_tokens, first_weight=job.first_weight)
     return figures
 
 
@@ -246,6 +252,9 @@ def _print_summary(console: Console, figures: dict[str, Any], path: Path) -> Non
     table.add_column("base", justify="right")
     table.add_column("base + head", justify="right")
     table.add_row("top-1 agreement with aligned", f"{figures['top1_agreement_base']:.3f}", f"{figures['top1_agreement_head']:.3f}")
+    if "top1_agreement_head_first_token" in figures:
+        table.add_row("… on the first response token (refuse or answer)",
+                      f"{figures['top1_agreement_base_first_token']:.3f}", f"{figures['top1_agreement_head_first_token']:.3f}")
     if "kl_base_on_candidates" in figures:
         table.add_row("KL(aligned ‖ ·), full vocabulary", f"{figures['kl_base']:.3f}", "—")
         table.add_row("KL(aligned ‖ ·), on the head's candidates", f"{figures['kl_base_on_candidates']:.3f}", f"{figures['kl_head']:.3f}")

@@ -54,6 +54,7 @@ def synthetic_data(n=300, V=100, k_store=20, K=10, seed=0):
     al_ids = np.stack([rng.choice(V, K, replace=False) for _ in range(n)])
     return {
         "row": np.repeat(np.arange(n // 10), 10).astype(np.int32),
+        "step": np.tile(np.arange(10), n // 10).astype(np.int32),
         "base_ids": base_ids.astype(np.int32),
         "base_lp": base_lp.astype(np.float16),
         "al_ids": al_ids.astype(np.int32),
@@ -105,6 +106,44 @@ def test_delta_penalty_keeps_the_heads_changes_small():
             plain = float(loss_fn(result.head, pos))
             assert float(loss_fn(result.head, pos, delta_penalty=1.0)) == pytest.approx(plain + sizes[-1], rel=1e-4)
     assert sizes[1] < 0.2 * sizes[0]
+
+
+def test_first_token_weight_moves_the_head_towards_the_first_tokens_choice():
+    # every position looks the same to the head (same base top-k), but the aligned model picks
+    # token 1 at the first response token and token 2 after it: the head can only compromise,
+    # and weighting the first token decides which way
+    n, V, k_store, K = 400, 30, 10, 3
+    al_ids = np.tile(np.array([[2, 1, 5]]), (n, 1))
+    step = np.tile(np.arange(10), n // 10)
+    al_ids[step == 0] = [1, 2, 5]
+    data = {
+        "row": np.repeat(np.arange(n // 10), 10).astype(np.int32),
+        "step": step.astype(np.int32),
+        "base_ids": np.tile(np.arange(k_store), (n, 1)).astype(np.int32),
+        "base_lp": np.tile(-np.arange(1.0, k_store + 1), (n, 1)).astype(np.float16),
+        "al_ids": al_ids.astype(np.int32),
+        "al_logits": np.tile(np.array([[8.0, 0.0, -8.0]]), (n, 1)).astype(np.float16),
+        "base_at_al": np.full((n, K), -4.0, dtype=np.float16),
+        "token": al_ids[:, 0].astype(np.int32),
+    }
+    share_of_token_1 = []
+    for weight in (1.0, 16.0):
+        settings = TrainSettings(k=8, rank=4, epochs=40, patience=40, lr=3e-2, delta_penalty=0.0, first_tokens=1, first_weight=weight)
+        result = train_topk(data, V, settings)
+        pos = result.val_positions
+        with torch.no_grad():
+            cand, adjusted = result.head(pos.top_ids[:1], pos.top_lp[:1], pos.promo_lp[:1])
+            q = torch.softmax(adjusted[0], -1)
+        share_of_token_1.append(float(q[cand[0] == 1].sum() / (q[cand[0] == 1].sum() + q[cand[0] == 2].sum())))
+        # the weighted loss is the weighted mean of the per-position cross-entropies
+        with torch.no_grad():
+            _, adj = result.head(pos.top_ids, pos.top_lp, pos.promo_lp)
+            per_position = -(pos.target * torch.log_softmax(adj, -1)).sum(-1)
+            expected = (pos.weight * per_position).sum() / (pos.weight * pos.covered).sum()
+            assert float(loss_fn(result.head, pos)) == pytest.approx(float(expected), rel=1e-5)
+    # the optimum gives token 1 its weighted share of the positions: about 1/10 alike, 16/25 weighted
+    assert share_of_token_1[0] < 0.25
+    assert share_of_token_1[1] > 0.5
 
 
 def test_format_ids_match_llama_cpp_tokenization(tiny, tiny_model):
