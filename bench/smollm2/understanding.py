@@ -349,7 +349,9 @@ def train_head(setup: Setup, kind: str, sibling_dir: Path) -> Path:
     if not head.is_file():
         run.sali("train", "--base", str(setup.base_dir), "--aligned", str(sibling_dir), "-P", str(folder / "head_prompts.jsonl"),
                  "-o", str(head), "--cache", str(setup.work / "extract"), "--max-new-tokens", str(EVAL[kind]["extract"]),
-                 "--extract-batch", "16", "--threads", str(siblings.THREADS), log=folder / "train.log")
+                 "--extract-batch", "16", "--threads", str(siblings.THREADS),
+                 "--lr", "3e-3",  # what UNDERSTANDING.md's heads were trained at (sali train's default before 1e-3)
+                 log=folder / "train.log")
     return head
 
 
