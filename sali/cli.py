@@ -491,6 +491,10 @@ def train(
         raise SaliError(f"--dtype must be auto, float32, float16 or bfloat16, not {dtype!r}")
     if device not in ("auto", "cpu", "cuda", "mps"):
         raise SaliError(f"--device must be auto, cpu, cuda or mps, not {device!r}")
+    if first_tokens and kind != "topk":
+        raise SaliError("--first-tokens weighs a top-k head's loss; --kind lmhead does not take it")
+    if lr is not None and lr <= 0:
+        raise SaliError(f"--lr must be above 0, not {lr:g}")
     if trajectories not in ("aligned", "aligned+base"):
         raise SaliError(f"--trajectories must be aligned or aligned+base, not {trajectories!r}")
     job = TrainJob(

@@ -158,7 +158,7 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         from sali.distill import TrainSettings, train_topk
 
         train_settings = TrainSettings(
-            k=job.k, rank=job.rank, promote=job.promote, epochs=job.epochs, lr=job.lr or TrainSettings.lr, batch_size=job.batch_size,
+            k=job.k, rank=job.rank, promote=job.promote, epochs=job.epochs, lr=TrainSettings.lr if job.lr is None else job.lr, batch_size=job.batch_size,
             val_fraction=job.val_fraction, seed=job.seed, device=device if device != "mps" else "cpu",
             delta_penalty=job.delta_penalty, first_tokens=job.first_tokens, first_weight=job.first_weight,
         )
@@ -171,7 +171,7 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
 
         output = load_output_matrix(base_src, job.trust_remote_code)
         lm_settings = LMTrainSettings(
-            rank=job.rank, epochs=job.epochs, lr=job.lr or LMTrainSettings.lr, batch_size=min(job.batch_size, 256),
+            rank=job.rank, epochs=job.epochs, lr=LMTrainSettings.lr if job.lr is None else job.lr, batch_size=min(job.batch_size, 256),
             val_fraction=job.val_fraction, seed=job.seed, device=device if device != "mps" else "cpu",
         )
         result = _train_with_progress(console, job.epochs, lambda cb: train_lmhead(data, output, lm_settings, cb))

@@ -188,6 +188,14 @@ def test_empty_prompt_file_and_unreadable_model_folder(pair, tmp_path):
     assert "no config.json" in line
 
 
+def test_training_options_that_do_not_fit_give_one_line(pair, tmp_path):
+    common = ("train", "--base", str(pair.base), "--aligned", str(pair.aligned), "-P", str(pair.train_prompts), "-o", str(tmp_path / "h.npz"))
+    line = one_error_line(run_sali(*common, "--kind", "lmhead", "--first-tokens", "4", "--first-weight", "4"))
+    assert "--first-tokens" in line and "lmhead" in line
+    assert "--lr" in one_error_line(run_sali(*common, "--lr", "0"))
+    assert not (tmp_path / "h.npz").exists()
+
+
 def test_prompt_file_formats(tmp_path):
     from sali.prompts import read_prompts
 
