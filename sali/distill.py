@@ -219,36 +219,36 @@ def evaluate(head, pos: Positions, alpha: float = 1.0, batch_size: int = 4096) -
 
     if len(pos) == 0:
         return {}
-    sums = {"top1_base": 0.0, "top1_head": 0.0, "kl_base": 0.0, "kl_base_c": 0.0, "kl_head_c": 0.0, "cover_top1": 0.0, "cover_mass": 0.0, "loss": 0.0, "loss_weight": 0.0,
-            "top1_head_first": 0.0, "top1_base_first": 0.0, "first": 0.0}
+    sums = {"top1_base": 0.0, "top1_head": 0.0, "kl_base": 0.0, "kl_base_c": 0.0, "kl_head_c": 0.0, "cover_top1": 0.0, "cover_mass": 0.0}
+    first = {"top1_base_first": 0.0, "top1_head_first": 0.0, "n": 0.0}  # the first response token alone
+    loss, loss_weight = 0.0, 0.0
     k = pos.top_ids.shape[1]
     with torch.no_grad():
         for start in range(0, len(pos), batch_size):
             b = pos.subset(slice(start, start + batch_size))
             cand, adjusted = head(b.top_ids, b.top_lp, b.promo_lp, alpha)
             best = cand.gather(1, adjusted.argmax(-1, keepdim=True)).squeeze(1)
-            first = b.step == 0
-            sums["top1_head"] += (best == b.al_top1).float().sum().item()
-            sums["top1_base"] += (b.top_ids[:, 0] == b.al_top1).float().sum().item()
-            sums["top1_head_first"] += ((best == b.al_top1) & first).float().sum().item()
-            sums["top1_base_first"] += ((b.top_ids[:, 0] == b.al_top1) & first).float().sum().item()
-            sums["first"] += first.float().sum().item()
+            head_hit, base_hit, at_first = best == b.al_top1, b.top_ids[:, 0] == b.al_top1, b.step == 0
+            sums["top1_head"] += head_hit.float().sum().item()
+            sums["top1_base"] += base_hit.float().sum().item()
+            first["top1_head_first"] += (head_hit & at_first).float().sum().item()
+            first["top1_base_first"] += (base_hit & at_first).float().sum().item()
+            first["n"] += at_first.float().sum().item()
             sums["cover_top1"] += (b.top_ids == b.al_top1[:, None]).any(-1).float().sum().item()
             sums["cover_mass"] += b.covered.sum().item()
             sums["kl_base"] += b.base_kl.sum().item()
             p = b.target / b.covered.clamp_min(1e-9)[:, None]
             log_p = torch.log(p.clamp_min(1e-30))
-            base_logits = torch.cat([b.top_lp, b.promo_lp], dim=1)
-            for name, logits in (("kl_base_c", base_logits), ("kl_head_c", adjusted)):
-                log_q = torch.log_softmax(logits, dim=-1)
-                sums[name] += (p * (log_p - log_q)).sum().item()
-            sums["loss"] += -(b.weight * (b.target * torch.log_softmax(adjusted, -1)).sum(-1)).sum().item()
-            sums["loss_weight"] += (b.weight * b.covered).sum().item()
+            log_q_base = torch.log_softmax(torch.cat([b.top_lp, b.promo_lp], dim=1), dim=-1)
+            log_q_head = torch.log_softmax(adjusted, dim=-1)
+            sums["kl_base_c"] += (p * (log_p - log_q_base)).sum().item()
+            sums["kl_head_c"] += (p * (log_p - log_q_head)).sum().item()
+            loss += -(b.weight * (b.target * log_q_head).sum(-1)).sum().item()
+            loss_weight += (b.weight * b.covered).sum().item()
     n = len(pos)
-    out = {key: value / n for key, value in sums.items() if key not in ("loss", "loss_weight", "first") and not key.endswith("_first")}
-    for key in ("top1_head_first", "top1_base_first"):
-        out[key] = sums[key] / sums["first"] if sums["first"] else float("nan")
-    out["loss"] = sums["loss"] / max(sums["loss_weight"], 1e-9)
+    out = {key: value / n for key, value in sums.items()}
+    out.update({key: first[key] / first["n"] if first["n"] else float("nan") for key in ("top1_base_first", "top1_head_first")})
+    out["loss"] = loss / max(loss_weight, 1e-9)
     out["positions"] = n
     out["k"] = k
     return out
