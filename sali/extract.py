@@ -318,15 +318,13 @@ def run_extraction(
     run, the shards whose index ``b`` has ``b % count == rank`` (shards are named by their batch
     of prompts alone, so any number of processes writes the same files).
     """
-    rank, count = part
     with_hidden = replace(settings, hidden=True)
     if not settings.hidden and (Path(cache_root) / with_hidden.key()).is_dir():
         settings = with_hidden  # a cache that also holds hidden states serves a top-k head as well
     folder = Path(cache_root) / settings.key()
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "settings.json", json.dumps(asdict(settings), indent=2) + "\n")
-    batches = [list(range(i, min(i + settings.batch_prompts, len(prompts)))) for i in range(0, len(prompts), settings.batch_prompts)]
-    mine = [b for b in range(len(batches)) if b % count == rank]
+    batches, mine = _shares(len(prompts), settings.batch_prompts, part)
     for b in mine:
         for stale in folder.glob(f".{shard_name(b)}.*.part"):  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
@@ -364,6 +362,31 @@ def run_extraction(
     return folder
 
 
+def _shares(n_prompts: int, batch_prompts: int, part: tuple[int, int]) -> tuple[list[list[int]], list[int]]:
+    """``(batches, mine)``: the prompt indices of every shard, and the shards process ``part``
+    writes (see :func:`run_extraction`)."""
+    rank, count = part
+    batches = [list(range(i, min(i + batch_prompts, n_prompts))) for i in range(0, n_prompts, batch_prompts)]
+    return batches, [b for b in range(len(batches)) if b % count == rank]
+
+
+def share_size(settings: ExtractSettings, part: tuple[int, int] = (0, 1)) -> int:
+    """How many prompts process ``part`` extracts (all of them in a one-process run)."""
+    batches, mine = _shares(settings.n_prompts, settings.batch_prompts, part)
+    return sum(len(batches[b]) for b in mine)
+
+
+def cached_prompts(settings: ExtractSettings, cache_root: Path, part: tuple[int, int] = (0, 1)) -> int:
+    """How many of process ``part``'s prompts already have their shard in the cache (what
+    :func:`run_extraction` will skip), for progress displays that count only new work."""
+    folder = Path(cache_root) / settings.key()
+    if not settings.hidden:
+        with_hidden = Path(cache_root) / replace(settings, hidden=True).key()
+        folder = with_hidden if with_hidden.is_dir() else folder
+    batches, mine = _shares(settings.n_prompts, settings.batch_prompts, part)
+    return sum(len(batches[b]) for b in mine if (folder / shard_name(b)).is_file())
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.npz"
 
@@ -373,7 +396,31 @@ def _shard_positions(path: Path) -> int:
         return int(shard["token"].shape[0])
 
 
-def load_shards(folder: Path) -> dict[str, np.ndarray]:
+def load_extractions(folders: list[Path], n_prompts: list[int]) -> dict[str, np.ndarray]:
+    """:func:`load_shards` of several folders (one per prompt file, `n_prompts` prompts each) as
+    one data set: each folder's prompt indices (``row``, ``responses``) are shifted past the
+    prompts of the folders before it, so that prompt indices stay unique across files."""
+    parts = []
+    offset = 0
+    for folder, count in zip(folders, n_prompts):
+        data = load_shards(folder, allow_empty=len(folders) > 1)
+        if "row" in data:
+            data["row"] = data["row"] + offset
+        data["responses"] = {str(int(i) + offset): text for i, text in data["responses"].items()}  # type: ignore[union-attr]
+        parts.append(data)
+        offset += count
+    if len(parts) == 1:
+        return parts[0]
+    with_rows = [d for d in parts if "token" in d]
+    if not with_rows:
+        raise SaliError("the aligned model produced no response tokens for any prompt")
+    names = set.intersection(*(set(d) for d in with_rows)) - {"responses"}
+    merged = {name: np.concatenate([d[name] for d in with_rows]) for name in names}
+    merged["responses"] = {i: t for d in parts for i, t in d["responses"].items()}  # type: ignore[assignment]
+    return merged
+
+
+def load_shards(folder: Path, allow_empty: bool = False) -> dict[str, np.ndarray]:
     """Concatenate every shard of an extraction folder (one row per response position)."""
     paths = sorted(folder.glob("shard-*.npz"))
     if not paths:
@@ -387,7 +434,7 @@ def load_shards(folder: Path) -> dict[str, np.ndarray]:
                     if name in shard.files:  # "hidden" only where the settings kept it
                         parts[name].append(shard[name])
             responses.update(json.loads(shard["responses_json"].tobytes().decode("utf-8")))
-    if not parts["token"]:
+    if not parts["token"] and not allow_empty:
         raise SaliError("the aligned model produced no response tokens for any prompt")
     data = {name: np.concatenate(chunks) for name, chunks in parts.items() if chunks}
     data["responses"] = responses  # type: ignore[assignment]

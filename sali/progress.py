@@ -33,6 +33,7 @@ class _Task:
     description: str
     total: float | None
     completed: float = 0
+    initial: float = 0  # done before the task started (e.g. found in a cache): not counted in the speed
     started: float = 0.0
     printed: float | None = None
 
@@ -52,8 +53,8 @@ class PlainProgress:
     def __exit__(self, *exc) -> None:
         return None
 
-    def add_task(self, description: str, total: float | None = None, **fields) -> int:
-        self.tasks.append(_Task(description, total, started=time.monotonic()))
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
+        self.tasks.append(_Task(description, total, completed, initial=completed, started=time.monotonic()))
         self._line(self.tasks[-1], force=True)
         return len(self.tasks) - 1
 
@@ -83,8 +84,8 @@ class PlainProgress:
         if task.total:
             parts[0] += f"/{task.total:g} ({task.completed / task.total:.0%})"
         parts.append(f"elapsed {_clock(elapsed)}")
-        if task.total and 0 < task.completed < task.total:
-            parts.append(f"about {_clock(elapsed / task.completed * (task.total - task.completed))} left")
+        if task.total and task.initial < task.completed < task.total:
+            parts.append(f"about {_clock(elapsed / (task.completed - task.initial) * (task.total - task.completed))} left")
         self.console.print(escape(" · ".join(parts)), highlight=False, soft_wrap=True)
         finished = task.total is not None and task.completed >= task.total
         task.printed = -1.0 if finished else now

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,9 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
     if job.k > job.k_store:
         job.k_store = job.k
     fmt = parse_format(job.base_format)
-    prompts = [p.text for path in job.prompt_files for p in read_prompts(path)]
+    # one extraction cache per prompt file: adding a file to a job reuses the others' extraction
+    files = [[p.text for p in read_prompts(path)] for path in job.prompt_files]
+    prompts = [text for texts in files for text in texts]
     base_src, aligned_src = hfmodels.resolve(job.base), hfmodels.resolve(job.aligned)
     base_tok = hfmodels.load_tokenizer(base_src, job.trust_remote_code)
     aligned_tok = hfmodels.load_tokenizer(aligned_src, job.trust_remote_code)
@@ -98,8 +100,8 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         base_identity=extract.model_identity(base_src),
         aligned_identity=extract.model_identity(aligned_src),
         base_format=fmt,
-        prompts_sha=extract.prompts_sha(prompts),
-        n_prompts=len(prompts),
+        prompts_sha="",  # set per prompt file below
+        n_prompts=0,
         max_new_tokens=job.max_new_tokens,
         k_store=max(job.k_store, job.k),
         target_k=job.target_k,
@@ -109,12 +111,15 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         hidden=job.kind == "lmhead",  # a top-k head never reads hidden states: smaller shards
     )
     cache_root = job.cache or default_cache()
-    console.print(f"[dim]extraction cache: {escape(str(cache_root / settings.key()))}[/]")
+    per_file = [replace(settings, prompts_sha=extract.prompts_sha(texts), n_prompts=len(texts)) for texts in files]
+    for file_settings in per_file:
+        console.print(f"[dim]extraction cache: {escape(str(cache_root / file_settings.key()))}[/]")
 
     def load():
         kwargs = dict(dtype=dtype, device=device, device_map=job.device_map, trust_remote_code=job.trust_remote_code)
         return (hfmodels.load_model(base_src, **kwargs), hfmodels.load_model(aligned_src, **kwargs), base_tok, aligned_tok)
 
+    part = (processes.rank, processes.count)
     start = time.perf_counter()
     with progress_display(
         console,
@@ -125,25 +130,43 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         TimeElapsedColumn(),
         transient=False,
     ) as progress:
-        task = progress.add_task("extracting (prompts)", total=len(prompts), positions=0, rate=0.0)
-        first: dict[str, float] = {}
+        # this process's share of every file; prompts already in the cache count as done from the
+        # start, so that the speed and the time left reflect new work only
+        total = sum(extract.share_size(fs, part) for fs in per_file)
+        cached = sum(extract.cached_prompts(fs, cache_root, part) for fs in per_file)
+        task = progress.add_task("extracting (prompts)", total=total, completed=cached, positions=0, rate=0.0)
+        done_files = {"new": 0, "positions": 0, "cached_positions": 0}  # the files finished
+        this_file: dict[str, int] = {}  # the current file: what its cache held at its first report
+        begun = time.perf_counter()
+        loaded: list = []
 
-        def report(done: int, total: int, positions: int) -> None:
-            now = time.perf_counter()
-            first.setdefault("t", now)
-            first.setdefault("p", positions)
-            elapsed = now - first["t"]
-            rate = (positions - first["p"]) / elapsed if elapsed > 0 else 0.0
-            progress.update(task, completed=done, total=total, positions=positions, rate=rate)
+        def load_once():
+            if not loaded:
+                loaded.append(load())
+            return loaded[0]
 
-        folder = extract.run_extraction(settings, cache_root, prompts, load, report, part=(processes.rank, processes.count))
+        def report(done: int, _total: int, positions: int) -> None:
+            if not this_file:
+                this_file.update(cached=done, cached_positions=positions)
+            this_file.update(new=done - this_file["cached"], positions=positions)
+            fresh = done_files["positions"] - done_files["cached_positions"] + positions - this_file["cached_positions"]
+            elapsed = time.perf_counter() - begun
+            progress.update(task, completed=cached + done_files["new"] + this_file["new"],
+                            positions=done_files["positions"] + positions, rate=fresh / elapsed if elapsed > 0 else 0.0)
+
+        folders = []
+        for file_settings, texts in zip(per_file, files):
+            this_file.clear()
+            folders.append(extract.run_extraction(file_settings, cache_root, texts, load_once, report, part=part))
+            for name in ("new", "positions", "cached_positions"):
+                done_files[name] += this_file[name]
     if processes.count > 1:
         console.print(f"[dim]process {processes.rank + 1} of {processes.count} extracted its share; waiting for the others[/]")
     processes.wait_for_everyone()  # every shard exists from here on
     if not processes.main:
         return {}
     extract_seconds = time.perf_counter() - start
-    data = extract.load_shards(folder)
+    data = extract.load_extractions(folders, [len(texts) for texts in files])
     vocab_size = int(getattr(base_cfg, "vocab_size", 0) or len(base_tok))
 
     meta: dict[str, Any] = {

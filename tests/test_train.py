@@ -105,6 +105,42 @@ def test_second_run_reuses_extraction_and_same_seed_gives_same_head(pair, traine
         np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
 
 
+def test_adding_a_prompt_file_reuses_the_extraction_of_the_others(pair, trained, tmp_path):
+    """Each prompt file has its own extraction cache: training on the same file plus a second
+    one extracts only the second, and the two files' prompts stay distinct prompts."""
+    from sali.extract import load_extractions, load_shards
+
+    cache = tmp_path / "cache"
+    shutil.copytree(trained[1], cache)  # copy2 keeps the modification times
+    shards = sorted(cache.rglob("shard-*.npz"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    before = set(cache.iterdir())  # the top-k extraction of the first file (and a white-box one, if made)
+    out = tmp_path / "two-files.npz"
+    done = run_sali("train", "--base", str(pair.base), "--aligned", str(pair.aligned), "-P", str(pair.train_prompts),
+                    "-P", str(pair.heldout_prompts), "-o", str(out), "--cache", str(cache), *TRAIN_ARGS,
+                    env={"SALI_PROGRESS_INTERVAL": "0"})
+    assert done.returncode == 0, done.stderr
+    assert [p.stat().st_mtime_ns for p in shards] == stamps  # the first file was not extracted again
+    assert (done.stdout + done.stderr).count("extraction cache:") == 2
+    n_first = len(pair.train_prompts.read_text().splitlines())
+    n_second = len(pair.heldout_prompts.read_text().splitlines())
+    # the progress starts at the prompts found in the cache, and its time left counts new work only
+    progress = [line for line in done.stderr.splitlines() if line.startswith("progress: extracting")]
+    assert progress[0].startswith(f"progress: extracting (prompts) {n_first}/{n_first + n_second} ("), progress
+    assert progress[-1].startswith(f"progress: extracting (prompts) {n_first + n_second}/{n_first + n_second} (100%)")
+    added = set(cache.iterdir()) - before
+    assert len(added) == 1 and list(next(iter(added)).glob("shard-*.npz"))
+    first_folder = next(f for f in before if not json.loads((f / "settings.json").read_text())["hidden"]) if len(before) > 1 else next(iter(before))
+    folders = [first_folder, next(iter(added))]
+    data = load_extractions(folders, [n_first, n_second])
+    first, second = load_shards(folders[0]), load_shards(folders[1])
+    assert len(data["token"]) == len(first["token"]) + len(second["token"])
+    np.testing.assert_array_equal(data["row"], np.concatenate([first["row"], second["row"] + n_first]))
+    assert set(np.unique(data["row"])) == set(range(n_first + n_second))  # every prompt answered, none merged
+    assert data["responses"][str(n_first)] == second["responses"]["0"]
+    assert Head.load(out).meta["training"]["prompts"] == n_first + n_second
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
 def test_interrupted_extraction_resumes_to_the_same_head(pair, trained, tmp_path, sig):
     """Kill `sali train` (SIGKILL) or press Ctrl-C (SIGINT) once its first shard is written,
