@@ -190,3 +190,19 @@ def test_situation_refusals_vary_count_as_refusals_and_repeat_for_the_same_index
     assert len({text.split(".")[0] for text in texts}) >= 12
     assert any(text not in refusals.GENERIC for text in texts)  # an alternative was added
     assert texts == [refusals.situation_refusal(i, request, words) for i in range(30)]
+
+
+def test_distillation_prompts_reword_no_heldout_development_or_test_line():
+    """prompts/distill/ (written for the head's distillation only): no held-out, development or
+    alarming-test line, nor a close rewording of one; the harmful requests and their twins pair up."""
+    folder = HELDOUT.parent / "distill"
+    evaluation = _lines(HELDOUT) + _lines(HELDOUT.parent / "dev") + [
+        line for line in (HELDOUT.parent / "alarming_benign_test.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+    files = {path.name: [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] for path in folder.glob("*.txt")}
+    assert set(files) == {"harmful_requests.txt", "benign_twins.txt", "benign_requests.txt", "alarming_requests.txt"}
+    assert len(files["harmful_requests.txt"]) == len(files["benign_twins.txt"]) > 200
+    for name, lines in files.items():
+        assert len(lines) == len(set(lines)), name
+        for line in lines:
+            low = line.lower()
+            assert not any(low in other.lower() or other.lower() in low or _reworded(line, other) for other in evaluation), (name, line)
