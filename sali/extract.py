@@ -22,7 +22,9 @@ column; ``logits_to_keep`` then computes logits only at response positions.
 A shard holds one batch (float16 values, int32 ids) and is written atomically, so an
 interrupted extraction resumes at the first missing shard, and a second ``sali train`` with
 other training options reuses all of them. The cache folder name is a hash of everything that
-determines the data (models, formats, prompts, lengths, batch size, dtype).
+determines the data (models, formats, prompts, lengths, batch size, dtype). ``sali train`` gives
+each prompt file its own folder (:func:`load_extractions` joins them), so a job that adds a file
+extracts only that file.
 """
 
 from __future__ import annotations
