@@ -320,9 +320,7 @@ def run_extraction(
     run, the shards whose index ``b`` has ``b % count == rank`` (shards are named by their batch
     of prompts alone, so any number of processes writes the same files).
     """
-    with_hidden = replace(settings, hidden=True)
-    if not settings.hidden and (Path(cache_root) / with_hidden.key()).is_dir():
-        settings = with_hidden  # a cache that also holds hidden states serves a top-k head as well
+    settings = _cached_settings(settings, cache_root)
     folder = Path(cache_root) / settings.key()
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "settings.json", json.dumps(asdict(settings), indent=2) + "\n")
@@ -364,6 +362,15 @@ def run_extraction(
     return folder
 
 
+def _cached_settings(settings: ExtractSettings, cache_root: Path) -> ExtractSettings:
+    """The settings whose cache folder serves `settings`: a cache that also holds hidden states
+    serves a top-k head as well."""
+    with_hidden = replace(settings, hidden=True)
+    if not settings.hidden and (Path(cache_root) / with_hidden.key()).is_dir():
+        return with_hidden
+    return settings
+
+
 def _shares(n_prompts: int, batch_prompts: int, part: tuple[int, int]) -> tuple[list[list[int]], list[int]]:
     """``(batches, mine)``: the prompt indices of every shard, and the shards process ``part``
     writes (see :func:`run_extraction`)."""
@@ -381,10 +388,7 @@ def share_size(settings: ExtractSettings, part: tuple[int, int] = (0, 1)) -> int
 def cached_prompts(settings: ExtractSettings, cache_root: Path, part: tuple[int, int] = (0, 1)) -> int:
     """How many of process ``part``'s prompts already have their shard in the cache (what
     :func:`run_extraction` will skip), for progress displays that count only new work."""
-    folder = Path(cache_root) / settings.key()
-    if not settings.hidden:
-        with_hidden = Path(cache_root) / replace(settings, hidden=True).key()
-        folder = with_hidden if with_hidden.is_dir() else folder
+    folder = Path(cache_root) / _cached_settings(settings, cache_root).key()
     batches, mine = _shares(settings.n_prompts, settings.batch_prompts, part)
     return sum(len(batches[b]) for b in mine if (folder / shard_name(b)).is_file())
 

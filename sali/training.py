@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -135,31 +136,25 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         total = sum(extract.share_size(fs, part) for fs in per_file)
         cached = sum(extract.cached_prompts(fs, cache_root, part) for fs in per_file)
         task = progress.add_task("extracting (prompts)", total=total, completed=cached, positions=0, rate=0.0)
-        done_files = {"new": 0, "positions": 0, "cached_positions": 0}  # the files finished
-        this_file: dict[str, int] = {}  # the current file: what its cache held at its first report
+        counted = {"new": 0, "fresh_positions": 0, "earlier_positions": 0}  # over every file so far
+        last: dict[str, int] = {}  # the current file's previous report
+        load_once = functools.cache(load)  # the models load once, and only if some shard is missing
         begun = time.perf_counter()
-        loaded: list = []
-
-        def load_once():
-            if not loaded:
-                loaded.append(load())
-            return loaded[0]
 
         def report(done: int, _total: int, positions: int) -> None:
-            if not this_file:
-                this_file.update(cached=done, cached_positions=positions)
-            this_file.update(new=done - this_file["cached"], positions=positions)
-            fresh = done_files["positions"] - done_files["cached_positions"] + positions - this_file["cached_positions"]
+            if last:  # a file's first report only says what its cache already held
+                counted["new"] += done - last["done"]
+                counted["fresh_positions"] += positions - last["positions"]
+            last.update(done=done, positions=positions)
             elapsed = time.perf_counter() - begun
-            progress.update(task, completed=cached + done_files["new"] + this_file["new"],
-                            positions=done_files["positions"] + positions, rate=fresh / elapsed if elapsed > 0 else 0.0)
+            progress.update(task, completed=cached + counted["new"], positions=counted["earlier_positions"] + positions,
+                            rate=counted["fresh_positions"] / elapsed if elapsed > 0 else 0.0)
 
         folders = []
         for file_settings, texts in zip(per_file, files):
-            this_file.clear()
+            last.clear()
             folders.append(extract.run_extraction(file_settings, cache_root, texts, load_once, report, part=part))
-            for name in ("new", "positions", "cached_positions"):
-                done_files[name] += this_file[name]
+            counted["earlier_positions"] += last["positions"]
     if processes.count > 1:
         console.print(f"[dim]process {processes.rank + 1} of {processes.count} extracted its share; waiting for the others[/]")
     processes.wait_for_everyone()  # every shard exists from here on
