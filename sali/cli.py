@@ -152,6 +152,7 @@ def generate(
         for index, item in enumerate(items):
             if len(items) > 1:
                 err.rule(f"[dim]{index + 1}/{len(items)}[/]")
+            session.sampling = sampling.for_prompt(index)
             sys.stdout.write(prefill or "")
             for piece in session.stream([{"role": "user", "content": item.text}]):
                 sys.stdout.write(piece)
@@ -172,7 +173,9 @@ def _generate_to_file(session, items, out: Path) -> None:
         err, TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
     ) as progress:
         task = progress.add_task("generating", total=len(items))
-        for item in items:
+        sampling = session.sampling
+        for index, item in enumerate(items):
+            session.sampling = sampling.for_prompt(index)
             done = session.stream([{"role": "user", "content": item.text}]).finish()
             record = {
                 "prompt": item.text,
@@ -187,6 +190,7 @@ def _generate_to_file(session, items, out: Path) -> None:
                 "model": session.model.name,
                 "head": session.head_spec,
                 "alpha": session.effective_alpha,
+                "seed": session.sampling.seed,
             }
             if done.explained is not None:
                 record["explain"] = [token.as_dict() for token in done.explained]

@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -82,6 +82,20 @@ class Sampling:
             raise SaliError(f"repeat_penalty must be a finite number > 0, not {self.repeat_penalty}")
         if not (math.isfinite(self.frequency_penalty) and math.isfinite(self.presence_penalty)):
             raise SaliError("frequency_penalty and presence_penalty must be finite numbers")
+
+    def for_prompt(self, index: int) -> "Sampling":
+        """These settings for prompt `index` (from 0) of a batch (generate -P, compare).
+
+        Prompt 0 samples with ``seed`` itself, as ``sali chat`` and a one-prompt run do; every
+        later prompt with its own seed mixed from ``seed`` and `index`. With one seed for all,
+        every prompt would draw the same random numbers, so their outcomes move together and a
+        rate over prompts swings with the seed far more than independent draws would; a plain
+        ``seed + index`` would make runs with seeds 0 and 1 share all but one stream.
+        """
+        if index == 0:
+            return self
+        mixed = int(np.random.SeedSequence([self.seed % 2**32, index]).generate_state(1)[0])
+        return replace(self, seed=mixed % 0xFFFFFFFF)  # 0xFFFFFFFF would ask llama.cpp for a random seed
 
     @property
     def penalised(self) -> bool:

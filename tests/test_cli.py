@@ -41,6 +41,24 @@ def test_generate_to_jsonl(tiny, forcing_head, tmp_path):
     assert all(r["tokens"] == 4 and r["finish_reason"] == "length" and r["head"] for r in rows)
 
 
+def test_each_sampled_prompt_draws_its_own_stream_and_records_the_seed_that_replays_it(tiny, tmp_path):
+    """One seed for every prompt of a batch made their outcomes move together (the same random
+    numbers for each): the same prompt four times gave four identical answers. Now prompt 0
+    samples with --seed itself and every later prompt with a seed of its own, written to its
+    record, which replays that answer in a one-prompt run."""
+    sampled = ["-n", "12", "-t", "1", "-f", "plain", "--temperature", "1.0", "--top-k", "0", "--top-p", "1", "--min-p", "0"]
+    out = tmp_path / "out.jsonl"
+    done = run_sali("generate", str(tiny.f32), *["-p", "The river"] * 4, "-o", str(out), "--seed", "5", *sampled)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["seed"] == 5 and len({r["seed"] for r in rows}) == 4
+    assert len({r["response"] for r in rows}) > 1
+    for row in (rows[0], rows[2]):
+        alone = run_sali("generate", str(tiny.f32), "-p", "The river", "--seed", str(row["seed"]), *sampled)
+        assert alone.returncode == 0, alone.stderr
+        assert alone.stdout.rstrip("\n") == row["response"]
+
+
 def test_head_info(forcing_head):
     done = run_sali("head", "info", str(forcing_head))
     assert done.returncode == 0, done.stderr

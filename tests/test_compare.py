@@ -107,6 +107,31 @@ def test_icl_and_proxy_baselines_and_transfer(compared, pair, trained, tmp_path)
     assert rows["proxy"]["refusal_harmful"] == pytest.approx(rows["aligned"]["refusal_harmful"])
 
 
+def test_sampled_compare_gives_each_prompt_its_own_seed(pair, compared, tmp_path):
+    """Sampled comparisons draw prompt i with Sampling.for_prompt(i), as generate -P does, so a
+    refusal rate over prompts is a mean of independent draws, not one draw repeated."""
+    from sali.api import load
+    from sali.compare.systems import render_for
+    from sali.prompts import read_prompts
+    from sali.runtime import Sampling
+
+    out = tmp_path / "sampled"
+    done = run_sali("compare", "--base", str(pair.base_gguf), "-P", str(compared["folder"] / "heldout.jsonl"), "-o", str(out),
+                    "-n", "8", "-t", "1", "--keywords", str(compared["keywords"]), "--temperature", "1.5", "--seed", "3",
+                    "--format", "chat", timeout=600)
+    assert done.returncode == 0, done.stderr
+    responses = {r["prompt"]: r["response"] for r in map(json.loads, (out / "responses.jsonl").read_text().splitlines())}
+    sampling = Sampling(max_tokens=8, temperature=1.5, seed=3)
+    handle = load(pair.base_gguf, n_threads=1)
+    try:
+        for index, prompt in enumerate(read_prompts(compared["folder"] / "heldout.jsonl")[:3]):
+            text = render_for(handle.model, {"type": "chat"}, prompt.text)
+            own = handle.generate(text, raw=True, head=None, sampling=sampling.for_prompt(index)).text.strip()
+            assert responses[prompt.text] == own
+    finally:
+        handle.close()
+
+
 def test_compare_bad_input(pair, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

@@ -303,7 +303,7 @@ def _sampling_table(study: Study) -> list[str]:
             stats = _sampled_stats(study, key, label)
             cells.append("—" if stats is None else f"{_pct(stats[0])} ({_pct(stats[1])}–{_pct(stats[2])})")
         if any(c != "—" for c in cells):
-            out.append(f"| {title} | sampled, {len(study.sampled)} seeds | " + " | ".join(cells) + " |")
+            out.append(f"| {title} | sampled, {len(study.sampled)} runs | " + " | ".join(cells) + " |")
     return out
 
 
@@ -394,7 +394,8 @@ def write_report(study: Study, quick: bool = False) -> Path:
     lines += _label_table(study.heldout, _system_names(study, study.heldout))
     lines += ["", "## Under sampling (held-out sets)", "",
               "llama.cpp's CLI defaults, as a user who chats gets them: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, "
-              f"seeds {', '.join(str(i) for i in range(len(study.sampled)))}: mean (lowest–highest) over the seeds, next to greedy.", ""]
+              f"seeds {', '.join(str(i) for i in range(len(study.sampled)))} (each prompt of a run draws with a seed of its own, derived from the run's): "
+              "mean (lowest–highest) over the runs, next to greedy.", ""]
     lines += _sampling_table(study)
     lines += ["", "## Development check: the candidate heads (held-back AdvBench train goals, rephrased; held-back written benign prompts; 32 new tokens)", ""]
     dev_names = {name: ("BASE" if name == "base" else name.removeprefix("base+") + (" (shipped)" if name == study.head_system else ""))
@@ -469,8 +470,11 @@ def write_model_card(study: Study, shipped: Path) -> Path:
         return " / ".join(_pct(summary_rows[k].get(f"refusal_{label}")) for k in ("base", h, "aligned"))
 
     def sampled(label: str) -> str:
-        stats = _sampled_stats(study, h, label)
-        return "—" if stats is None else f"{_pct(stats[0])} ({_pct(stats[1])}–{_pct(stats[2])})"
+        cells = []
+        for system in (h, "aligned"):
+            stats = _sampled_stats(study, system, label)
+            cells.append("—" if stats is None else f"{_pct(stats[0])} ({_pct(stats[1])}–{_pct(stats[2])})")
+        return " / ".join(cells)
 
     card = f"""A top-k safety head for **SmolLM2-135M-Instruct** (vocabulary fingerprint `{meta['vocab_fingerprint']}`; any GGUF of that model — Q4_1, Q8_0, F16 — has the same vocabulary).
 
@@ -483,7 +487,7 @@ sali chat --head smollm2-135m-safety          # on the default model, SmolLM2-13
 - **Prompt format**: the base sees its own chat template (`{meta.get('base_format', {}).get('type', 'chat')}`), which chat and compare reuse by default.
 - **Measured** (`bench/smollm2/REPORT.md`, keyword refusal metric, 48 new tokens; BASE / BASE + head / ALIGNED):
   - held-out prompts written for evaluation and phrased unlike the training data, greedy: harmful refused {trio(held, 'harmful')}; benign refused {trio(held, 'benign')}; alarming-but-benign refused {trio(held, 'alarming')};
-  - the same held-out prompts with sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05; mean and range over {len(study.sampled)} seeds; each seed drives one random stream that every prompt starts afresh, so the draws are correlated across prompts and the range is wider than independent samples would give), BASE + head: harmful refused {sampled('harmful')}, benign {sampled('benign')}, alarming-but-benign {sampled('alarming')};
+  - the same held-out prompts with sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05; each prompt with a seed of its own; mean and range over {len(study.sampled)} runs), BASE + head / ALIGNED: harmful refused {sampled('harmful')}, benign {sampled('benign')}, alarming-but-benign {sampled('alarming')};
   - 100 AdvBench *test* goals: {trio(main, 'harmful')} (superficial share {_num(share, 2)}); over-refusal on GSM8K/TruthfulQA test questions {trio(main, 'benign')}; on `alarming_benign_test.txt` {trio(main, 'alarming')}.
 {_compromised_line(study)}- **Limits**: a 135M model answers poorly with or without the head; refusals are judged by a keyword list, which counts any reply containing a refusal phrase, apt or not; ALIGNED is a sibling made here, not an official safety-tuned release, so the head reproduces *that* alignment; it was measured on direct requests, not on jailbreaks or multi-turn pressure.
 """

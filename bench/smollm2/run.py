@@ -244,28 +244,34 @@ def logit_changes(head: Path, models: dict[str, Path], prompts: Path, env: dict[
 
 def sampled(out: Path, prompts: Path, model: Path, head: Path | None, seed: int, max_tokens: int) -> list[dict]:
     """`model` (+ `head`, where given) on `prompts` under llama.cpp's default sampling
-    (`CHAT_SAMPLING`, `seed`): ``sali generate``'s records, kept in `out` (generated only when it
-    is missing)."""
-    if not out.is_file():
-        sali("generate", str(model), *(["-H", str(head)] if head else []), "-P", str(prompts), "-o", str(out), "-n", str(max_tokens),
-             "-t", str(siblings.THREADS), *CHAT_SAMPLING, "--seed", str(seed))
+    (`CHAT_SAMPLING`, `seed`): ``sali generate``'s records, kept in `out` (generated when it is
+    missing, or written before each prompt drew with its own seed: those records have no
+    ``seed``)."""
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()] if out.is_file() else []
+    if records and all("seed" in r for r in records):
+        return records
+    sali("generate", str(model), *(["-H", str(head)] if head else []), "-P", str(prompts), "-o", str(out), "-n", str(max_tokens),
+         "-t", str(siblings.THREADS), *CHAT_SAMPLING, "--seed", str(seed))
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def sampled_refusals(out: Path, prompts: Path, model: Path, head: Path, seed: int, max_tokens: int = 48) -> dict:
-    """BASE + head on `prompts` under llama.cpp's default sampling (:func:`sampled`), summarised
-    like a compare summary: ``{"systems": {"base+HEAD": {"refusal_LABEL": rate, ...}}}``."""
+def sampled_refusals(prompts: Path, systems: dict[str, tuple[Path, Path | None]], seed: int, max_tokens: int = 48) -> dict:
+    """Each of `systems` (``{name: (model, head or None)}``) on `prompts` under llama.cpp's
+    default sampling (:func:`sampled`, records in ``RUN/{prompts stem}-sampled-{name}-{seed}.jsonl``),
+    summarised like a compare summary: ``{"systems": {name: {"refusal_LABEL": rate, ...}}, "seed": seed}``."""
     from sali.metrics import is_refusal, load_keywords, wilson_interval
 
-    records = sampled(out, prompts, model, head, seed, max_tokens)
     words = load_keywords(KEYWORDS)
-    row: dict = {}
-    for label in sorted({r.get("label") for r in records}):
-        subset = [r for r in records if r.get("label") == label]
-        refused = sum(is_refusal(r["response"], words) for r in subset)
-        row[f"refusal_{label}"] = refused / len(subset)
-        row[f"refusal_{label}_ci95"] = list(wilson_interval(refused, len(subset)))
-    return {"systems": {f"base+{head.stem}": row}, "seed": seed}
+    rows: dict = {}
+    for name, (model, head) in systems.items():
+        records = sampled(RUN / f"{prompts.stem}-sampled-{name}-{seed}.jsonl", prompts, model, head, seed, max_tokens)
+        row = rows[name] = {}
+        for label in sorted({r.get("label") for r in records}):
+            subset = [r for r in records if r.get("label") == label]
+            refused = sum(is_refusal(r["response"], words) for r in subset)
+            row[f"refusal_{label}"] = refused / len(subset)
+            row[f"refusal_{label}_ci95"] = list(wilson_interval(refused, len(subset)))
+    return {"systems": rows, "seed": seed}
 
 
 def pick_head(dev: dict, candidates: list[Path]) -> Path:
@@ -334,7 +340,8 @@ def main() -> None:
     recovery_summary = (compare(RUN / "recovery", sets["eval"], compromised[0], [head], aligned_gguf, [], 48, RECOVERY_ALPHA)
                         if compromised and args.hand_alpha else None)
     stage("sampling")
-    sampled = [sampled_refusals(RUN / f"heldout-sampled-{seed}.jsonl", sets["heldout"], base_q4, head, seed) for seed in SAMPLING_SEEDS]
+    sampled = [sampled_refusals(sets["heldout"], {f"base+{head.stem}": (base_q4, head), "aligned": (aligned_gguf, None)}, seed)
+               for seed in SAMPLING_SEEDS]
     design = white_summary = precision_summary = None
     design_heads: list[Path] = []
     white = None

@@ -4,6 +4,7 @@ own decoder (three models in lockstep)."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +39,7 @@ def generate_all(plan: Plan, progress: Callable[[str, int, int], None] | None = 
                 for index, prompt in enumerate(plan.prompts):
                     key = prompt_key(prompt)
                     if key not in cache.entries:
-                        cache.add(key, runner(prompt))
+                        cache.add(key, runner(prompt, plan.sampling.for_prompt(index)))
                         plan.generations += 1
                     if progress:
                         progress(system.name, index + 1, len(plan.prompts))
@@ -58,16 +59,18 @@ def open_model(path: Path, plan: Plan, heads: list[Path] = ()) -> Sali:
 
 
 def _runner(system: System, handle: Sali, plan: Plan, prefill: str | None = None):
-    sampling = plan.sampling
-    if system.kind == "icl":
-        sampling = Sampling(**{**vars(plan.sampling), "stop": tuple(plan.sampling.stop) + ("\nUser:",)})
+    """The function that answers one prompt, ``run(prompt, sampling)``: `sampling` is the plan's,
+    with that prompt's seed (:meth:`Sampling.for_prompt`)."""
+    stops = ("\nUser:",) if system.kind == "icl" else ()
     forced = prefill_ids(plan, handle, prefill) if prefill is not None else None
     if system.kind == "proxy":
         return ProxyRunner(system, handle.model, plan, forced or [])
     head = system.choice()
 
-    def run(prompt: Prompt) -> Result:
+    def run(prompt: Prompt, sampling: Sampling) -> Result:
         text = prompt_text(system, handle.model, prompt)
+        if stops:
+            sampling = replace(sampling, stop=tuple(sampling.stop) + stops)
         done = handle.generate(text, raw=True, head=head, alpha=system.alpha, sampling=sampling, prefill=forced)
         return Result(done.text.strip(), done.tokens, round(done.seconds, 4), done.finish_reason)
 
@@ -98,11 +101,10 @@ class ProxyRunner:
             if other.fingerprint != base.fingerprint:
                 raise SaliError(f"proxy model {other.name} has another vocabulary ({other.fingerprint}) than {base.name} ({base.fingerprint})")
         self.system = system
-        self.sampling = plan.sampling
-        self.rng = np.random.default_rng(plan.sampling.seed)
-
-    def __call__(self, prompt: Prompt) -> Result:
+    def __call__(self, prompt: Prompt, sampling: Sampling) -> Result:
         start = time.perf_counter()
+        self.sampling = sampling
+        self.rng = np.random.default_rng(sampling.seed)
         models = (self.base, self.small_base, self.small_aligned)
         formats = (self.system.fmt, self.system.fmt, {"type": "chat"})
         base, small_base, small_aligned = (m.prefill(m.tokenize(render_for(m, fmt, prompt.text)) + self.prefill)

@@ -67,6 +67,8 @@ class System:
             parts += [_file_id(p) for p in self.proxy]
         if prefill is not None:
             parts.append("prefill=" + prefill)
+        if sampling.temperature > 0:
+            parts.append("seed per prompt")  # sampled caches from before Sampling.for_prompt drew every prompt with one seed
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
