@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sali.prompts import jsonl_lines  # noqa: E402
+
 PROMPTS = [
     "How do I make a good cup of tea?",
     "Explain how photosynthesis works.",
@@ -75,7 +77,7 @@ def generate_baseline(model: str, head: str, prompts: list[str], tokens: int, th
                 "-t", str(threads), "--ctx", "2048", timeout=3600)
     if done.returncode != 0:
         raise SystemExit(f"sali generate failed: {done.stderr.strip()}")
-    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    records = [json.loads(line) for line in jsonl_lines(out.read_text(encoding="utf-8")) if line.strip()]
     return sum(r["tokens"] for r in records) / sum(r["seconds"] for r in records)
 
 

@@ -81,9 +81,16 @@ def _check_text(prompt: Prompt, path: Path) -> None:
             raise SaliError(f"{prompt.source or path}: the {name} holds a NUL character")
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of JSONL `text`, split at newlines only. ``str.splitlines`` also splits at
+    U+2028, U+0085, form feeds and other separators that a JSON string may hold as they are
+    (``json.dumps(..., ensure_ascii=False)`` writes them unescaped), cutting a record in two."""
+    return text.split("\n")
+
+
 def _read_jsonl(text: str, path: Path) -> list[Prompt]:
     prompts = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
         try:

@@ -49,6 +49,16 @@ class TinyModels:
         return getattr(self, outtype)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file, split at newlines only (see :func:`sali.prompts.jsonl_lines`:
+    a response of a tiny random model may hold U+2028, at which str.splitlines also cuts)."""
+    import json
+
+    from sali.prompts import jsonl_lines
+
+    return [json.loads(line) for line in jsonl_lines(Path(path).read_text(encoding="utf-8")) if line.strip()]
+
+
 def run_sali(*args: str, input: str | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `sali` command in a subprocess (as a user would) and capture its output. The
     timeout only catches a hang: a loaded machine makes a seconds-long command take minutes."""

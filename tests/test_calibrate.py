@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import THREADS, one_error_line, run_sali
+from conftest import THREADS, one_error_line, read_jsonl, run_sali
 
 from sali import calibstore
 from sali.calibration import Reference, Trial, search
@@ -52,7 +52,7 @@ def calibrated(pair, trained, tmp_path_factory):
     head = folder / "head.npz"
     shutil.copy(trained[0], head)
     prompts = folder / "calibration.jsonl"  # 20 held-out trigger prompts and 20 others (fast, 0.05 steps)
-    rows = [json.loads(line) for line in pair.heldout_prompts.read_text().splitlines()]
+    rows = read_jsonl(pair.heldout_prompts)
     prompts.write_text("".join(json.dumps(r) + "\n" for label in ("harmful", "benign") for r in
                                [r for r in rows if r["label"] == label][:20]))
     common = ["-P", str(prompts), "-t", THREADS]

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_head, one_error_line, run_sali
+from conftest import make_head, one_error_line, read_jsonl, run_sali
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_generate_to_jsonl(tiny, forcing_head, tmp_path):
     out = tmp_path / "out.jsonl"
     done = run_sali("generate", str(tiny.f32), "-H", str(forcing_head), "-P", str(prompts), "-o", str(out), "-n", "4", "-t", "1")
     assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = read_jsonl(out)
     assert [r["prompt"] for r in rows] == ["The cat", "The river"]
     assert rows[0]["label"] == "benign" and rows[1]["answer"] == "7"
     assert all(r["tokens"] == 4 and r["finish_reason"] == "length" and r["head"] for r in rows)
@@ -50,7 +50,7 @@ def test_each_sampled_prompt_draws_its_own_stream_and_records_the_seed_that_repl
     out = tmp_path / "out.jsonl"
     done = run_sali("generate", str(tiny.f32), *["-p", "The river"] * 4, "-o", str(out), "--seed", "5", *sampled)
     assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = read_jsonl(out)
     assert rows[0]["seed"] == 5 and len({r["seed"] for r in rows}) == 4
     assert len({r["response"] for r in rows}) > 1
     for row in (rows[0], rows[2]):

@@ -7,7 +7,7 @@ import re
 import shutil
 
 import pytest
-from conftest import run_sali
+from conftest import read_jsonl, run_sali
 
 @pytest.fixture(scope="module")
 def compared(pair, trained, tmp_path_factory):
@@ -42,7 +42,7 @@ def test_head_refuses_like_aligned_with_correct_share(compared):
     for row in (base, head, aligned):
         low, high = row["refusal_harmful_ci95"]
         assert 0.0 <= low <= row["refusal_harmful"] <= high <= 1.0
-        records = [json.loads(line) for line in (compared["out"] / "responses.jsonl").read_text().splitlines()]
+        records = read_jsonl(compared["out"] / "responses.jsonl")
         assert row["refusal_harmful_n"] == sum(r["label"] == "harmful" and r["system"] == "base" for r in records)
     assert "[" in (compared["out"] / "summary.md").read_text() and "Wilson" in (compared["out"] / "summary.md").read_text()
     # teacher-forced agreement: the head is closer to aligned than the base is
@@ -56,7 +56,7 @@ def test_head_refuses_like_aligned_with_correct_share(compared):
 def test_outputs_written_and_consistent(compared):
     out = compared["out"]
     summary = json.loads((out / "summary.json").read_text())
-    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    responses = read_jsonl(out / "responses.jsonl")
     systems = list(summary["systems"])
     assert len(responses) == summary["prompts"] * len(systems)
     assert {r["system"] for r in responses} == set(systems)
@@ -120,7 +120,7 @@ def test_sampled_compare_gives_each_prompt_its_own_seed(pair, compared, tmp_path
                     "-n", "8", "-t", "1", "--keywords", str(compared["keywords"]), "--temperature", "1.5", "--seed", "3",
                     "--format", "chat", timeout=600)
     assert done.returncode == 0, done.stderr
-    responses = {r["prompt"]: r["response"] for r in map(json.loads, (out / "responses.jsonl").read_text().splitlines())}
+    responses = {r["prompt"]: r["response"] for r in read_jsonl(out / "responses.jsonl")}
     sampling = Sampling(max_tokens=8, temperature=1.5, seed=3)
     handle = load(pair.base_gguf, n_threads=1)
     try:
@@ -150,7 +150,7 @@ def test_alpha_scales_every_head_system(compared, tmp_path):
     off = rows["base+" + compared["head"].stem + "@0"]
     assert off["refusal_harmful"] == rows["base"]["refusal_harmful"]
     assert off["top1_vs_aligned"] == pytest.approx(rows["base"]["top1_vs_aligned"])
-    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    responses = read_jsonl(out / "responses.jsonl")
     by_system = {}
     for r in responses:
         by_system.setdefault(r["system"], {})[r["prompt"]] = r["response"]
@@ -187,7 +187,7 @@ def test_ctrl_c_during_compare_resumes_to_the_same_results(compared, tmp_path):
     assert done.returncode == 0, done.stderr
 
     def records(folder):
-        rows = [json.loads(line) for line in (folder / "responses.jsonl").read_text().splitlines()]
+        rows = read_jsonl(folder / "responses.jsonl")
         return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
     assert records(out) == records(compared["first"])
@@ -196,3 +196,23 @@ def test_ctrl_c_during_compare_resumes_to_the_same_results(compared, tmp_path):
     for name, row in first["systems"].items():
         assert {k: v for k, v in resumed["systems"][name].items() if k != "tokens_per_second"} == \
             {k: v for k, v in row.items() if k != "tokens_per_second"}
+
+
+def test_cache_and_prompt_files_keep_records_holding_unicode_line_separators(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028, U+0085 and form feeds as they are; reading
+    JSONL with str.splitlines cut such a record in two, so a cached response was lost (and
+    generated again on every run) and a prompt holding one was 'not valid JSON'."""
+    from sali.compare.cache import Cache, Result
+    from sali.compare.systems import System
+    from sali.prompts import read_prompts
+    from sali.runtime import Sampling
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    system = System("base", model, "plain", {"type": "plain"})
+    odd = "one\u2028two\x85three\x0cfour\x1cfive"
+    Cache(tmp_path, system, Sampling()).add("key", Result(odd, [1, 2], 0.1, "length"))
+    assert Cache(tmp_path, system, Sampling()).entries["key"].response == odd
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": odd, "label": "benign"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [p.text for p in read_prompts(prompts)] == [odd]

@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from conftest import one_error_line, run_sali
+from conftest import one_error_line, read_jsonl, run_sali
 
 from sali import metrics
 
@@ -20,7 +20,7 @@ def measured(pair, trained, tmp_path_factory):
     """One comparison (base, base + trained head, aligned) of 8 trigger and 8 other prompts, each
     with the text answer "cannot help"; then the same with --answer-match number and --cover-k 1."""
     folder = tmp_path_factory.mktemp("metrics")
-    rows = [json.loads(line) for line in pair.heldout_prompts.read_text().splitlines()]
+    rows = read_jsonl(pair.heldout_prompts)
     chosen = [r for r in rows if r["label"] == "harmful"][:8] + [r for r in rows if r["label"] == "benign"][:8]
     prompts = folder / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(dict(r, answer="cannot help")) + "\n" for r in chosen))
@@ -34,7 +34,7 @@ def measured(pair, trained, tmp_path_factory):
         done = run_sali(*common, "-o", str(folder / name), *extra, timeout=600)
         assert done.returncode == 0, done.stderr
         summary = json.loads((folder / name / "summary.json").read_text())
-        responses = [json.loads(line) for line in (folder / name / "responses.jsonl").read_text().splitlines()]
+        responses = read_jsonl(folder / name / "responses.jsonl")
         runs[name] = dict(summary=summary, responses=responses, out=folder / name, done=done)
     return dict(runs=runs, head="base+" + trained[0].stem)
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pytest
-from conftest import THREADS, make_head, run_sali
+from conftest import THREADS, make_head, read_jsonl, run_sali
 from rich.console import Console
 
 import sali
@@ -71,7 +70,7 @@ def test_generate_explain_writes_the_tokens_into_jsonl(tiny, lift77, handle, tmp
     done = run_sali("generate", str(tiny.f32), "-H", str(lift77), "-p", PROMPT, "-p", "The river", "-n", "16",
                     "-t", THREADS, "-o", str(out), "--explain")
     assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = read_jsonl(out)
     want = handle.generate(PROMPT, max_tokens=16, explain=True)
     assert rows[0]["explain"] == [t.as_dict() for t in want.explained]
     assert all(len(r["explain"]) == r["tokens"] for r in rows)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import THREADS, make_head, run_sali
+from conftest import THREADS, make_head, read_jsonl, run_sali
 
 import sali
 from sali.errors import SaliError
@@ -57,7 +57,7 @@ def compared_with_prefills(pair, trained, tmp_path_factory):
     from sali.runtime import Model
 
     folder = tmp_path_factory.mktemp("prefill-compare")
-    rows = [json.loads(line) for line in pair.heldout_prompts.read_text().splitlines()]
+    rows = read_jsonl(pair.heldout_prompts)
     for label in ("harmful", "benign"):
         (folder / f"{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["label"] == label))
     keywords = folder / "keywords.txt"
@@ -84,7 +84,7 @@ def test_compare_reports_refusal_after_each_prefill_for_every_system(compared_wi
     systems = list(summary["systems"])
     assert systems == ["base", f"base+{head}", f"base+{head}+steer@0.5", "proxy", "aligned"]
     assert list(summary["prefill"]) == [PREFILL, "Step 1:"]
-    records = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    records = read_jsonl(out / "responses.jsonl")
     assert len(records) == 3 * len(systems) * summary["prompts"]
     keywords = load_keywords(compared_with_prefills["keywords"])
     for prefill, part in summary["prefill"].items():
@@ -110,7 +110,7 @@ def test_compare_reports_refusal_after_each_prefill_for_every_system(compared_wi
 
 
 def test_aligned_continuation_equals_the_api_with_the_same_tokens(compared_with_prefills, pair):
-    records = [json.loads(line) for line in (compared_with_prefills["out"] / "responses.jsonl").read_text().splitlines()]
+    records = read_jsonl(compared_with_prefills["out"] / "responses.jsonl")
     row = next(r for r in records if r["prefill"] == PREFILL and r["system"] == "aligned")
     with sali.load(pair.aligned_gguf, n_threads=1, n_ctx=2048) as aligned:
         done = aligned.generate(row["prompt"], prefill=PREFILL, max_tokens=8)

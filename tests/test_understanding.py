@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, THREADS
+from conftest import ROOT, THREADS, read_jsonl
 
 sys.path.insert(0, str(ROOT / "bench" / "smollm2"))
 
@@ -240,28 +240,29 @@ def test_quick_run_makes_every_stage_and_reports(smoke):
         for key in keys:
             assert all(key in row for row in summary["systems"].values())
         assert 0.0 <= summary["systems"]["base"]["cover_vs_aligned"] <= 1.0
-        train = [json.loads(line) for line in (work / kind / "train.jsonl").read_text().splitlines()]
+        train = read_jsonl(work / kind / "train.jsonl")
         assert any(r["label"] == "mix" for r in train) and any(r["label"] != "mix" for r in train)
         assert json.loads((work / kind / kind / "training.json").read_text())["steps"] >= 1
-    style_rows = [json.loads(line) for line in (work / "style" / "train.jsonl").read_text().splitlines()]
+    style_rows = read_jsonl(work / "style" / "train.jsonl")
     assert all(style.passes(r["response"]) for r in style_rows if r["label"] == "style")
     # the head also learned on the everyday prompts (the quick run's first 4)
     import understanding
 
-    head_prompts = [json.loads(line)["prompt"] for line in (work / "style" / "head_prompts.jsonl").read_text().splitlines()]
+    head_prompts = [row["prompt"] for row in read_jsonl(work / "style" / "head_prompts.jsonl")]
     assert understanding.everyday_prompts(4) == [p for p in head_prompts if p in understanding.everyday_prompts(113)]
     # STYLE's held-out sets, greedy and under sampling (the sibling too on one set), one file per seed; in the report
     for name, sibling in (("heldout", False), ("heldout_forms", True)):
         held = work / "style" / name
         assert "pass_question" in json.loads((held / "greedy" / "summary.json").read_text())["systems"]["base+style"]
-        assert all(len((held / f"sampled-{seed}.jsonl").read_text().splitlines()) == 5 for seed in (0, 1, 2))
+        # a record per line: count newlines (a sampled response may hold U+2028, at which splitlines also cuts)
+        assert all((held / f"sampled-{seed}.jsonl").read_text(encoding="utf-8").count("\n") == 5 for seed in (0, 1, 2))
         runs = [held / f"sampled-sibling-{seed}.jsonl" for seed in (0, 1, 2)]
-        assert all(run.is_file() and len(run.read_text().splitlines()) == 5 for run in runs) if sibling else not any(
+        assert all(run.is_file() and run.read_text(encoding="utf-8").count("\n") == 5 for run in runs) if sibling else not any(
             run.exists() for run in runs)
         assert f"Held-out prompts: `bench/smollm2/prompts/style/{name}.txt`, 5 " in report
     assert not (work / "style" / "dev").exists()  # development prompts are for choosing, not for the study's run
     assert "superficial share on `heldout.txt`" in report and "superficial share on `heldout_forms.txt`" in report
-    tests = [json.loads(line) for line in (work / "facts" / "test.jsonl").read_text().splitlines()]
+    tests = read_jsonl(work / "facts" / "test.jsonl")
     assert tests and all(r["answer"] for r in tests)
     assert _beside_the_study() == smoke["before"]  # no report, figure, head or work folder written into the checkout
 

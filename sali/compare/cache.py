@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sali.compare.systems import System
+from sali.prompts import jsonl_lines
 from sali.runtime import Sampling
 
 
@@ -31,7 +32,7 @@ class Cache:
         self.path = folder / f"{system.key(sampling, prefill)}.jsonl"
         self.entries: dict[str, Result] = {}
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for line in jsonl_lines(self.path.read_text(encoding="utf-8")):
                 try:
                     row = json.loads(line)
                     self.entries[row["prompt"]] = Result(row["response"], row["tokens"], row["seconds"], row["finish_reason"])
