@@ -341,7 +341,7 @@ def main() -> None:
     recovery_summary = (compare(RUN / "recovery", sets["eval"], compromised[0], [head], aligned_gguf, [], 48, RECOVERY_ALPHA)
                         if compromised and args.hand_alpha else None)
     stage("sampling")
-    sampled = [sampled_refusals(sets["heldout"], {f"base+{head.stem}": (base_q4, head), "aligned": (aligned_gguf, None)}, seed)
+    sampled = [sampled_refusals(sets["heldout"], {"base": (base_q4, None), f"base+{head.stem}": (base_q4, head), "aligned": (aligned_gguf, None)}, seed)
                for seed in SAMPLING_SEEDS]
     design = white_summary = precision_summary = None
     design_heads: list[Path] = []
