@@ -101,18 +101,18 @@ class ProxyRunner:
             if other.fingerprint != base.fingerprint:
                 raise SaliError(f"proxy model {other.name} has another vocabulary ({other.fingerprint}) than {base.name} ({base.fingerprint})")
         self.system = system
+
     def __call__(self, prompt: Prompt, sampling: Sampling) -> Result:
         start = time.perf_counter()
-        self.sampling = sampling
-        self.rng = np.random.default_rng(sampling.seed)
+        rng = np.random.default_rng(sampling.seed)  # this prompt's own stream (Sampling.for_prompt)
         models = (self.base, self.small_base, self.small_aligned)
         formats = (self.system.fmt, self.system.fmt, {"type": "chat"})
         base, small_base, small_aligned = (m.prefill(m.tokenize(render_for(m, fmt, prompt.text)) + self.prefill)
                                            for m, fmt in zip(models, formats))
         tokens: list[int] = []
         finish = "length"
-        for _ in range(self.sampling.max_tokens):
-            token = self._choose(base + small_aligned - small_base)
+        for _ in range(sampling.max_tokens):
+            token = _choose(base + small_aligned - small_base, sampling.temperature, rng)
             if self.base.is_end(token):
                 finish = "eos"
                 break
@@ -124,13 +124,15 @@ class ProxyRunner:
         text = self.base.detokenize(tokens)
         return Result(text.strip(), tokens, round(time.perf_counter() - start, 4), finish)
 
-    def _choose(self, logits: np.ndarray) -> int:
-        if self.sampling.temperature <= 0:
-            return int(np.argmax(logits))
-        z = logits / self.sampling.temperature
-        p = np.exp(z - z.max())
-        return int(self.rng.choice(len(p), p=p / p.sum()))
-
     def close(self) -> None:
         self.small_base.close()
         self.small_aligned.close()
+
+
+def _choose(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0, else a draw from softmax(logits / temperature)."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    p = np.exp(z - z.max())
+    return int(rng.choice(len(p), p=p / p.sum()))
