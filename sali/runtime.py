@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from numpy.random import SeedSequence  # imported here, not on first use: see Sampling.for_prompt
 
 from sali.errors import SaliError
 from sali.ggufcheck import check_gguf, kv_cache_bytes_per_token
@@ -91,10 +92,14 @@ class Sampling:
         every prompt would draw the same random numbers, so their outcomes move together and a
         rate over prompts swings with the seed far more than independent draws would; a plain
         ``seed + index`` would make runs with seeds 0 and 1 share all but one stream.
+
+        This runs between two prompts of a batch, so it must not import anything: NumPy loads
+        ``numpy.random`` on first use, and a Ctrl-C landing in that import (one of its compiled
+        modules catches exceptions while it initialises) was lost, so the batch ran to the end.
         """
         if index == 0:
             return self
-        mixed = int(np.random.SeedSequence([self.seed % 2**32, index]).generate_state(1)[0])
+        mixed = int(SeedSequence([self.seed % 2**32, index]).generate_state(1)[0])
         return replace(self, seed=mixed % 0xFFFFFFFF)  # 0xFFFFFFFF would ask llama.cpp for a random seed
 
     @property

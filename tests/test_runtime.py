@@ -191,3 +191,35 @@ def test_ctrl_c_inside_the_sampler_callback_is_never_lost(tiny_model, python_ctr
     assert len(got) == 2 and hook.calls == 3  # stopped at the token sampled while Ctrl-C was pressed
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
     assert list(tiny_model.sample_tokens(prompt_ids(tiny_model), Sampling(max_tokens=4), head))  # the model is free
+
+
+def test_moving_to_the_next_prompt_of_a_batch_imports_nothing(tmp_path):
+    """A Ctrl-C that lands inside an import can be lost (numpy.random's compiled modules catch
+    exceptions while they initialise): `sali compare` once ran a whole batch to the end after
+    one. So the work between two prompts (the next prompt's seed, the cache write) must find
+    every module it needs loaded already. A fresh interpreter, as the CLI starts."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = f"""
+import sys
+from pathlib import Path
+from sali.compare.cache import Cache, Result
+from sali.compare.systems import System
+from sali.runtime import Sampling
+
+model = Path({str(tmp_path / "model.gguf")!r})
+model.write_bytes(b"GGUF")
+sampling = Sampling(temperature=0.8, seed=7)
+cache = Cache(model.parent, System("base", model, "plain", {{"type": "plain"}}), sampling)
+before = set(sys.modules)
+for index in range(3):
+    sampling.for_prompt(index)
+    cache.add(f"prompt {{index}}", Result("answer", [1, 2], 0.1, "length"))
+print(sorted(set(sys.modules) - before))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
