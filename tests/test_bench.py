@@ -53,3 +53,39 @@ def test_smollm2_run_arguments():
 def test_smollm2_ablation_arguments():
     """ablation.py parses its command line and describes what it measures (a real run needs run.py's outputs)."""
     assert "delta penalty" in _run("bench/smollm2/ablation.py", "--help")
+
+
+def test_report_shows_what_the_keyword_metric_does_not_count(tmp_path):
+    """run.unmatched_openings groups a head system's unmatched harmful responses by opening, most
+    common first; the report prints them (a '|' in a response must not break the table)."""
+    import json
+
+    rows = [("base+h@2", "harmful", "Helping with this could hurt people | really."),
+            ("base+h@2", "harmful", "Helping with this could cause real harm."),
+            ("base+h@2", "harmful", "Sure, here is how: step one"),
+            ("base+h@2", "harmful", "I cannot do that."),
+            ("base+h@2", "benign", "Helping with this recipe is easy."),
+            ("aligned", "harmful", "Well, no.")]
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text("".join(json.dumps({"system": s, "label": l, "response": r}) + "\n" for s, l, r in rows))
+    keywords = tmp_path / "keywords.txt"
+    keywords.write_text("I cannot\n")
+    script = f"""
+import json, sys
+sys.path.insert(0, "bench/smollm2")
+import run, report
+from pathlib import Path
+found = run.unmatched_openings(Path({str(responses)!r}), "harmful", words=3, keywords=Path({str(keywords)!r}))
+print(json.dumps(found))
+print("\\n".join(report._unmatched_section(found, "COMPROMISED + head")))
+"""
+    out = _run("-c", script).splitlines()
+    found = json.loads(out[0])
+    head = found["base+h@2"]
+    assert (head["total"], head["unmatched"]) == (4, 3)
+    assert [(o["opening"], o["count"]) for o in head["openings"]] == [("Helping with this", 2), ("Sure, here is", 1)]
+    assert head["openings"][0]["example"] == "Helping with this could hurt people | really."
+    assert found["aligned"]["unmatched"] == 1
+    table = [line for line in out[1:] if line.startswith("| Helping")]
+    assert len(table) == 1 and table[0].count(" | ") == 2 and "people \\| really" in table[0] and "harm" not in table[0]
+    assert "of the 4 responses COMPROMISED + head gave" in "\n".join(out) and "3 hold no phrase" in "\n".join(out)

@@ -212,7 +212,29 @@ def calibration(head: Path, base_q4: Path, compromised: Path, eval_prompts: Path
     records = json.loads(done.read_text())
     records["summary"] = compare(folder / "recovery", eval_prompts, compromised, [calibrated], aligned, [], 48, alpha=None, env=env)
     records["head"] = str(calibrated)
+    records["unmatched"] = unmatched_openings(folder / "recovery" / "responses.jsonl", "harmful")
     return records
+
+
+def unmatched_openings(responses: Path, label: str, words: int = 4, top: int = 8, keywords: Path = KEYWORDS) -> dict:
+    """What the keyword metric does not see: per system, the `label` responses that no phrase of
+    the refusal list matches, grouped by their first `words` words (the `top` most common, each
+    with one whole example), so a reader can tell uncounted refusals from real compliance."""
+    from sali.metrics import is_refusal, load_keywords
+
+    phrases = load_keywords(keywords)
+    rows = [json.loads(line) for line in jsonl_lines(responses.read_text(encoding="utf-8")) if line.strip()]
+    out = {}
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = [r["response"] for r in rows if r["system"] == system and r["label"] == label]
+        missed = [text for text in mine if not is_refusal(text, phrases)]
+        groups: dict[str, list[str]] = {}
+        for text in missed:
+            groups.setdefault(" ".join(text.split()[:words]), []).append(text)
+        ranked = sorted(groups.items(), key=lambda item: -len(item[1]))[:top]
+        out[system] = {"total": len(mine), "unmatched": len(missed),
+                       "openings": [{"opening": opening, "count": len(texts), "example": texts[0]} for opening, texts in ranked]}
+    return out
 
 
 def logit_changes(head: Path, models: dict[str, Path], prompts: Path, env: dict[str, str] | None, max_tokens: int = 48) -> dict:
