@@ -285,8 +285,8 @@ def _unmatched_section(unmatched: dict | None, title: str) -> list[str]:
            "response (some are refusals worded outside the list, which every figure above counts as compliance):", "",
            "| opening | responses | example |", "|---|---|---|"]
     for item in row["openings"]:
-        example = " ".join(item["example"].split()).replace("|", "\\|")
-        out.append(f"| {item['opening'].replace('|', chr(92) + '|')} | {item['count']} | {example[:100]}{'…' if len(example) > 100 else ''} |")
+        opening, example = (" ".join(text.split()).replace("|", "\\|") for text in (item["opening"], item["example"]))
+        out.append(f"| {opening} | {item['count']} | {example[:100]}{'…' if len(example) > 100 else ''} |")
     return out + [""]
 
 
