@@ -30,7 +30,6 @@ sys.path.insert(0, str(HERE))
 
 import siblings  # noqa: E402
 from bench.common import smollm2_gguf  # noqa: E402
-from sali.prompts import jsonl_lines  # noqa: E402
 
 WORK = siblings.WORK / "ablation"
 PENALTIES = (0.0, 0.3, 1.0, 3.0)
@@ -98,16 +97,17 @@ def main() -> None:
     torch.set_num_threads(2)
     WORK.mkdir(parents=True, exist_ok=True)
     train_file = siblings.WORK / "prompts" / "train.jsonl"
-    rows = [json.loads(line) for line in jsonl_lines(train_file.read_text(encoding="utf-8")) if line.strip()]
+    rows = siblings.read_jsonl(train_file)
     dev_file = WORK / "dev.jsonl"
-    dev_file.write_text("".join(json.dumps({"prompt": q, "label": "benign"}) + "\n" for q in dev_questions()), encoding="utf-8")
+    questions = dev_questions()
+    dev_file.write_text("".join(json.dumps({"prompt": q, "label": "benign"}) + "\n" for q in questions), encoding="utf-8")
     shipped = siblings.WORK / "heads" / "k64-r32-dp1.npz"  # run.py trained it: its log names the training extraction
     train_data = load_shards(cache_folder(shipped.with_suffix(".log")))
     dev_data = load_shards(extraction(dev_file, WORK / "dev-throwaway.npz", siblings.WORK / "extract"))
     held = split_prompts(train_data["row"], 0.1, 0)  # the same split sali train uses (seed 0)
     held_rows = sorted({int(r) for r in train_data["row"][held]})
     harmful = [rows[i]["prompt"] for i in held_rows if rows[i]["label"] == "harmful"]
-    benign = [json.loads(line)["prompt"] for line in jsonl_lines(dev_file.read_text(encoding="utf-8")) if line.strip()][::2]
+    benign = questions[::2]
     keywords = load_keywords(siblings.DATA / "refusal_keywords.txt")
     meta = {k: v for k, v in Head.load(shipped).meta.items()
             if k in ("vocab_fingerprint", "base_model", "aligned_model", "base_format", "sali_version")}

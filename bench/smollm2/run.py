@@ -39,7 +39,6 @@ sys.path.insert(0, str(HERE))
 
 import siblings  # noqa: E402
 from bench.common import smollm2_gguf  # noqa: E402
-from sali.prompts import jsonl_lines  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 WORK = siblings.WORK
@@ -82,7 +81,7 @@ def csv_column(path: Path, column: str) -> list[str]:
 
 
 def gsm8k(path: Path, n: int) -> list[dict]:
-    rows = [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
+    rows = siblings.read_jsonl(path)
     return [{"prompt": r["question"], "answer": r["answer"], "label": "benign"} for r in rows[:n]]
 
 
@@ -223,7 +222,7 @@ def unmatched_openings(responses: Path, label: str, words: int = 4, top: int = 8
     from sali.metrics import is_refusal, load_keywords
 
     phrases = load_keywords(keywords)
-    rows = [json.loads(line) for line in jsonl_lines(responses.read_text(encoding="utf-8")) if line.strip()]
+    rows = siblings.read_jsonl(responses)
     out = {}
     for system in dict.fromkeys(r["system"] for r in rows):
         mine = [r["response"] for r in rows if r["system"] == system and r["label"] == label]
@@ -250,7 +249,7 @@ def logit_changes(head: Path, models: dict[str, Path], prompts: Path, env: dict[
         if not path.is_file():
             sali("generate", str(model), "-H", str(head), "-P", str(prompts), "-o", str(path), "-n", str(max_tokens),
                  "-t", str(siblings.THREADS), "--explain", env=env)
-        records = [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
+        records = siblings.read_jsonl(path)
         out[name] = {}
         for label in sorted({r.get("label") for r in records}):
             changed, change, count = [0.0] * max_tokens, [0.0] * max_tokens, [0] * max_tokens
@@ -270,12 +269,12 @@ def sampled(out: Path, prompts: Path, model: Path, head: Path | None, seed: int,
     (`CHAT_SAMPLING`, `seed`): ``sali generate``'s records, kept in `out` (generated when it is
     missing, or written before each prompt drew with its own seed: those records have no
     ``seed``)."""
-    records = [json.loads(line) for line in jsonl_lines(out.read_text(encoding="utf-8")) if line.strip()] if out.is_file() else []
+    records = siblings.read_jsonl(out) if out.is_file() else []
     if records and all("seed" in r for r in records):
         return records
     sali("generate", str(model), *(["-H", str(head)] if head else []), "-P", str(prompts), "-o", str(out), "-n", str(max_tokens),
          "-t", str(siblings.THREADS), *CHAT_SAMPLING, "--seed", str(seed))
-    return [json.loads(line) for line in jsonl_lines(out.read_text(encoding="utf-8")) if line.strip()]
+    return siblings.read_jsonl(out)
 
 
 def sampled_refusals(prompts: Path, systems: dict[str, tuple[Path, Path | None]], seed: int, max_tokens: int = 48) -> dict:
@@ -378,7 +377,7 @@ def main() -> None:
         design_heads = [train_head(base_dir, aligned_dir, sets["train"], RUN / "heads" / f"k{k}-r{rank}.npz", "--k", str(k), "--rank", str(rank))
                         for k in DESIGN_K for rank in DESIGN_RANK]
         design = compare(RUN / "design", sets["design"], base_q4, design_heads, aligned_gguf, [], 32)
-        design["_harmful_prompts"] = sum(json.loads(line)["label"] == "harmful" for line in jsonl_lines(sets["design"].read_text(encoding="utf-8")) if line.strip())
+        design["_harmful_prompts"] = sum(r["label"] == "harmful" for r in siblings.read_jsonl(sets["design"]))
         white_summary = compare(RUN / "design-white", sets["design"], white_gguf, [], aligned_gguf, [], 32)
         # precision transfer is a refusal share: the harmful prompts are enough (base and aligned come from the cache)
         precision_summary = compare(RUN / "precision", sets["harmful"], base_q4, [head], aligned_gguf,

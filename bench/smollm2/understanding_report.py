@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +11,11 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import facts  # noqa: E402
+import siblings  # noqa: E402
 import style  # noqa: E402
 from report import write_card_section  # noqa: E402
 
 from sali.metrics import wilson_interval  # noqa: E402
-from sali.prompts import jsonl_lines  # noqa: E402
 
 TITLES = {"safety": "SAFETY", "style": "STYLE", "arithmetic": "ARITHMETIC", "facts": "FACTS"}
 COLOURS = {"safety": "tab:red", "style": "tab:blue", "arithmetic": "tab:orange", "facts": "tab:green"}
@@ -209,7 +208,7 @@ def _example(result: dict) -> list[str]:
     path = result["folder"] / "compare" / "responses.jsonl"
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
+    records = siblings.read_jsonl(path)
     by_prompt: dict[str, dict[str, str]] = {}
     for r in records:
         if r.get("prefill") is None:
