@@ -1,14 +1,18 @@
-"""The GPU path of `sali train`, checked: extraction and training of a ~1B-parameter pair on CUDA.
+"""The GPU path of `sali train`, checked: extraction and training of a 0.76B-parameter pair on CUDA.
 
-1. Builds a random-weight Llama-architecture pair of about 1B parameters from a config (hidden
-   2048, 16 layers, ffn 5632, the tiny test pair's tokenizer; no download), runs `sali train`'s
-   extraction and training on it (``--device cuda``, bfloat16) and prints positions/s and the
-   peak GPU memory (``torch.cuda.max_memory_allocated``).
+1. Builds a random-weight Llama-architecture pair with a 1B model's layers (hidden 2048, 16 layers,
+   ffn 5632) but the tiny test pair's small tokenizer, so 0.76B parameters each (no download), runs
+   `sali train`'s extraction and training on it (``--device cuda``, bfloat16) and prints
+   positions/s and the peak GPU memory (``torch.cuda.max_memory_allocated``).
 2. Trains a head on the tiny test pair on that device (float32) and on the CPU, and prints how
-   far apart they are: the largest weight difference and the share of held-out positions where
-   both heads choose the same token. They must match within float tolerance (exactly on the CPU).
+   far apart they are: the largest weight difference and the share of 500 random logit vectors
+   on which both heads choose the same token. They must match within float tolerance.
 
-    python bench/gpu_check.py --pair PAIR_DIR                      # a CUDA machine; under 10 minutes on one H100
+On one H200 (torch 2.11 + CUDA 13, 2026-11-29): 120 prompts x 64 tokens = 7,680 positions extracted
+in 15.4 s (499 positions/s), training 0.6 s, peak 2.95 GiB; the tiny heads differ by at most
+6.1e-05 (weights up to 0.20) and choose the same token on all 500 vectors.
+
+    python bench/gpu_check.py --pair PAIR_DIR                      # a CUDA machine; under a minute on one H200
     python bench/gpu_check.py --device cpu --size tiny --pair PAIR_DIR   # seconds: the suite's smoke run
 
 ``PAIR_DIR`` holds the tiny pair (``base/``, ``aligned/``, ``train.jsonl``, ``heldout.jsonl``) that
