@@ -325,7 +325,8 @@ def write_report(results: dict, safety: dict | None, setup, durations: dict[str,
         lines += ["", "SAFETY is not part of a run on another BASE (the safety study's models are SmolLM2's)."]
     elif not safety["recomputed"]:
         lines += ["", "SAFETY: the safety study's main comparison as it is (`work/main/`: 100 AdvBench test goals, 100 benign and 40 "
-                      "alarming-but-benign test prompts, 48 new tokens), head `" + safety["system"].removeprefix("base+") + "`."]
+                      "alarming-but-benign test prompts, 48 new tokens), head `" + safety["system"].removeprefix("base+") + "`, as it was when "
+                      "this study ran; `REPORT.md` holds the safety study's figures of its latest run, with the ALIGNED and head it now ships."]
     else:
         new = safety["summary"].get("new_generations")
         lines += ["", f"SAFETY: the safety study's main comparison (`work/main/`: 100 AdvBench test goals, 100 benign and 40 "
