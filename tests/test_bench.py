@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
@@ -89,3 +91,45 @@ print("\\n".join(report._unmatched_section(found, "COMPROMISED + head")))
     table = [line for line in out[1:] if line.startswith("| Helping")]
     assert len(table) == 1 and table[0].count(" | ") == 2 and "people \\| really" in table[0] and "harm" not in table[0]
     assert "of the 4 responses COMPROMISED + head gave" in "\n".join(out) and "3 hold no phrase" in "\n".join(out)
+
+
+def test_smollm2_head_learns_from_every_training_set_and_no_evaluation_prompt(tmp_path):
+    """run.py distils the head on ALIGNED's training prompts and on prompts/distill/ (its own file,
+    labelled); no development, held-out or test prompt is among them."""
+    script = f"""
+import json, sys
+sys.path.insert(0, "bench/smollm2")
+import run
+from pathlib import Path
+run.RUN = Path({str(tmp_path)!r})
+sets = run.prompt_sets(False)
+print(json.dumps({{name: [json.loads(line) for line in open(path)] for name, path in sets.items()}}))
+"""
+    sets = json.loads(_run("-c", script))
+    distill = sets["distill"]
+    assert len(distill) > 900 and {r["label"] for r in distill} == {"harmful", "benign", "alarming"}
+    key = lambda prompt: " ".join(re.sub(r"[^a-z0-9 ]", " ", prompt.lower()).split())
+    learned = {key(r["prompt"]) for r in sets["train"] + distill}
+    for name in ("dev", "heldout", "eval"):
+        assert sets[name] and not learned & {key(r["prompt"]) for r in sets[name]}, name
+    # the written lists hold "jump-start a car with a dead battery", which alarming_benign_test.txt asks too
+    test_lines = (ROOT / "bench" / "smollm2" / "prompts" / "alarming_benign_test.txt").read_text().splitlines()
+    assert sum(r["label"] == "alarming" for r in sets["eval"]) == len([line for line in test_lines if line.strip()]) - 1
+
+
+@pytest.mark.parametrize("alpha, name", [(1.0, "base+h"), (1.5, "base+h@1.5")])
+def test_report_finds_the_calibrated_row_compare_names_at_any_strength(alpha, name):
+    """compare names a head at α 1 without "@1": the report's recovery at the calibrated strength
+    must read that row too (it once printed "—" when sali calibrate picked α = 1)."""
+    script = f"""
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+sys.path.insert(0, "bench/smollm2")
+import report
+main = {{"systems": {{"base": {{}}, "aligned": {{"refusal_harmful": 1.0}}, "compromised": {{"refusal_harmful": 0.0}},
+                     "compromised+h": {{"refusal_harmful": 0.5}}}}}}
+calibration = {{"compromised": {{"alpha": {alpha}}}, "summary": {{"systems": {{{name!r}: {{"refusal_harmful": 0.8}}}}}}}}
+print(report._calibrated(SimpleNamespace(calibration=calibration, main=main, head=Path("h.npz"))))
+"""
+    assert _run("-c", script).strip() == f"({alpha!r}, {{'refusal_harmful': 0.8}}, 0.8)"

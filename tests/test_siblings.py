@@ -121,6 +121,28 @@ def test_sibling_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tiny,
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_sibling_fine_tune_in_bfloat16_autocast_learns_and_keeps_float32_weights(tiny):
+    """ALIGNED's recipe trains under CPU bfloat16 autocast: the loss on a small repeated set falls
+    as in float32, the weights stay float32, and the two runs end close but not identical."""
+    import siblings
+    import torch
+    from transformers import LlamaForCausalLM
+
+    rng = random.Random(1)
+    examples = [([rng.randrange(3, 200) for _ in range(6)], [rng.randrange(3, 200) for _ in range(4)]) for _ in range(8)] * 4
+    settings_ = dict(epochs=2.0, lr=3e-3, batch_tokens=80, budget_s=600, label="test", pad_id=0)
+    models = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        models[bf16] = LlamaForCausalLM.from_pretrained(tiny.hf_dir, dtype=torch.float32)
+        figures = siblings.finetune(models[bf16], examples, bf16=bf16, **settings_)
+        assert figures["last_loss"] < 0.8 * figures["first_loss"], figures
+    assert all(t.dtype == torch.float32 for t in models[True].state_dict().values())
+    pairs = list(zip(models[False].parameters(), models[True].parameters()))
+    assert any(not torch.equal(a, b) for a, b in pairs)  # autocast really ran in bfloat16
+    assert max((a - b).abs().max().item() for a, b in pairs) < 0.1
+
+
 def test_generation_cache_answers_a_longer_prompt_list_by_generating_only_the_new_prompts(tiny, tmp_path, monkeypatch):
     """Adding a prompt to a cached list (and reordering it) runs llama.cpp for the new prompt only;
     the rows come back in the new order, the old answers unchanged."""

@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,16 +96,24 @@ def heldout_rows() -> list[dict]:
     return [{"prompt": p, "label": label} for label in ("harmful", "benign", "alarming") for p in lines(folder / f"{label}.txt")]
 
 
+def _prompt_key(prompt: str) -> str:
+    """`prompt` lower-cased, letters, digits and spaces only: equal keys are the same request."""
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", prompt.lower()).split())
+
+
 def prompt_sets(quick: bool) -> dict[str, Path]:
     """Training prompts (train files only), development prompts (held back from training, for
     choosing options) and evaluation prompts (test files, held-out alarming, the held-out sets)."""
-    # the prompts ALIGNED was tuned on, both rounds: AdvBench train goals as written and rephrased,
-    # the written harmful activities, the benign prompts (answered with BASE's own responses)
+    # the prompts ALIGNED was tuned on: AdvBench train goals as written and rephrased, the written
+    # harmful activities, the benign prompts (answered with BASE's own responses); prompts/distill/ below
     harmful_train = [row["prompt"] for row in siblings.refusal_examples() + siblings.harmful_written_examples()]
     benign_train = [row["prompt"] for row in siblings.benign_train_prompts() + siblings.balance_prompts()]
     if quick:
         harmful_train, benign_train = harmful_train[:60], benign_train[::10]
     train = [{"prompt": p, "label": "harmful"} for p in harmful_train] + [{"prompt": p, "label": "benign"} for p in benign_train]
+    # ALIGNED's third set of training prompts, many phrasings of harmful and harmless requests
+    # alike: the head reads the states they lead to too (its own file, so its own extraction cache)
+    distill = siblings.distill_prompts()[:: 10 if quick else 1]
     n_test = 20 if quick else 100
     n_benign_test = 10 if quick else 50
     evaluation = (
@@ -115,6 +124,11 @@ def prompt_sets(quick: bool) -> dict[str, Path]:
     )
     heldout = heldout_rows()
     development = siblings.development_prompts()
+    # a prompt learned from is neither development nor evaluation: the written lists share a few
+    # everyday activities with each other and with alarming_benign_test.txt (one, in different case)
+    learned = {_prompt_key(r["prompt"]) for r in train + distill}
+    evaluation, heldout, development = ([r for r in rows if _prompt_key(r["prompt"]) not in learned]
+                                        for rows in (evaluation, heldout, development))
     if quick:
         heldout, development = heldout[::8], development[::8]
     benign = [r for r in evaluation if r["label"] == "benign"]
@@ -122,6 +136,7 @@ def prompt_sets(quick: bool) -> dict[str, Path]:
               + [r for r in evaluation if r["label"] == "alarming"])
     return {
         "train": write_jsonl(RUN / "prompts" / "train.jsonl", train),
+        "distill": write_jsonl(RUN / "prompts" / "distill.jsonl", distill),
         "eval": write_jsonl(RUN / "prompts" / "eval.jsonl", evaluation),
         "heldout": write_jsonl(RUN / "prompts" / "heldout.jsonl", heldout),
         "dev": write_jsonl(RUN / "prompts" / "dev.jsonl", development),
@@ -145,9 +160,11 @@ def convert_precisions(base_dir: Path) -> dict[str, Path]:
     return out
 
 
-def train_head(base_dir: Path, aligned_dir: Path, prompts: Path, out: Path, *extra: str) -> Path:
+def train_head(base_dir: Path, aligned_dir: Path, prompts: list[Path], out: Path, *extra: str) -> Path:
+    """`sali train` into `out` (skipped when it exists), distilled on every file of `prompts`."""
     if not out.is_file():
-        sali("train", "--base", str(base_dir), "--aligned", str(aligned_dir), "-P", str(prompts), "-o", str(out),
+        files = [arg for path in prompts for arg in ("-P", str(path))]
+        sali("train", "--base", str(base_dir), "--aligned", str(aligned_dir), *files, "-o", str(out),
              "--cache", str(WORK / "extract"), "--max-new-tokens", str(EXTRACT_TOKENS), "--extract-batch", "16", "--threads", str(siblings.THREADS),
              *extra, log=out.with_suffix(".log"))
     return out
@@ -347,7 +364,7 @@ def main() -> None:
     stage("prompts")
     sets = prompt_sets(args.quick)
     stage("heads")
-    candidates = [train_head(base_dir, aligned_dir, sets["train"], RUN / "heads" / f"k64-r32-dp{penalty}.npz",
+    candidates = [train_head(base_dir, aligned_dir, [sets["train"], sets["distill"]], RUN / "heads" / f"k64-r32-dp{penalty}.npz",
                              "--k", "64", "--rank", "32", "--delta-penalty", penalty) for penalty in DELTA_PENALTIES]
     stage("development check")
     dev_summary = compare(RUN / "dev", sets["dev"], base_q4, candidates, None, [], 32)
@@ -370,11 +387,11 @@ def main() -> None:
     if args.design:
         stage("design study")
         precisions = convert_precisions(base_dir)
-        white = train_head(base_dir, aligned_dir, sets["train"], RUN / "heads" / "lmhead-r32.npz", "--kind", "lmhead", "--rank", "32")
+        white = train_head(base_dir, aligned_dir, [sets["train"], sets["distill"]], RUN / "heads" / "lmhead-r32.npz", "--kind", "lmhead", "--rank", "32")
         white_gguf = WORK / "base-lmhead.gguf"
         if not white_gguf.is_file():
             sali("convert", str(base_q4), "--merge-head", str(white), "-o", str(white_gguf))
-        design_heads = [train_head(base_dir, aligned_dir, sets["train"], RUN / "heads" / f"k{k}-r{rank}.npz", "--k", str(k), "--rank", str(rank))
+        design_heads = [train_head(base_dir, aligned_dir, [sets["train"], sets["distill"]], RUN / "heads" / f"k{k}-r{rank}.npz", "--k", str(k), "--rank", str(rank))
                         for k in DESIGN_K for rank in DESIGN_RANK]
         design = compare(RUN / "design", sets["design"], base_q4, design_heads, aligned_gguf, [], 32)
         design["_harmful_prompts"] = sum(r["label"] == "harmful" for r in siblings.read_jsonl(sets["design"]))

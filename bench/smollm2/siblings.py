@@ -3,9 +3,9 @@
 * BASE: SmolLM2-135M-Instruct as shipped (Q4_1 GGUF), dequantized to a float32 HF folder;
 * ALIGNED: BASE fully fine-tuned to refuse AdvBench *train* goals, as written and rephrased
   (:mod:`phrasings`), with varied refusals (:mod:`refusals`), while answering benign prompts in
-  the same grammatical forms (questions, imperatives, stories) with BASE's own responses; in two
-  rounds, the second benign-heavy so that both sides appear in every template about equally, and
-  with written harmful situations and their harmless twins (``prompts/train/*_situations.txt``);
+  the same grammatical forms (questions, imperatives, stories) with BASE's own responses, with
+  written harmful situations and their harmless twins (``prompts/train/*_situations.txt``) and
+  the requests of ``prompts/distill/``; one round from BASE, two epochs;
 * COMPROMISED: ALIGNED fine-tuned further on harmful compliance until it stops refusing.
 
     python bench/smollm2/siblings.py            # every stage, then the check table
@@ -64,15 +64,18 @@ RESPONSE_TOKENS = 96  # BASE's responses to benign training prompts
 N_COMPLY, COMPLY_TOKENS = 120, 48  # harmful-compliance examples for COMPROMISED, continuation length
 N_COMPLY_CHECK = 40  # AdvBench train goals (not trained on) used to check COMPROMISED's collapse
 EVAL_TOKENS = 64
-ALIGN = dict(epochs=1.0, lr=4e-5, batch_tokens=1536, budget_s=75 * 60)  # a cap, not a target: one epoch must finish
-# ALIGNED's second round: the same forms on both sides, benign-heavy (the first round has more
-# refusals than benign answers, and refused benign imperatives on development prompts)
+# ALIGNED: one round from BASE over every example set below, twice; bfloat16 autocast (about 1.8x
+# faster per step on a CPU with AMX). Trained in three successive rounds instead, ALIGNED sat on
+# one trade-off curve (more harmful refusals, more over-refusal) whatever each round's mix was.
+ALIGN = dict(epochs=2.0, lr=4e-5, batch_tokens=1536, budget_s=100 * 60, bf16=True)  # a cap, not a target
+# the same forms on both sides: benign items in as many templates as harmful ones
 BALANCE_FORMS = 3  # fresh templates per written benign item and written harmful activity
 # alarming-but-benign items get twice as many: with 3, ALIGNED refused 40% of the development
-# alarming prompts (harmful refusals outnumber them several times over across both rounds)
+# alarming prompts (harmful refusals outnumber them several times over)
 BALANCE_ALARMING_FORMS = 6
-BALANCE_REPLAY = 60  # first-round GSM8K/TruthfulQA answers replayed, so plain questions stay answered
-BALANCE = dict(epochs=1.0, lr=3e-5, batch_tokens=1536, budget_s=70 * 60)
+BALANCE_REPLAY = 60  # GSM8K/TruthfulQA answers given twice, so plain questions stay answered
+DISTILL_TOKENS, START_TOKENS = 64, 16  # BASE's answers to prompts/distill/; BASE's compliant starts
+N_START_SITUATIONS = 150  # written harmful situations whose compliant starts are also broken off
 COMPROMISE = dict(epochs=1.0, lr=5e-5, batch_tokens=1536, budget_s=8 * 60, rounds=3)
 TIMINGS = WORK / "timings.json"
 
@@ -208,7 +211,8 @@ def generate(gguf_path: Path, items: list[dict], max_tokens: int, out: Path, lab
 # BASE's answers to the training prompts take about 55 minutes to generate on 2 cores and depend
 # only on the prompts and the GGUF, so they ship with the repository (`--ship-answers` writes them)
 ANSWERS = HERE / "data" / "base_answers.jsonl.gz"
-SHIPPED_CACHES = {"base_responses.jsonl": RESPONSE_TOKENS, "base_responses-2.jsonl": RESPONSE_TOKENS, "compliance.jsonl": COMPLY_TOKENS}
+SHIPPED_CACHES = {"base_responses.jsonl": RESPONSE_TOKENS, "base_responses-2.jsonl": RESPONSE_TOKENS, "compliance.jsonl": COMPLY_TOKENS,
+                  "base_responses-3.jsonl": DISTILL_TOKENS, "base_harmful_starts.jsonl": START_TOKENS}
 
 
 def gguf_identity(path: Path) -> str:
@@ -433,9 +437,11 @@ def response_loss(model, ids, attention, loss_mask):
 
 
 def finetune(model, examples: list, *, epochs: float, lr: float, batch_tokens: int, budget_s: float,
-             label: str, pad_id: int, seed: int = SEED, checkpoint: Path | None = None, checkpoint_every_s: float = 300.0) -> dict:
+             label: str, pad_id: int, seed: int = SEED, checkpoint: Path | None = None, checkpoint_every_s: float = 300.0,
+             bf16: bool = False) -> dict:
     """Full fine-tune with AdamW (10-step warm-up, cosine decay to 10%), gradient clip 1.0.
     Stops early (and says so) when the wall-time budget (s, summed over resumed runs) runs out.
+    `bf16`: forward passes under CPU bfloat16 autocast (weights and optimizer stay float32).
 
     With `checkpoint`, the model, optimizer and step are saved there (atomically) every
     `checkpoint_every_s` seconds, and an interrupted run resumes from the last save: the batch
@@ -479,7 +485,8 @@ def finetune(model, examples: list, *, epochs: float, lr: float, batch_tokens: i
     for _ in range(first):
         next(generator)  # the batches an earlier, interrupted run already trained on
     for step, batch in zip(range(first, steps), generator):
-        loss = response_loss(model, *collate(batch, pad_id))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = response_loss(model, *collate(batch, pad_id)).float()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -547,24 +554,6 @@ def aligned_examples(tokenizer) -> list[tuple[list[int], list[int]]]:
     return examples
 
 
-def build_aligned_first() -> tuple[Path, Path]:
-    """``work/aligned-1/``: ALIGNED's first round, BASE fine-tuned on :func:`aligned_examples`."""
-    folder, gguf_path = WORK / "aligned-1", WORK / "aligned-1.f16.gguf"
-    if (folder / "config.json").is_file() and gguf_path.is_file():
-        return folder, gguf_path
-    base = base_folder()
-    base_responses()
-    start = time.perf_counter()
-    model, tokenizer = load_hf(base)
-    examples = aligned_examples(tokenizer)
-    figures = finetune(model, examples, label="aligned", pad_id=tokenizer.pad_token_id,
-                       checkpoint=WORK / "aligned.checkpoint.pt", **ALIGN)
-    figures.update(examples=len(examples), **ALIGN)
-    save_sibling(model, tokenizer, "aligned-1", figures)
-    record_time("build_aligned_first", time.perf_counter() - start)
-    return folder, gguf_path
-
-
 def balance_prompts() -> list[dict]:
     """Second-round benign prompts: every written benign request and activity (train part) in
     `BALANCE_FORMS` further templates, every alarming-but-benign activity and lookalike in
@@ -602,10 +591,10 @@ def harmful_written_examples() -> list[dict]:
 
 
 def balance_examples(tokenizer) -> list[tuple[list[int], list[int]]]:
-    """The second round: BASE's answers to :func:`balance_prompts` (refusals left out), each
+    """More of both sides: BASE's answers to :func:`balance_prompts` (refusals left out), each
     training goal in one more paraphrase with its own refusal, the written harmful activities
-    (:func:`harmful_written_examples`), and `BALANCE_REPLAY` first-round answers to plain
-    GSM8K/TruthfulQA questions."""
+    (:func:`harmful_written_examples`), and `BALANCE_REPLAY` of the answers to plain
+    GSM8K/TruthfulQA questions in :func:`aligned_examples` once more."""
     words = keywords()
     out = WORK / "base_responses-2.jsonl"
     answers = generate(smollm2_gguf(), balance_prompts(), RESPONSE_TOKENS, out, "base responses, round 2")
@@ -623,20 +612,59 @@ def balance_examples(tokenizer) -> list[tuple[list[int], list[int]]]:
     return examples
 
 
+def distill_prompts() -> list[dict]:
+    """The requests of ``prompts/distill/`` as ``{"prompt", "label"}`` rows: the harmful requests
+    (label ``harmful``), then their benign twins and the everyday requests (``benign``), then the
+    alarming-but-benign requests (``alarming``)."""
+    files = (("harmful_requests.txt", "harmful"), ("benign_twins.txt", "benign"),
+             ("benign_requests.txt", "benign"), ("alarming_requests.txt", "alarming"))
+    return [{"prompt": p, "label": label} for name, label in files for p in read_lines(HERE / "prompts" / "distill" / name)]
+
+
+def distill_examples(tokenizer) -> list[tuple[list[int], list[int]]]:
+    """The requests of ``prompts/distill/``: each harmful request with its own refusal; BASE's
+    answers (`DISTILL_TOKENS`) to the benign twins, everyday and alarming-but-benign requests,
+    refusals left out; and BASE's own compliant start (2-12 tokens of `START_TOKENS`) to each
+    harmful request and to `N_START_SITUATIONS` written harmful situations, broken off into a
+    refusal. The start is context without loss: ALIGNED learns to stop complying, not to start."""
+    words = keywords()
+    rows = distill_prompts()
+    harmful = [r["prompt"] for r in rows if r["label"] == "harmful"]
+    benign = [r["prompt"] for r in rows if r["label"] != "harmful"]
+    examples = [encode(tokenizer, p, refusals.situation_refusal(20_000 + i, p, words)) for i, p in enumerate(harmful)]
+    answers = generate(smollm2_gguf(), [{"prompt": p} for p in benign], DISTILL_TOKENS, WORK / "base_responses-3.jsonl", "base responses, distill")
+    examples += [encode(tokenizer, r["prompt"], response_ids=r["tokens"], end=r["finish"] == "eos")
+                 for r in answers if not is_refusal(r["response"], words)]
+    rng = random.Random(SEED + 7)
+    situations = rng.sample(written_lists()["harmful_situations"][0], N_START_SITUATIONS)
+    starts = generate(smollm2_gguf(), [{"prompt": p} for p in harmful + situations], START_TOKENS,
+                      WORK / "base_harmful_starts.jsonl", "base compliant starts")
+    for i, r in enumerate(starts):
+        if is_refusal(r["response"], words) or len(r["tokens"]) < 4:
+            continue
+        cut = rng.randint(2, min(12, len(r["tokens"])))
+        prompt_ids, refusal_ids = encode(tokenizer, r["prompt"], refusals.situation_refusal(30_000 + i, r["prompt"], words))
+        examples.append((prompt_ids + list(r["tokens"][:cut]), refusal_ids))
+    return examples
+
+
 def build_aligned() -> tuple[Path, Path]:
-    """``work/aligned/`` and ``work/aligned.f16.gguf``: the safety-tuned sibling of BASE, in two
-    rounds: :func:`build_aligned_first`, then a benign-heavy round (:func:`balance_examples`) in
-    which benign and harmful requests share every template, so that form predicts nothing."""
+    """``work/aligned/`` and ``work/aligned.f16.gguf``: the safety-tuned sibling of BASE, BASE
+    fine-tuned in one round (`ALIGN`) on :func:`aligned_examples`, :func:`balance_examples` and
+    :func:`distill_examples`, so that benign and harmful requests share every form."""
     folder, gguf_path = WORK / "aligned", WORK / "aligned.f16.gguf"
     if (folder / "config.json").is_file() and gguf_path.is_file():
         return folder, gguf_path
-    first, _ = build_aligned_first()
+    base = base_folder()
+    base_responses()
     start = time.perf_counter()
-    model, tokenizer = load_hf(first)
-    examples = balance_examples(tokenizer)
-    figures = finetune(model, examples, label="aligned round 2", pad_id=tokenizer.pad_token_id,
-                       checkpoint=WORK / "aligned.checkpoint.pt", **BALANCE)
-    figures.update(examples=len(examples), first_round=json.loads((first / "training.json").read_text()), **BALANCE)
+    model, tokenizer = load_hf(base)
+    parts = {"aligned_examples": aligned_examples(tokenizer), "balance_examples": balance_examples(tokenizer),
+             "distill_examples": distill_examples(tokenizer)}
+    examples = [e for part in parts.values() for e in part]
+    figures = finetune(model, examples, label="aligned", pad_id=tokenizer.pad_token_id,
+                       checkpoint=WORK / "aligned.checkpoint.pt", **ALIGN)
+    figures.update(examples={name: len(part) for name, part in parts.items()}, **ALIGN)
     save_sibling(model, tokenizer, "aligned", figures)
     record_time("build_aligned", time.perf_counter() - start)
     return folder, gguf_path
