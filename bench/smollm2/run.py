@@ -90,10 +90,14 @@ def lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def labelled_rows(folder: Path) -> list[dict]:
+    """A folder's harmful.txt, benign.txt and alarming.txt as ``{"prompt", "label"}`` rows."""
+    return [{"prompt": p, "label": label} for label in ("harmful", "benign", "alarming") for p in lines(folder / f"{label}.txt")]
+
+
 def heldout_rows() -> list[dict]:
     """The hand-written held-out sets (evaluation only): labels harmful, benign, alarming."""
-    folder = HERE / "prompts" / "heldout"
-    return [{"prompt": p, "label": label} for label in ("harmful", "benign", "alarming") for p in lines(folder / f"{label}.txt")]
+    return labelled_rows(HERE / "prompts" / "heldout")
 
 
 def _prompt_key(prompt: str) -> str:
@@ -123,7 +127,8 @@ def prompt_sets(quick: bool) -> dict[str, Path]:
         + [{"prompt": p, "label": "alarming"} for p in lines(HERE / "prompts" / "alarming_benign_test.txt")[: 10 if quick else None]]
     )
     heldout = heldout_rows()
-    development = siblings.development_prompts()
+    # held back from the training lists (same templates), and written by hand phrased unlike them
+    development = siblings.development_prompts() + labelled_rows(HERE / "prompts" / "dev")
     # a prompt learned from is neither development nor evaluation: the written lists share a few
     # everyday activities with each other and with alarming_benign_test.txt (one, in different case)
     learned = {_prompt_key(r["prompt"]) for r in train + distill}
