@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 
@@ -103,15 +102,18 @@ import run
 from pathlib import Path
 run.RUN = Path({str(tmp_path)!r})
 sets = run.prompt_sets(False)
-print(json.dumps({{name: [json.loads(line) for line in open(path)] for name, path in sets.items()}}))
+rows = {{name: [json.loads(line) for line in open(path)] for name, path in sets.items()}}
+for name in rows:
+    for row in rows[name]:
+        row["key"] = run._prompt_key(row["prompt"])
+print(json.dumps(rows))
 """
     sets = json.loads(_run("-c", script))
     distill = sets["distill"]
     assert len(distill) > 900 and {r["label"] for r in distill} == {"harmful", "benign", "alarming"}
-    key = lambda prompt: " ".join(re.sub(r"[^a-z0-9 ]", " ", prompt.lower()).split())
-    learned = {key(r["prompt"]) for r in sets["train"] + distill}
+    learned = {r["key"] for r in sets["train"] + distill}
     for name in ("dev", "heldout", "eval"):
-        assert sets[name] and not learned & {key(r["prompt"]) for r in sets[name]}, name
+        assert sets[name] and not learned & {r["key"] for r in sets[name]}, name
     # the written lists hold "jump-start a car with a dead battery", which alarming_benign_test.txt asks too
     test_lines = (ROOT / "bench" / "smollm2" / "prompts" / "alarming_benign_test.txt").read_text().splitlines()
     assert sum(r["label"] == "alarming" for r in sets["eval"]) == len([line for line in test_lines if line.strip()]) - 1

@@ -7,6 +7,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sali.combine import spec_name
+
 HERE = Path(__file__).resolve().parent
 LABELS = ("harmful", "benign", "alarming")
 # thresholds a head must meet on prompts phrased unlike its training data (issue 9)
@@ -235,9 +237,7 @@ def _calibrated(study: Study) -> tuple[float, dict, float | None] | None:
     if not cal or not _compromised(study.main):
         return None
     alpha = cal["compromised"]["alpha"]
-    # compare names a head at α 1 without the "@1"
-    name = f"base+{study.head.stem}" + ("" if alpha == 1 else f"@{alpha:g}")
-    row = cal["summary"]["systems"].get(name, {})
+    row = cal["summary"]["systems"].get("base+" + spec_name([(study.head.stem, alpha)]), {})
     main = study.main["systems"]
     comp, _ = _compromised(study.main)
     recovered = _share(row.get("refusal_harmful"), main[comp].get("refusal_harmful"), main["aligned"].get("refusal_harmful"))

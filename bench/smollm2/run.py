@@ -369,7 +369,8 @@ def main() -> None:
     stage("prompts")
     sets = prompt_sets(args.quick)
     stage("heads")
-    candidates = [train_head(base_dir, aligned_dir, [sets["train"], sets["distill"]], RUN / "heads" / f"k64-r32-dp{penalty}.npz",
+    head_prompts = [sets["train"], sets["distill"]]  # everything ALIGNED learned from
+    candidates = [train_head(base_dir, aligned_dir, head_prompts, RUN / "heads" / f"k64-r32-dp{penalty}.npz",
                              "--k", "64", "--rank", "32", "--delta-penalty", penalty) for penalty in DELTA_PENALTIES]
     stage("development check")
     dev_summary = compare(RUN / "dev", sets["dev"], base_q4, candidates, None, [], 32)
@@ -392,11 +393,11 @@ def main() -> None:
     if args.design:
         stage("design study")
         precisions = convert_precisions(base_dir)
-        white = train_head(base_dir, aligned_dir, [sets["train"], sets["distill"]], RUN / "heads" / "lmhead-r32.npz", "--kind", "lmhead", "--rank", "32")
+        white = train_head(base_dir, aligned_dir, head_prompts, RUN / "heads" / "lmhead-r32.npz", "--kind", "lmhead", "--rank", "32")
         white_gguf = WORK / "base-lmhead.gguf"
         if not white_gguf.is_file():
             sali("convert", str(base_q4), "--merge-head", str(white), "-o", str(white_gguf))
-        design_heads = [train_head(base_dir, aligned_dir, [sets["train"], sets["distill"]], RUN / "heads" / f"k{k}-r{rank}.npz", "--k", str(k), "--rank", str(rank))
+        design_heads = [train_head(base_dir, aligned_dir, head_prompts, RUN / "heads" / f"k{k}-r{rank}.npz", "--k", str(k), "--rank", str(rank))
                         for k in DESIGN_K for rank in DESIGN_RANK]
         design = compare(RUN / "design", sets["design"], base_q4, design_heads, aligned_gguf, [], 32)
         design["_harmful_prompts"] = sum(r["label"] == "harmful" for r in siblings.read_jsonl(sets["design"]))
