@@ -135,3 +135,22 @@ calibration = {{"compromised": {{"alpha": {alpha}}}, "summary": {{"systems": {{{
 print(report._calibrated(SimpleNamespace(calibration=calibration, main=main, head=Path("h.npz"))))
 """
     assert _run("-c", script).strip() == f"({alpha!r}, {{'refusal_harmful': 0.8}}, 0.8)"
+
+
+def test_report_reads_how_aligned_was_trained_from_its_record():
+    """The recipe's precision and time come from ALIGNED's training.json: the same recipe runs in
+    bfloat16 on an AMX CPU and in float32 elsewhere, and a run cut short by the wall-time cap says so."""
+    script = """
+import sys
+sys.path.insert(0, "bench/smollm2")
+import report
+full = {"steps": 874, "planned_steps": 874, "lr": 4e-05, "bf16": True, "seconds": 4407.0}
+print(report._aligned_training(full))
+print(report._aligned_training({**full, "bf16": False, "seconds": 8700.0}))
+print(report._aligned_training({**full, "steps": 600}))
+"""
+    assert _run("-c", script).splitlines() == [
+        "874 steps, lr 4e-5, bfloat16 autocast; 73 min on 2 cores",
+        "874 steps, lr 4e-5, float32; 145 min on 2 cores",
+        "600 steps of 874 planned, lr 4e-5, bfloat16 autocast; 73 min on 2 cores",
+    ]

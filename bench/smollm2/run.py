@@ -1,6 +1,6 @@
 """SmolLM2-135M end to end: siblings -> head -> comparisons -> REPORT.md, every stage cached.
 
-    python bench/smollm2/run.py            # the whole run (from nothing, ALIGNED alone is ~40 min of fine-tuning on 2 cores; reruns skip what is done)
+    python bench/smollm2/run.py            # the whole run (from nothing, ALIGNED alone is 73 min of fine-tuning on 2 AMX cores, ~145 min on 2 AVX2 cores; reruns skip what is done)
     python bench/smollm2/run.py --quick    # a small smoke run of every stage (REPORT.quick.md in work/)
     python bench/smollm2/run.py --design   # also the k x rank design study, white-box head, precision transfer
 
@@ -432,7 +432,8 @@ def main() -> None:
     study = Study(main=main_summary, heldout=heldout_summary, dev=dev_summary, recovery=recovery_summary, sampled=sampled,
                   recovery_alpha=RECOVERY_ALPHA, head=head, overhead=overhead, timings=durations, seconds=sum(durations.values()),
                   design=design, design_heads=design_heads, white=white, white_summary=white_summary, precision=precision_summary,
-                  calibration=calibrated, prefill=prefill_summary, explained=explained)
+                  calibration=calibrated, prefill=prefill_summary, explained=explained,
+                  aligned_training=json.loads((aligned_dir / "training.json").read_text()))
     write_report(study, quick=args.quick)
     if not args.quick:
         write_model_card(study, SHIPPED)

@@ -64,10 +64,14 @@ RESPONSE_TOKENS = 96  # BASE's responses to benign training prompts
 N_COMPLY, COMPLY_TOKENS = 120, 48  # harmful-compliance examples for COMPROMISED, continuation length
 N_COMPLY_CHECK = 40  # AdvBench train goals (not trained on) used to check COMPROMISED's collapse
 EVAL_TOKENS = 64
-# ALIGNED: one round from BASE over every example set below, twice; bfloat16 autocast (about 1.8x
-# faster per step on a CPU with AMX). Trained in three successive rounds instead, ALIGNED sat on
-# one trade-off curve (more harmful refusals, more over-refusal) whatever each round's mix was.
-ALIGN = dict(epochs=2.0, lr=4e-5, batch_tokens=1536, budget_s=100 * 60, bf16=True)  # a cap, not a target
+# ALIGNED: one round from BASE over every example set below, twice. Trained in three successive
+# rounds instead, ALIGNED sat on one trade-off curve (more harmful refusals, more over-refusal)
+# whatever each round's mix was. bfloat16 autocast only where the CPU computes bfloat16 natively
+# (:func:`native_bf16`): about 1.8x faster a step with AMX, but 23x slower on an AVX2-only EPYC
+# (92 s against 4 s a step). The 874 steps take 73 min on 2 AMX cores and about 145 min in
+# float32 on 2 EPYC cores; the wall-time cap only stops a runaway (it had been 100 min, which cut
+# the float32 teacher off two thirds of the way through).
+ALIGN = dict(epochs=2.0, lr=4e-5, batch_tokens=1536, budget_s=6 * 3600)
 # the same forms on both sides: benign items in as many templates as harmful ones
 BALANCE_FORMS = 3  # fresh templates per written benign item and written harmful activity
 # alarming-but-benign items get twice as many: with 3, ALIGNED refused 40% of the development
@@ -461,7 +465,7 @@ def finetune(model, examples: list, *, epochs: float, lr: float, batch_tokens: i
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    identity = {"examples": len(examples), "steps": steps, "lr": lr, "batch_tokens": batch_tokens, "seed": seed}
+    identity = {"examples": len(examples), "steps": steps, "lr": lr, "batch_tokens": batch_tokens, "seed": seed, "bf16": bf16}
     first, before_s, losses = 0, 0.0, []
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
@@ -509,6 +513,21 @@ def finetune(model, examples: list, *, epochs: float, lr: float, batch_tokens: i
         checkpoint.unlink(missing_ok=True)
     return {"steps": step + 1, "planned_steps": steps, "seconds": round(before_s + time.perf_counter() - start, 1),
             "first_loss": round(sum(losses[:5]) / len(losses[:5]), 4), "last_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4)}
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AVX512-BF16 or AMX, as oneDNN
+    reports it): only then does bfloat16 autocast speed fine-tuning up; elsewhere it is emulated
+    and many times slower than float32. ``SALI_BENCH_BF16=0`` or ``1`` overrides."""
+    forced = os.environ.get("SALI_BENCH_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without oneDNN: no native path known
+        return False
 
 
 def load_hf(folder: Path):
@@ -662,9 +681,10 @@ def build_aligned() -> tuple[Path, Path]:
     parts = {"aligned_examples": aligned_examples(tokenizer), "balance_examples": balance_examples(tokenizer),
              "distill_examples": distill_examples(tokenizer)}
     examples = [e for part in parts.values() for e in part]
+    bf16 = native_bf16()
     figures = finetune(model, examples, label="aligned", pad_id=tokenizer.pad_token_id,
-                       checkpoint=WORK / "aligned.checkpoint.pt", **ALIGN)
-    figures.update(examples={name: len(part) for name, part in parts.items()}, **ALIGN)
+                       checkpoint=WORK / "aligned.checkpoint.pt", bf16=bf16, **ALIGN)
+    figures.update(examples={name: len(part) for name, part in parts.items()}, bf16=bf16, **ALIGN)
     save_sibling(model, tokenizer, "aligned", figures)
     record_time("build_aligned", time.perf_counter() - start)
     return folder, gguf_path
