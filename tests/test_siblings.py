@@ -75,7 +75,7 @@ def test_unlike_development_prompts_reword_no_heldout_or_training_line():
     """prompts/dev/: neither a held-out nor a training line, nor a close rewording of one."""
     dev = _lines(HELDOUT.parent / "dev")
     others = _lines(HELDOUT) + [item for name in TRAIN_LISTS for item in phrasings.lines(name)]
-    assert len(dev) == len(set(dev)) == 110
+    assert len(dev) == len(set(dev)) == 201
     for line in dev:
         assert not any(_reworded(line, other) for other in others), line
 
@@ -273,3 +273,21 @@ def test_distillation_prompts_reword_no_heldout_development_or_test_line():
             low = line.lower()
             assert not any(low in other.lower() or other.lower() in low or _reworded(line, other) for other in evaluation), (name, line)
 
+
+def test_head_only_prompts_reword_no_heldout_development_or_test_line():
+    """prompts/headonly/ (distilled into the head, never into ALIGNED): no held-out, development,
+    alarming-test or AdvBench test line, nor a line sharing over 40% of its words with one."""
+    import csv
+
+    import siblings
+
+    folder = HELDOUT.parent / "headonly"
+    evaluation = _lines(HELDOUT) + _lines(HELDOUT.parent / "dev") + [
+        line for line in (HELDOUT.parent / "alarming_benign_test.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+    with open(siblings.DATA / "advbench" / "test.csv", encoding="utf-8", newline="") as handle:
+        evaluation += [row["goal"] for row in csv.DictReader(handle)]
+    lines = _lines(folder)
+    assert len(lines) == len({line.lower() for line in lines}) > 500
+    for line in lines:
+        low = line.lower()
+        assert not any(low in other.lower() or other.lower() in low or _reworded(line, other, 0.4) for other in evaluation), line
