@@ -94,7 +94,7 @@ print("\\n".join(report._unmatched_section(found, "COMPROMISED + head")))
 
 def test_smollm2_head_learns_from_every_training_set_and_no_evaluation_prompt(tmp_path):
     """run.py distils the head on ALIGNED's training prompts and on prompts/distill/ (its own file,
-    labelled); no development, held-out or test prompt is among them."""
+    labelled), one candidate on prompts/headonly/ too; no development, held-out or test prompt is among them."""
     script = f"""
 import json, sys
 sys.path.insert(0, "bench/smollm2")
@@ -109,9 +109,10 @@ for name in rows:
 print(json.dumps(rows))
 """
     sets = json.loads(_run("-c", script))
-    distill = sets["distill"]
+    distill, headonly = sets["distill"], sets["headonly"]
     assert len(distill) > 900 and {r["label"] for r in distill} == {"harmful", "benign", "alarming"}
-    learned = {r["key"] for r in sets["train"] + distill}
+    assert len(headonly) > 900 and {r["label"] for r in headonly} == {"harmful", "benign", "alarming"}
+    learned = {r["key"] for r in sets["train"] + distill + headonly}
     for name in ("dev", "heldout", "eval"):
         assert sets[name] and not learned & {r["key"] for r in sets[name]}, name
     # the written lists hold "jump-start a car with a dead battery", which alarming_benign_test.txt asks too
