@@ -155,3 +155,18 @@ print(report._aligned_training({**full, "steps": 600}))
         "874 steps, lr 4e-5, float32; 145 min on 2 cores",
         "600 steps of 874 planned, lr 4e-5, bfloat16 autocast; 73 min on 2 cores",
     ]
+
+
+def test_model_card_says_when_the_head_also_learned_from_prompts_aligned_never_trained_on():
+    """run.py's fourth candidate is distilled on prompts/headonly/ too: if it ships, its card says so."""
+    script = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+sys.path.insert(0, "bench/smollm2")
+import report
+for stem in ("k64-r32-dp0.3", "k64-r32-dp0.3-headonly"):
+    print(repr(report._headonly_clause(SimpleNamespace(head=Path(f"heads/{stem}.npz")))))
+"""
+    plain, headonly = _run("-c", script).splitlines()
+    assert plain == "''" and "prompts/headonly/" in headonly and "never trained on" in headonly

