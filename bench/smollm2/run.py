@@ -17,7 +17,8 @@ Stages (outputs under bench/smollm2/work/, which git ignores; REPORT.md and plot
 4. ``sali compare``: BASE (Q4_1), BASE + head, ALIGNED, COMPROMISED (+ head) on the evaluation
    and held-out sets, greedy; COMPROMISED + head at ``RECOVERY_ALPHA``; BASE + head on the
    held-out sets under llama.cpp's default sampling, three seeds (``sali generate``).
-5. Decode overhead of the shipped head (bench/decode_overhead.py), then REPORT.md and the model card.
+5. Decode overhead of the picked head (bench/decode_overhead.py); it replaces the shipped head (and its model
+   card) only if it passes report.SHIP_GATES; then REPORT.md.
 """
 
 from __future__ import annotations
@@ -426,24 +427,28 @@ def main() -> None:
     explained = logit_changes(user_head, {"base": base_q4, **({"compromised": compromised[0]} if compromised else {})},
                               sets["explain"], user_env)
     stage("shipping and decode overhead")
-    if not args.quick:
-        shutil.copy(calibrated["head"] if calibrated else head, SHIPPED)  # with its calibration reference
     overhead = decode_overhead(head)
     stage("report")
     # siblings built before this run (siblings.py) keep the time of their own record
     recorded = {"siblings": sum(json.loads(siblings.TIMINGS.read_text()).values())} if siblings.TIMINGS.is_file() else {}
     durations = stage_durations(timings, time.perf_counter() - started, recorded=recorded)
     main_summary["_folder"] = str(RUN / "main")
-    from report import Study, write_model_card, write_report
+    from report import Study, ship_failures, write_model_card, write_report
 
     study = Study(main=main_summary, heldout=heldout_summary, dev=dev_summary, recovery=recovery_summary, sampled=sampled,
                   recovery_alpha=RECOVERY_ALPHA, head=head, overhead=overhead, timings=durations, seconds=sum(durations.values()),
                   design=design, design_heads=design_heads, white=white, white_summary=white_summary, precision=precision_summary,
                   calibration=calibrated, prefill=prefill_summary, explained=explained,
                   aligned_training=json.loads((aligned_dir / "training.json").read_text()))
-    write_report(study, quick=args.quick)
     if not args.quick:
-        write_model_card(study, SHIPPED)
+        # a head that misses a ship gate leaves heads/ as it was; REPORT.md says why
+        study.not_shipped = ship_failures(study)
+        for failure in study.not_shipped:
+            print(f"  not shipped, heads/ left as it was: {failure}", flush=True)
+        if not study.not_shipped:
+            shutil.copy(calibrated["head"] if calibrated else head, SHIPPED)  # with its calibration reference
+            write_model_card(study, SHIPPED)
+    write_report(study, quick=args.quick)
     print(f"done in {time.perf_counter() - started:.0f} s; see {HERE / 'REPORT.md'}")
 
 
