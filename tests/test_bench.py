@@ -147,12 +147,12 @@ sys.path.insert(0, "bench/smollm2")
 import report
 full = {"steps": 874, "planned_steps": 874, "lr": 4e-05, "bf16": True, "seconds": 4407.0}
 print(report._aligned_training(full))
-print(report._aligned_training({**full, "bf16": False, "seconds": 8700.0}))
+print(report._aligned_training({**full, "bf16": False, "seconds": 7440.0}))
 print(report._aligned_training({**full, "steps": 600}))
 """
     assert _run("-c", script).splitlines() == [
         "874 steps, lr 4e-5, bfloat16 autocast; 73 min on 2 cores",
-        "874 steps, lr 4e-5, float32; 145 min on 2 cores",
+        "874 steps, lr 4e-5, float32; 124 min on 2 cores",
         "600 steps of 874 planned, lr 4e-5, bfloat16 autocast; 73 min on 2 cores",
     ]
 
@@ -172,10 +172,10 @@ for stem in ("k64-r32-dp0.3", "k64-r32-dp0.3-headonly"):
     assert plain == "''" and "prompts/headonly/" in headonly and "never trained on" in headonly
 
 
-def test_a_head_that_misses_a_ship_gate_is_not_shipped(tmp_path):
-    """run.py replaces the shipped head only if the run's head passes every ship gate (AdvBench
-    share, benign over-refusal, decode ratio, size); each miss is named, and an unmeasured gate
-    counts as missed."""
+def test_ship_gates_name_each_miss_and_count_an_unmeasured_gate_as_missed(tmp_path):
+    """run.py replaces the shipped head only if `report.ship_failures` is empty: every ship gate
+    (AdvBench share, benign over-refusal, decode ratio, size) passed; each miss is named, and an
+    unmeasured gate counts as missed."""
     head = tmp_path / "k64-r32-dp0.3.npz"
     head.write_bytes(b"0" * 1000)
     script = f"""

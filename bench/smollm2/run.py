@@ -1,6 +1,6 @@
 """SmolLM2-135M end to end: siblings -> head -> comparisons -> REPORT.md, every stage cached.
 
-    python bench/smollm2/run.py            # the whole run (from nothing, ALIGNED alone is 73 min of fine-tuning on 2 AMX cores, ~145 min on 2 AVX2 cores; reruns skip what is done)
+    python bench/smollm2/run.py            # the whole run (from nothing, ALIGNED alone is 73 min of fine-tuning on 2 AMX cores, about 2 h on 2 AVX2 cores; reruns skip what is done)
     python bench/smollm2/run.py --quick    # a small smoke run of every stage (REPORT.quick.md in work/)
     python bench/smollm2/run.py --design   # also the k x rank design study, white-box head, precision transfer
 

@@ -68,9 +68,9 @@ EVAL_TOKENS = 64
 # rounds instead, ALIGNED sat on one trade-off curve (more harmful refusals, more over-refusal)
 # whatever each round's mix was. bfloat16 autocast only where the CPU computes bfloat16 natively
 # (:func:`native_bf16`): about 1.8x faster a step with AMX, but 23x slower on an AVX2-only EPYC
-# (92 s against 4 s a step). The 874 steps take 73 min on 2 AMX cores and about 145 min in
-# float32 on 2 EPYC cores; the wall-time cap only stops a runaway (it had been 100 min, which cut
-# the float32 teacher off two thirds of the way through).
+# (92 s against 4 s a step). The 874 steps take 73 min on 2 AMX cores and about 2 h in float32
+# on 2 EPYC cores (8.5 s a step); the wall-time cap only stops a runaway (it had been 100 min,
+# which would have cut the float32 teacher off at step ~700, or ~65 in emulated bfloat16).
 ALIGN = dict(epochs=2.0, lr=4e-5, batch_tokens=1536, budget_s=6 * 3600)
 # the same forms on both sides: benign items in as many templates as harmful ones
 BALANCE_FORMS = 3  # fresh templates per written benign item and written harmful activity
