@@ -172,6 +172,30 @@ for stem in ("k64-r32-dp0.3", "k64-r32-dp0.3-headonly"):
     assert plain == "''" and "prompts/headonly/" in headonly and "never trained on" in headonly
 
 
+def test_a_rerun_never_replaces_a_head_that_scores_higher_on_development_prompts(tmp_path):
+    """run.py's last ship gate: the head shipped now, on the same development comparison, must not
+    score higher (harmful − benign − alarming) than the new pick; a tie ships the new head, and with
+    nothing shipped there is nothing to beat."""
+    script = f"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "bench/smollm2")
+import run
+def dev(name, harmful, benign, alarming):
+    return {{"systems": {{name: {{"refusal_harmful": harmful, "refusal_benign": benign, "refusal_alarming": alarming}}}}}}
+new = dev("base+k64-r32-dp0.3-headonly", 0.713, 0.221, 0.208)
+head = Path("k64-r32-dp0.3-headonly.npz")
+run.SHIPPED = Path({str(tmp_path / "none.npz")!r})
+print(json.dumps([run.worse_than_shipped(new, head, (dev("base+shipped-abc", 0.664, 0.204, 0.167), "base+shipped-abc")),
+                  run.worse_than_shipped(new, head, (dev("base+shipped-abc", 0.713, 0.221, 0.208), "base+shipped-abc")),
+                  run.worse_than_shipped(new, head, (dev("base+shipped-abc", 0.50, 0.20, 0.20), "base+shipped-abc")),
+                  run.worse_than_shipped(new, head, None), run.shipped_on_dev(Path("dev.jsonl"), Path("base.gguf"))]))
+"""
+    higher_old, tie, lower_old, nothing, absent = json.loads(_run("-c", script))
+    assert tie == [] and lower_old == [] and nothing == [] and absent is None
+    assert len(higher_old) == 1 and "29.3 against 28.4 points" in higher_old[0]
+
+
 def test_ship_gates_name_each_miss_and_count_an_unmeasured_gate_as_missed(tmp_path):
     """run.py replaces the shipped head only if `report.ship_failures` is empty: every ship gate
     (AdvBench share, benign over-refusal, decode ratio, size) passed; each miss is named, and an
