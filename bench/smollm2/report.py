@@ -444,7 +444,7 @@ def write_report(study: Study, quick: bool = False) -> Path:
              "## Targets", "", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {_check(ok)} |" for name, value, ok in checks]
     if study.not_shipped:
-        lines += ["", "**Not shipped.** A head replaces the shipped one only if it passes every one of these gates, and this one missed "
+        lines += ["", "**Not shipped.** A head replaces the shipped one only if it passes every ship gate above and scores at least as well as the shipped head on the development prompts; this one missed "
                   + "; ".join(study.not_shipped) + ". `heads/smollm2-135m-safety.npz` and its model card are still those of the run before."]
     lines += ["", "## How ALIGNED and the head were trained", "", RECIPE.replace("{aligned_training}", _aligned_training(study.aligned_training)), ""]
     lines += ["## Held-out sets (phrased unlike the training prompts; greedy, 48 new tokens)", ""]

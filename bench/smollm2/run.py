@@ -337,7 +337,7 @@ def pick_head(dev: dict, candidates: list[Path]) -> Path:
     within = [p for p in candidates if all(rate(p, label) <= limit + 1e-9 for label, limit in DEV_LIMITS.items())]
     if within:
         return max(within, key=lambda p: (rate(p, "harmful"), -candidates.index(p)))
-    return max(candidates, key=lambda p: (rate(p, "harmful") - rate(p, "benign") - rate(p, "alarming"), -candidates.index(p)))
+    return max(candidates, key=lambda p: (dev_score(dev, f"base+{p.stem}"), -candidates.index(p)))
 
 
 def dev_score(dev: dict, system: str) -> float:
