@@ -450,6 +450,21 @@ def train(
         float,
         typer.Option("--first-weight", help="Loss weight of the first --first-tokens response tokens.", min=0.0, rich_help_panel="Training"),
     ] = 1.0,
+    only_agreeing: Annotated[
+        bool,
+        typer.Option(
+            "--only-agreeing",
+            help="Learn only from the aligned answers that agree with their prompt's label: a refusal where the label is "
+            "'harmful', an answer where it is any other (refusals found by --keywords). Keeps the aligned model's "
+            "over-refusals and misses out of the head; unlabelled prompts are all kept.",
+            rich_help_panel="Training",
+        ),
+    ] = False,
+    keywords: Annotated[
+        Optional[Path],
+        typer.Option("--keywords", help="With --only-agreeing: refusal phrases, one a line (default: the AdvBench keyword list).",
+                     rich_help_panel="Training", show_default=False),
+    ] = None,
     val_fraction: Annotated[
         float, typer.Option("--val-fraction", help="Share of prompts held out for validation.", min=0.0, max=0.9, rich_help_panel="Training")
     ] = 0.1,
@@ -501,13 +516,15 @@ def train(
         raise SaliError(f"--lr must be above 0, not {lr:g}")
     if trajectories not in ("aligned", "aligned+base"):
         raise SaliError(f"--trajectories must be aligned or aligned+base, not {trajectories!r}")
+    if keywords is not None and not only_agreeing:
+        raise SaliError("--keywords tells --only-agreeing what a refusal is; it does nothing without --only-agreeing")
     job = TrainJob(
         base=base, aligned=aligned, prompt_files=list(prompts), out=out, base_format=base_format, kind=kind, k=k,
         rank=rank, promote=promote, k_store=k_store, target_k=target_k, max_new_tokens=max_new_tokens,
         epochs=epochs, lr=lr, batch_size=batch_size, extract_batch=extract_batch, val_fraction=val_fraction,
         trajectories=trajectories, delta_penalty=delta_penalty, first_tokens=first_tokens, first_weight=first_weight,
-        seed=seed, device=device, dtype=dtype, device_map=device_map, cache=cache,
-        trust_remote_code=trust_remote_code, threads=threads,
+        agreeing_keywords=(keywords or _default_keywords()) if only_agreeing else None, seed=seed, device=device,
+        dtype=dtype, device_map=device_map, cache=cache, trust_remote_code=trust_remote_code, threads=threads,
     )
     run(job, err)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -41,6 +43,7 @@ class TrainJob:
     delta_penalty: float = 1.0
     first_tokens: int = 0
     first_weight: float = 1.0
+    agreeing_keywords: Path | None = None  # --only-agreeing: learn only from answers that agree with their label
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -71,8 +74,18 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         job.k_store = job.k
     fmt = parse_format(job.base_format)
     # one extraction cache per prompt file: adding a file to a job reuses the others' extraction
-    files = [[p.text for p in read_prompts(path)] for path in job.prompt_files]
+    rows = [read_prompts(path) for path in job.prompt_files]
+    files = [[p.text for p in file_rows] for file_rows in rows]
     prompts = [text for texts in files for text in texts]
+    labels = [p.label for file_rows in rows for p in file_rows]
+    keywords = None
+    if job.agreeing_keywords is not None:
+        from sali.metrics import load_keywords
+
+        keywords = load_keywords(job.agreeing_keywords)
+        if not any(labels):
+            raise SaliError("--only-agreeing keeps the answers that agree with their prompt's label, "
+                            "but no prompt has a label (a 'label' field or column)")
     base_src, aligned_src = hfmodels.resolve(job.base), hfmodels.resolve(job.aligned)
     base_tok = hfmodels.load_tokenizer(base_src, job.trust_remote_code)
     aligned_tok = hfmodels.load_tokenizer(aligned_src, job.trust_remote_code)
@@ -162,6 +175,9 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         return {}
     extract_seconds = time.perf_counter() - start
     data = extract.load_extractions(folders, [len(texts) for texts in files])
+    dropped = None
+    if keywords is not None:
+        data, dropped = keep_agreeing(data, labels, keywords)
     vocab_size = int(getattr(base_cfg, "vocab_size", 0) or len(base_tok))
 
     meta: dict[str, Any] = {
@@ -181,7 +197,7 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
             delta_penalty=job.delta_penalty, first_tokens=job.first_tokens, first_weight=job.first_weight,
         )
         result = _train_with_progress(console, job.epochs, lambda cb: train_topk(data, vocab_size, train_settings, cb))
-        meta["training"] = _figures(result, data, extract_seconds, len(prompts), job, train_settings.lr)
+        meta["training"] = _figures(result, data, extract_seconds, len(prompts), job, train_settings.lr, dropped)
         path, written = export_topk(result.head, job.k, meta, job.out, result.val_positions)
     else:
         from sali.convert.head_to_npz import export_lmhead
@@ -193,10 +209,28 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
             val_fraction=job.val_fraction, seed=job.seed, device=device if device != "mps" else "cpu",
         )
         result = _train_with_progress(console, job.epochs, lambda cb: train_lmhead(data, output, lm_settings, cb))
-        meta["training"] = _figures(result, data, extract_seconds, len(prompts), job, lm_settings.lr)
+        meta["training"] = _figures(result, data, extract_seconds, len(prompts), job, lm_settings.lr, dropped)
         path, written = export_lmhead(result.head, meta, job.out)
     _print_summary(console, written["training"], path)
     return written
+
+
+def keep_agreeing(data: dict[str, Any], labels: list[str | None], keywords: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
+    """`data` (one row per response position, ``row`` its prompt's index into `labels`) without the
+    positions of the prompts whose aligned answer disagrees with the prompt's label: no refusal
+    where the label is ``harmful``, a refusal where it is any other. Unlabelled prompts stay.
+    Also returns how many prompts were dropped, per label."""
+    from sali.metrics import is_refusal
+
+    responses = data["responses"]
+    drop = {i for i, label in enumerate(labels)
+            if label is not None and str(i) in responses and is_refusal(responses[str(i)], keywords) != (label == "harmful")}
+    keep = ~np.isin(data["row"], np.fromiter(drop, dtype=np.int64, count=len(drop)))
+    if not keep.any():
+        raise SaliError("--only-agreeing left no response position: every aligned answer disagreed with its prompt's label")
+    kept = {name: value[keep] if isinstance(value, np.ndarray) and len(value) == len(keep) else value for name, value in data.items()}
+    kept["responses"] = {i: text for i, text in responses.items() if int(i) not in drop}
+    return kept, dict(Counter(labels[i] for i in drop))
 
 
 def load_output_matrix(source, trust_remote_code: bool):
@@ -228,7 +262,8 @@ def _train_with_progress(console: Console, epochs: int, train):
     return result
 
 
-def _figures(result, data, extract_seconds: float, n_prompts: int, job: TrainJob, lr: float) -> dict[str, Any]:
+def _figures(result, data, extract_seconds: float, n_prompts: int, job: TrainJob, lr: float,
+             dropped: dict[str, int] | None = None) -> dict[str, Any]:
     before, after = result.before, result.after
     figures = {
         "kind": job.kind,
@@ -249,6 +284,8 @@ def _figures(result, data, extract_seconds: float, n_prompts: int, job: TrainJob
         "lr": lr,
         "seed": job.seed,
     }
+    if dropped is not None:  # --only-agreeing: prompts whose aligned answer disagreed with their label
+        figures["dropped_disagreeing"] = dict(sorted(dropped.items()))
     if job.kind == "topk":
         figures.update(
             cover_rate=round(after.get("cover_top1", float("nan")), 4),
@@ -280,6 +317,9 @@ def _print_summary(console: Console, figures: dict[str, Any], path: Path) -> Non
     else:
         table.add_row("KL(aligned ‖ ·)", f"{figures['kl_base']:.3f}", f"{figures['kl_head']:.3f}")
     console.print(table)
+    if "dropped_disagreeing" in figures:
+        counts = ", ".join(f"{label} {n}" for label, n in figures["dropped_disagreeing"].items()) or "none"
+        console.print(f"[dim]--only-agreeing dropped the prompts whose aligned answer disagreed with their label: {counts}[/]")
     console.print(
         f"[dim]{figures['prompts']} prompts · {figures['positions']:,} positions ({figures['heldout_positions']:,} held out) · "
         f"extraction {figures['extract_seconds']} s · training {figures['train_seconds']} s (best epoch {figures['best_epoch']})[/]"

@@ -158,18 +158,21 @@ print(report._aligned_training({**full, "steps": 600}))
 
 
 def test_model_card_says_when_the_head_also_learned_from_prompts_aligned_never_trained_on():
-    """run.py's fourth candidate is distilled on prompts/headonly/ too: if it ships, its card says so."""
+    """run.py's fourth and fifth candidates are distilled on prompts/headonly/ too: if one ships, its
+    card says so, and the fifth's card gives how many prompts --only-agreeing left out."""
     script = """
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 sys.path.insert(0, "bench/smollm2")
 import report
-for stem in ("k64-r32-dp0.3", "k64-r32-dp0.3-headonly"):
-    print(repr(report._headonly_clause(SimpleNamespace(head=Path(f"heads/{stem}.npz")))))
+agreeing = {"dropped_disagreeing": {"alarming": 75, "benign": 135, "harmful": 90}}
+for stem, training in (("k64-r32-dp0.3", {}), ("k64-r32-dp0.3-headonly", {}), ("k64-r32-dp0.3-headonly-agreeing", agreeing)):
+    print(repr(report._headonly_clause(Path(f"heads/{stem}.npz"), training)))
 """
-    plain, headonly = _run("-c", script).splitlines()
+    plain, headonly, agreeing = _run("-c", script).splitlines()
     assert plain == "''" and "prompts/headonly/" in headonly and "never trained on" in headonly
+    assert "--only-agreeing" not in headonly
+    assert headonly[1:-1] in agreeing and "--only-agreeing" in agreeing and "75 alarming, 135 benign, 90 harmful" in agreeing
 
 
 def test_a_rerun_never_replaces_a_head_that_scores_higher_on_development_prompts(tmp_path):
@@ -194,6 +197,31 @@ print(json.dumps([run.worse_than_shipped(new, head, (dev("base+shipped-abc", 0.6
     higher_old, tie, lower_old, nothing, absent = json.loads(_run("-c", script))
     assert tie == [] and lower_old == [] and nothing == [] and absent is None
     assert len(higher_old) == 1 and "29.3 against 28.4 points" in higher_old[0]
+
+
+def test_a_comparison_is_made_again_when_a_head_was_added_since_its_summary(tmp_path):
+    """run.py's stages resume from their outputs, but a candidate or a pick that changed since must
+    not be read from a summary without it: compare() calls sali compare again exactly then (its
+    response cache keeps the other systems' answers)."""
+    out = tmp_path / "dev"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"systems": {"base": {}, "base+k64-r32-dp1": {}}}))
+    script = f"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "bench/smollm2")
+import run
+calls = []
+run.sali = lambda *args, **kw: calls.append(args)
+run.RUN = Path({str(tmp_path)!r})
+out = Path({str(out)!r})
+run.compare(out, Path("dev.jsonl"), Path("base.gguf"), [Path("k64-r32-dp1.npz")], None, [], 32)
+kept = len(calls)
+run.compare(out, Path("dev.jsonl"), Path("base.gguf"), [Path("k64-r32-dp1.npz"), Path("k64-r32-dp0.3.npz")], None, [], 32)
+print(json.dumps([kept, len(calls), list(calls[-1]).count("-H")]))
+"""
+    kept, made, heads = json.loads(_run("-c", script))
+    assert (kept, made, heads) == (0, 1, 2)
 
 
 def test_ship_gates_name_each_miss_and_count_an_unmeasured_gate_as_missed(tmp_path):

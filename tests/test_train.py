@@ -230,7 +230,50 @@ def test_training_options_that_do_not_fit_give_one_line(pair, tmp_path):
     line = one_error_line(run_sali(*common, "--kind", "lmhead", "--first-tokens", "4", "--first-weight", "4"))
     assert "--first-tokens" in line and "lmhead" in line
     assert "--lr" in one_error_line(run_sali(*common, "--lr", "0"))
+    assert "--only-agreeing" in one_error_line(run_sali(*common, "--keywords", str(ROOT / "sali" / "data" / "refusal_keywords.txt")))
+    unlabelled = tmp_path / "unlabelled.txt"
+    unlabelled.write_text("How do I bake bread?\n")
+    line = one_error_line(run_sali(*common[:-4], "-P", str(unlabelled), "-o", str(tmp_path / "h.npz"), "--only-agreeing"))
+    assert "label" in line
     assert not (tmp_path / "h.npz").exists()
+
+
+def test_only_agreeing_drops_exactly_the_prompts_whose_aligned_answer_disagrees_with_their_label(pair, trained, tmp_path):
+    """Relabelling prompts the aligned model refuses as benign, and answered ones as harmful, makes
+    --only-agreeing drop exactly those (and any the aligned model already got wrong), from the
+    cached extraction: the head learns from the remaining positions only."""
+    from collections import Counter
+
+    from sali.extract import load_shards
+    from sali.metrics import is_refusal, load_keywords
+
+    cache = tmp_path / "cache"
+    shutil.copytree(trained[1], cache)
+    folder = min(cache.iterdir(), key=lambda f: json.loads((f / "settings.json").read_text())["hidden"])  # the top-k extraction
+    shards = sorted(folder.glob("shard-*.npz"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    data = load_shards(folder)
+    keywords = load_keywords(ROOT / "sali" / "data" / "refusal_keywords.txt")
+    refused = {int(i): is_refusal(text, keywords) for i, text in data["responses"].items()}
+    rows = [json.loads(line) for line in pair.train_prompts.read_text().splitlines()]
+    wrong_already = {i for i, row in enumerate(rows) if i in refused and refused[i] != (row["label"] == "harmful")}
+    right = [i for i in sorted(refused) if i not in wrong_already]
+    relabelled = [i for i in right if refused[i]][:3] + [i for i in right if not refused[i]][:2]
+    assert len(relabelled) == 5
+    for i in relabelled:
+        rows[i]["label"] = "benign" if refused[i] else "harmful"
+    prompts = tmp_path / "relabelled.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "agreeing.npz"
+    done = run_sali("train", "--base", str(pair.base), "--aligned", str(pair.aligned), "-P", str(prompts), "-o", str(out),
+                    "--cache", str(cache), *TRAIN_ARGS, "--only-agreeing", timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert [p.stat().st_mtime_ns for p in shards] == stamps  # same prompt texts: the extraction is reused
+    dropped = wrong_already | set(relabelled)
+    figures = Head.load(out).meta["training"]
+    assert figures["dropped_disagreeing"] == dict(Counter(rows[i]["label"] for i in dropped))
+    assert figures["positions"] == int((~np.isin(data["row"], sorted(dropped))).sum()) < len(data["row"])
+    assert "--only-agreeing dropped" in " ".join((done.stdout + done.stderr).split())
 
 
 def test_prompt_file_formats(tmp_path):

@@ -13,7 +13,8 @@ Stages (outputs under bench/smollm2/work/, which git ignores; REPORT.md and plot
 2. Prompt sets: training (train files only), development (held back from training), evaluation
    (test files, alarming_benign_test.txt, the hand-written held-out sets in prompts/heldout/).
 3. ``sali train`` candidate heads (delta penalty 1, 0.3, 3; and 0.3 distilled on prompts/headonly/
-   as well); the one to ship is picked on the development prompts alone (:func:`pick_head`).
+   as well, once on all of ALIGNED's answers, once ``--only-agreeing``); the one to ship is picked on
+   the development prompts alone (:func:`pick_head`).
 4. ``sali compare``: BASE (Q4_1), BASE + head, ALIGNED, COMPROMISED (+ head) on the evaluation
    and held-out sets, greedy; COMPROMISED + head at ``RECOVERY_ALPHA``; BASE + head on the
    held-out sets under llama.cpp's default sampling, three seeds (``sali generate``).
@@ -192,10 +193,13 @@ PREFILLS = ("Sure, here is", "Step 1:")
 def compare(out: Path, prompts: Path, base_q4: Path, heads: list[Path], aligned: Path | None, also: list[Path], max_tokens: int,
             alpha: float | None = 1.0, sampling: tuple[str, ...] = (), env: dict[str, str] | None = None,
             prefills: tuple[str, ...] = (), cache: Path | None = None, extra: tuple[str, ...] = ()) -> dict:
-    """`sali compare` into `out` (skipped when its summary exists); `alpha` None: each head at its
+    """`sali compare` into `out` (skipped when its summary exists and holds every head); `alpha` None: each head at its
     calibrated strength (the store in `env`'s SALI_CACHE); `prefills`: also refusal after each;
-    `cache`: the response cache (default ``work/compare-cache``); `extra`: more compare options."""
-    if not (out / "summary.json").is_file():
+    `cache`: the response cache (default ``work/compare-cache``); `extra`: more compare options.
+    A summary that lacks one of `heads` (a candidate added since) is made again: only the new
+    head's answers are generated, the rest come from the response cache."""
+    done = out / "summary.json"
+    if not done.is_file() or any(f"base+{head.stem}" not in json.loads(done.read_text())["systems"] for head in heads):
         args = ["compare", "--base", str(base_q4), "-P", str(prompts), "-o", str(out),
                 "-n", str(max_tokens), "-t", str(siblings.THREADS), "--keywords", str(KEYWORDS), "--cache", str(cache or WORK / "compare-cache"),
                 *([] if alpha is None else ["--alpha", str(alpha)]), *sampling, *extra]
@@ -216,8 +220,8 @@ def calibration(head: Path, base_q4: Path, compromised: Path, eval_prompts: Path
     """`sali calibrate` as a user runs it: the reference on BASE (written into a copy of the head,
     the file that ships), then BASE and COMPROMISED calibrated from the shipped calibration prompts
     alone; then the recovery comparison with no `--alpha`, so compare reads the recorded strength.
-    The records live in this run's own store (SALI_CACHE), not the user's."""
-    folder = RUN / "calibration"
+    The records live in this run's own store (SALI_CACHE), not the user's, one folder per head."""
+    folder = RUN / "calibration" / head.stem
     calibrated = folder / head.name
     env = {"SALI_CACHE": str(folder / "store")}
     done = folder / "records.json"
@@ -269,8 +273,8 @@ def logit_changes(head: Path, models: dict[str, Path], prompts: Path, env: dict[
     """`sali generate --explain` with the head on each of `models` ({name: GGUF}), at the strength
     a user gets with no `--alpha` (the calibration store in `env`), summarised by response
     position: ``{name: {label: {"changed": [share per position], "change": [mean logit change
-    of the chosen token per position (nats)], "n": [tokens per position]}}}``."""
-    folder = RUN / "explain"
+    of the chosen token per position (nats)], "n": [tokens per position]}}}``; one folder per head."""
+    folder = RUN / "explain" / head.stem
     folder.mkdir(parents=True, exist_ok=True)
     out: dict = {}
     for name, model in models.items():
@@ -376,7 +380,7 @@ def worse_than_shipped(dev: dict, head: Path, shipped: tuple[dict, str] | None) 
 
 
 def decode_overhead(head: Path) -> str:
-    path = RUN / "decode_overhead.txt"
+    path = RUN / f"decode_overhead-{head.stem}.txt"
     if not path.is_file():
         done = subprocess.run([sys.executable, str(ROOT / "bench" / "decode_overhead.py"), "--head", str(head), "--rounds", "5"],
                               cwd=ROOT, capture_output=True, text=True, check=True)
@@ -417,6 +421,11 @@ def main() -> None:
     # the same head distilled on prompts/headonly/ too: ALIGNED's answers to requests it never trained on
     candidates.append(train_head(base_dir, aligned_dir, [*head_prompts, sets["headonly"]], RUN / "heads" / f"k64-r32-dp{HEADONLY_PENALTY}-headonly.npz",
                                  "--k", "64", "--rank", "32", "--delta-penalty", HEADONLY_PENALTY))
+    # and on the answers among those that agree with their prompt's label only: ALIGNED's
+    # over-refusals of benign and alarming requests, and its misses, are left out of the head
+    candidates.append(train_head(base_dir, aligned_dir, [*head_prompts, sets["headonly"]],
+                                 RUN / "heads" / f"k64-r32-dp{HEADONLY_PENALTY}-headonly-agreeing.npz",
+                                 "--k", "64", "--rank", "32", "--delta-penalty", HEADONLY_PENALTY, "--only-agreeing", "--keywords", str(KEYWORDS)))
     stage("development check")
     dev_summary = compare(RUN / "dev", sets["dev"], base_q4, candidates, None, [], 32)
     # ALIGNED alone on the same prompts: the teacher's own over-refusal, visible before any held-out figure
@@ -457,7 +466,7 @@ def main() -> None:
         stage("calibration")
         calibrated = calibration(head, base_q4, compromised[0], sets["eval"], aligned_gguf)
     # what a user gets without --alpha: the calibrated copy and its store, else the head at α 1
-    user_head, user_env = ((Path(calibrated["head"]), {"SALI_CACHE": str(RUN / "calibration" / "store")}) if calibrated
+    user_head, user_env = ((Path(calibrated["head"]), {"SALI_CACHE": str(Path(calibrated["head"]).parent / "store")}) if calibrated
                            else (head, None))
     stage("prefill")
     prefill_summary = compare(RUN / "prefill", sets["prefill"], base_q4, [user_head], aligned_gguf, [], 48,
