@@ -158,8 +158,9 @@ print(report._aligned_training({**full, "steps": 600}))
 
 
 def test_model_card_says_when_the_head_also_learned_from_prompts_aligned_never_trained_on():
-    """run.py's fourth and fifth candidates are distilled on prompts/headonly/ too: if one ships, its
-    card says so, and the fifth's card gives how many prompts --only-agreeing left out."""
+    """run.py's fourth to sixth candidates are distilled on prompts/headonly/ too: if one ships, its
+    card says so, the fifth's gives how many prompts --only-agreeing left out, and the sixth's its
+    first-token weighting."""
     script = """
 import sys
 from pathlib import Path
@@ -168,8 +169,10 @@ import report
 agreeing = {"dropped_disagreeing": {"alarming": 75, "benign": 135, "harmful": 90}}
 for stem, training in (("k64-r32-dp0.3", {}), ("k64-r32-dp0.3-headonly", {}), ("k64-r32-dp0.3-headonly-agreeing", agreeing)):
     print(repr(report._headonly_clause(Path(f"heads/{stem}.npz"), training)))
+print(repr(report._first_tokens_clause({"first_tokens": 3, "first_weight": 4.0})), repr(report._first_tokens_clause({})))
 """
-    plain, headonly, agreeing = _run("-c", script).splitlines()
+    plain, headonly, agreeing, first_tokens = _run("-c", script).splitlines()
+    assert first_tokens == "', the first 3 response tokens weighed 4 times' ''"
     assert plain == "''" and "prompts/headonly/" in headonly and "never trained on" in headonly
     assert "--only-agreeing" not in headonly
     assert headonly[1:-1] in agreeing and "--only-agreeing" in agreeing and "75 alarming, 135 benign, 90 harmful" in agreeing

@@ -13,8 +13,8 @@ Stages (outputs under bench/smollm2/work/, which git ignores; REPORT.md and plot
 2. Prompt sets: training (train files only), development (held back from training), evaluation
    (test files, alarming_benign_test.txt, the hand-written held-out sets in prompts/heldout/).
 3. ``sali train`` candidate heads (delta penalty 1, 0.3, 3; and 0.3 distilled on prompts/headonly/
-   as well, once on all of ALIGNED's answers, once ``--only-agreeing``); the one to ship is picked on
-   the development prompts alone (:func:`pick_head`).
+   as well: on all of ALIGNED's answers, ``--only-agreeing``, and with the first three response
+   tokens weighed four times); the one to ship is picked on the development prompts alone (:func:`pick_head`).
 4. ``sali compare``: BASE (Q4_1), BASE + head, ALIGNED, COMPROMISED (+ head) on the evaluation
    and held-out sets, greedy; COMPROMISED + head at ``RECOVERY_ALPHA``; BASE + head on the
    held-out sets under llama.cpp's default sampling, three seeds (``sali generate``).
@@ -426,6 +426,10 @@ def main() -> None:
     candidates.append(train_head(base_dir, aligned_dir, [*head_prompts, sets["headonly"]],
                                  RUN / "heads" / f"k64-r32-dp{HEADONLY_PENALTY}-headonly-agreeing.npz",
                                  "--k", "64", "--rank", "32", "--delta-penalty", HEADONLY_PENALTY, "--only-agreeing", "--keywords", str(KEYWORDS)))
+    # and with the loss of the first three response tokens, where "I'm sorry" and "I'm glad" part, weighed four times
+    candidates.append(train_head(base_dir, aligned_dir, [*head_prompts, sets["headonly"]],
+                                 RUN / "heads" / f"k64-r32-dp{HEADONLY_PENALTY}-headonly-first3x4.npz",
+                                 "--k", "64", "--rank", "32", "--delta-penalty", HEADONLY_PENALTY, "--first-tokens", "3", "--first-weight", "4"))
     stage("development check")
     dev_summary = compare(RUN / "dev", sets["dev"], base_q4, candidates, None, [], 32)
     # ALIGNED alone on the same prompts: the teacher's own over-refusal, visible before any held-out figure
