@@ -216,14 +216,16 @@ def grid(max_alpha: float, min_alpha: float = 0.0) -> list[float]:
 
 
 def best(trials: list[Trial], reference: Reference, margin: float) -> Trial:
-    """When no α meets the rule: the trial that keeps the other labels within their margin (if
-    any does), with the highest target share, at the smallest α; never α = 0 (the head switched
-    off) while another α was tried, since the user asked for the head to act."""
+    """When no α meets the rule: among the trials that keep the other labels within their margin,
+    the one with the highest target share, at the smallest α; if none does, the one that goes
+    least over a margin (the other labels' false flags weigh more than a missed target: a strength
+    that flags most benign prompts is no answer). Never α = 0 (the head switched off) while
+    another α was tried, since the user asked for the head to act."""
     target = reference.target
 
     def score(trial: Trial):
-        others = all(trial.shares.get(l, 0.0) <= r + margin + 1e-9 for l, r in reference.rates.items() if l != target)
-        return (others, trial.shares.get(target, 0.0), -trial.alpha)
+        excess = max([trial.shares.get(l, 0.0) - (r + margin) for l, r in reference.rates.items() if l != target] + [0.0])
+        return (-round(excess, 9), trial.shares.get(target, 0.0), -trial.alpha)
 
     return max([t for t in trials if t.alpha > 0] or trials, key=score)
 

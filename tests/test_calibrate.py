@@ -300,6 +300,17 @@ def test_search_respects_the_other_labels_and_reports_the_best_when_unmet():
     assert chosen.alpha == 1.0
 
 
+def test_when_every_strength_flags_too_many_other_prompts_the_least_excess_is_chosen():
+    # on a model the head already over-flags at its floor (benign 9% against 0% + 5%), stronger
+    # settings flag more harmful prompts but far more benign ones: the floor stays, not the
+    # strongest α (which flags most harmful prompts, and 88% of the benign ones)
+    ref = Reference(prompts="p", prompts_sha256="0", keywords=["x"], tokens=8, rates={"harmful": 0.72, "benign": 0.0},
+                    counts={"harmful": 32, "benign": 32})
+    measured = {1: (0.78, 0.09), 1.5: (0.69, 0.28), 2: (0.75, 0.16), 3: (0.53, 0.47), 4: (0.72, 0.69), 6: (0.78, 0.91), 8: (0.94, 0.88)}
+    outcome = search(lambda a: dict(zip(("harmful", "benign"), measured.get(a, (0.6, 0.2)))), ref, resolution=0.5)
+    assert not outcome.met and outcome.alpha == 1.0
+
+
 def test_search_never_goes_below_its_floor():
     outcome = search(lambda a: {"harmful": 0.9 if a >= 0.5 else 0.0, "benign": 0.1}, REF)  # met from 0.5 on
     assert outcome.met and outcome.alpha == 1.0 and [t.alpha for t in outcome.trials] == [1.0]

@@ -438,6 +438,8 @@ def main() -> None:
     print(f"  chosen on development prompts: {head.stem}", flush=True)
     # the head shipped now, on the same prompts: the new one replaces it only if it scores at least as well
     shipped = None if args.quick else shipped_on_dev(sets["dev"], base_q4)
+    if shipped is not None:  # its row in REPORT.md's development table, beside the candidates
+        dev_summary["systems"].setdefault(shipped[1], shipped[0]["systems"][shipped[1]])
     stage("main comparison")
     heldout_summary = compare(RUN / "heldout", sets["heldout"], base_q4, [head], aligned_gguf, compromised, 48)
     main_summary = compare(RUN / "main", sets["eval"], base_q4, [head], aligned_gguf, compromised, 48)
