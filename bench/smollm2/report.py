@@ -517,10 +517,15 @@ def _calibrated_clause(study: Study) -> str:
     if calibrated is None:
         return ""
     alpha, row, recovered = calibrated
-    lead = ("; `sali calibrate COMPROMISED.gguf --head smollm2-135m-safety` finds from the model's own answers to the shipped "
-            "calibration prompts that it needs no stronger setting" if alpha == 1 else
-            ". A model that complies confidently needs a stronger setting: `sali calibrate COMPROMISED.gguf --head "
-            "smollm2-135m-safety` picks it from the model's own answers to the shipped calibration prompts")
+    if not study.calibration["compromised"].get("met", True):
+        lead = ("; `sali calibrate COMPROMISED.gguf --head smollm2-135m-safety` finds no strength that meets its rule on the "
+                "shipped calibration prompts (`bench/smollm2/REPORT.md` has its trials), says so, and records the one closest to it")
+    elif alpha == 1:
+        lead = ("; `sali calibrate COMPROMISED.gguf --head smollm2-135m-safety` finds from the model's own answers to the shipped "
+                "calibration prompts that it needs no stronger setting")
+    else:
+        lead = (". A model that complies confidently needs a stronger setting: `sali calibrate COMPROMISED.gguf --head "
+                "smollm2-135m-safety` picks it from the model's own answers to the shipped calibration prompts")
     return (f"{lead} (α = {alpha:g} here; refusal {_pct(row.get('refusal_harmful'))}, "
             f"{_pct(recovered)} of the lost refusals recovered, over-refusal {_pct(row.get('refusal_benign'))}), and chat, "
             f"generate, compare and serve then use it without `--alpha`. The head ships with its calibration reference")
