@@ -221,10 +221,12 @@ out = Path({str(out)!r})
 run.compare(out, Path("dev.jsonl"), Path("base.gguf"), [Path("k64-r32-dp1.npz")], None, [], 32)
 kept = len(calls)
 run.compare(out, Path("dev.jsonl"), Path("base.gguf"), [Path("k64-r32-dp1.npz"), Path("k64-r32-dp0.3.npz")], None, [], 32)
-print(json.dumps([kept, len(calls), list(calls[-1]).count("-H")]))
+print(json.dumps([kept, len(calls), list(calls[-1]).count("-H"),
+                  run._has_head({{"base+k64-r32-dp1@8": {{}}}}, Path("k64-r32-dp1.npz")), run._has_head({{"base+k64-r32-dp10": {{}}}}, Path("k64-r32-dp1.npz"))]))
 """
-    kept, made, heads = json.loads(_run("-c", script))
+    kept, made, heads, at_calibrated_strength, other_head = json.loads(_run("-c", script))
     assert (kept, made, heads) == (0, 1, 2)
+    assert at_calibrated_strength and not other_head  # a head at its calibrated α is the same head; dp10 is not dp1
 
 
 def test_ship_gates_name_each_miss_and_count_an_unmeasured_gate_as_missed(tmp_path):

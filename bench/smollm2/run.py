@@ -199,7 +199,7 @@ def compare(out: Path, prompts: Path, base_q4: Path, heads: list[Path], aligned:
     A summary that lacks one of `heads` (a candidate added since) is made again: only the new
     head's answers are generated, the rest come from the response cache."""
     done = out / "summary.json"
-    if not done.is_file() or any(f"base+{head.stem}" not in json.loads(done.read_text())["systems"] for head in heads):
+    if not done.is_file() or not all(_has_head(json.loads(done.read_text())["systems"], head) for head in heads):
         args = ["compare", "--base", str(base_q4), "-P", str(prompts), "-o", str(out),
                 "-n", str(max_tokens), "-t", str(siblings.THREADS), "--keywords", str(KEYWORDS), "--cache", str(cache or WORK / "compare-cache"),
                 *([] if alpha is None else ["--alpha", str(alpha)]), *sampling, *extra]
@@ -214,6 +214,11 @@ def compare(out: Path, prompts: Path, base_q4: Path, heads: list[Path], aligned:
         out.mkdir(parents=True, exist_ok=True)
         sali(*args, log=out / "compare.log", env=env)
     return json.loads((out / "summary.json").read_text())
+
+
+def _has_head(systems: dict, head: Path) -> bool:
+    """Whether a compare summary's `systems` hold `head` (``base+STEM``, or ``base+STEM@α`` at a calibrated strength)."""
+    return any(name == f"base+{head.stem}" or name.startswith(f"base+{head.stem}@") for name in systems)
 
 
 def calibration(head: Path, base_q4: Path, compromised: Path, eval_prompts: Path, aligned: Path) -> dict:
