@@ -79,19 +79,22 @@ def test_compiled_top_k_selection_leaves_the_k_largest_first_in_order(k):
         assert np.array_equal(whole["id"][:k], ids[best]), order
 
 
-@pytest.mark.parametrize("k", [1, 5, 64])
+@pytest.mark.parametrize("k", [1, 5, 64, 256])
 def test_top_k_from_the_raw_logits_by_blocks_equals_a_full_sort(k):
     """The block-maximum search (only blocks that reach the k-th largest block maximum are read)
     finds the same k as a full sort: random logits, a vocabulary that does not fill its last
-    block, the top k crowded into one block, -inf logits; and declines when fewer than k are finite."""
+    block, the top k crowded into as few blocks as hold them, ties, -inf logits; and declines,
+    leaving the candidates as they were, when fewer than k are finite."""
     rng = np.random.default_rng(k)
-    cases = {"random": rng.standard_normal(5000).astype(np.float32) * 3,
-             "ragged": rng.standard_normal(native.BLOCK * 70 + 7).astype(np.float32)}
-    crowded = rng.standard_normal(6000).astype(np.float32)
-    crowded[128:128 + native.BLOCK] += 50  # every one of the top k in one block
+    size = max(6000, 3 * native.BLOCK * k)
+    cases = {"random": rng.standard_normal(size).astype(np.float32) * 3,
+             "ragged": rng.standard_normal(native.BLOCK * max(70, 3 * k) + 7).astype(np.float32),
+             "ties": rng.integers(0, 4, size).astype(np.float32)}
+    crowded = rng.standard_normal(size).astype(np.float32)
+    crowded[128:128 + max(native.BLOCK, k)] += 50  # every one of the top k in the fewest blocks
     cases["crowded"] = crowded
-    masked = rng.standard_normal(6000).astype(np.float32)
-    masked[rng.choice(6000, 5000, replace=False)] = -np.inf
+    masked = rng.standard_normal(size).astype(np.float32)
+    masked[rng.choice(size, size * 5 // 6, replace=False)] = -np.inf
     cases["masked"] = masked
     for name, raw in cases.items():
         V = raw.size
@@ -103,13 +106,18 @@ def test_top_k_from_the_raw_logits_by_blocks_equals_a_full_sort(k):
                                         np.zeros(k, np.float32)), name
         best = np.argsort(-raw, kind="stable")[:k]
         assert np.array_equal(whole["logit"][:k], raw[best]), name
-        assert set(whole["id"][:k].tolist()) == set(best.tolist()), name
+        assert np.array_equal(raw[whole["id"][:k]], whole["logit"][:k]), name
+        if name != "ties":
+            assert set(whole["id"][:k].tolist()) == set(best.tolist()), name
     few = np.full(300, -np.inf, np.float32)
     few[:3] = 1.0
     whole = np.zeros(300, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+    whole["id"], whole["logit"] = np.arange(300), few
+    before = whole.copy()
     words = whole.view(np.int32)
     assert not native._select_top_k_raw(few, words, words.view(np.float32)[1:], 5, np.zeros(5, np.float32),
                                         np.zeros(5, np.int32), np.zeros(5, np.float32))
+    assert np.array_equal(whole, before)
     assert not native._select_top_k_raw(few, words, words.view(np.float32)[1:], 6, np.zeros(5, np.float32),
                                         np.zeros(6, np.int32), np.zeros(6, np.float32))  # 6 > 5 blocks
 
