@@ -40,6 +40,25 @@ def test_gpu_check_smoke_on_the_cpu(pair):
     assert "positions/s" in out and "largest weight difference 0.00e+00" in out and "100.0%" in out, out
 
 
+def test_topk_signal_smoke(pair, trained, tmp_path):
+    """bench/topk_signal.py on the extraction cache `sali train` left for the tiny pair: one row per
+    k and classifier, with figures in range, on sali train's own validation split; prompts that were
+    never extracted get one error line."""
+    _head, cache, _done = trained
+    out = _run("bench/topk_signal.py", "--smoke", "--cache", str(cache), "-P", str(pair.train_prompts), "--k", "4", "16", "--threads", THREADS)
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["4"], ["16"])]
+    assert [(r[0], r[1]) for r in rows] == [("4", "linear"), ("4", "mlp"), ("16", "linear"), ("16", "mlp")], out
+    assert all(0.0 <= float(r[2]) <= 1.0 and 0 <= int(r[3].rstrip("%")) <= 100 for r in rows), out
+    n_prompts = len(pair.train_prompts.read_text().splitlines())
+    harmful, others = (int(w) for w in out.split("validation prompts: ")[1].replace(",", "").split()[::2][:2])
+    assert harmful > 0 and others > 0 and harmful + others == round(0.1 * n_prompts), out
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text('{"prompt": "never extracted", "label": "harmful"}\n')
+    done = subprocess.run([sys.executable, "bench/topk_signal.py", "--cache", str(cache), "-P", str(unknown)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 1 and done.stderr.startswith("error: no extraction in") and len(done.stderr.splitlines()) == 1
+
+
 @pytest.mark.parametrize("module", sorted(p.stem for p in (ROOT / "bench" / "smollm2").glob("*.py")))
 def test_smollm2_study_scripts_import(module):
     """The study's scripts take minutes to hours (run.py --quick: several minutes), so the suite

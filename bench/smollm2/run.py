@@ -58,8 +58,8 @@ HEADONLY_PENALTY = "0.3"  # the penalty of the head shipped before prompts/heado
 # options: on all of ALIGNED's answers; on those that agree with their prompt's label only (ALIGNED's
 # over-refusals and misses left out); with the loss of the first three response tokens, where "I'm
 # sorry" and "I'm glad" part, weighed x4; and the same reading the base's top 256 instead of its top
-# 64 (a classifier of the prompt's label from the first response token's top k, on sali train's
-# validation prompts, caught 76% of the harmful ones at 10% false alarms from the top 256, 66% from the top 64)
+# 64 (bench/topk_signal.py: a classifier of the prompt's label from the first response token's top k,
+# on sali train's validation prompts, caught 72% of the harmful ones at 10% false alarms from the top 256, 61% from the top 64)
 FIRST3X4 = ("--first-tokens", "3", "--first-weight", "4")
 HEADONLY_VARIANTS = {(64, ""): (), (64, "-agreeing"): ("--only-agreeing", "--keywords", str(KEYWORDS)),
                      (64, "-first3x4"): FIRST3X4, (256, "-first3x4"): FIRST3X4}
