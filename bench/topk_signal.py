@@ -34,28 +34,37 @@ from sali import extract  # noqa: E402
 from sali.distill import TrainSettings, split_prompts  # noqa: E402
 from sali.errors import SaliError  # noqa: E402
 from sali.prompts import read_prompts  # noqa: E402
+from sali.training import default_cache  # noqa: E402
 
 FALSE_ALARMS = 0.10  # share of the other prompts flagged when the catch rate is read
 
 
 def find_folder(cache: Path, texts: list[str], k: int) -> Path:
-    """The extraction folder in `cache` for these prompt texts, with at least `k` base tokens a position."""
+    """The one extraction folder in `cache` for these prompt texts, with at least `k` base tokens a position."""
     sha = extract.prompts_sha(texts)
-    for settings_file in sorted(cache.glob("*/settings.json")):
-        settings = json.loads(settings_file.read_text())
-        if settings.get("prompts_sha") == sha and settings.get("k_store", 0) >= k:
-            return settings_file.parent
-    raise SaliError(f"no extraction in {cache} for these {len(texts)} prompts with k_store >= {k}: run sali train on them first")
+    found = [f.parent for f in sorted(cache.glob("*/settings.json"))
+             if (s := json.loads(f.read_text())).get("prompts_sha") == sha and s.get("k_store", 0) >= k]
+    if not found:
+        raise SaliError(f"no extraction in {cache} for these {len(texts)} prompts with k_store >= {k}: run sali train on them first")
+    if len(found) > 1:
+        raise SaliError(f"{len(found)} extractions in {cache} hold these prompts ({', '.join(f.name for f in found)}): "
+                        "name the one to read with --extraction")
+    return found[0]
 
 
-def first_positions(cache: Path, prompt_files: list[Path], k: int, positive: str, val_fraction: float, seed: int):
+def first_positions(cache: Path, prompt_files: list[Path], k: int, positive: str, val_fraction: float, seed: int,
+                    folders: list[Path] | None = None):
     """Features and labels of each labelled prompt's first response token on ALIGNED's answer.
 
     Returns ``(ids (n, k) int64, probs (n, k) float32 renormalised in the top k, y (n,) float32,
-    held (n,) bool: True for prompts sali train holds out for validation)``.
+    held (n,) bool: True for prompts sali train holds out for validation)``. `folders`: the
+    extraction folder of each prompt file, when not looked up in `cache`.
     """
     rows = [read_prompts(path) for path in prompt_files]
-    folders = [find_folder(cache, [p.text for p in file_rows], k) for file_rows in rows]
+    if folders is None:
+        folders = [find_folder(cache, [p.text for p in file_rows], k) for file_rows in rows]
+    elif len(folders) != len(rows):
+        raise SaliError(f"--extraction names {len(folders)} folders for {len(rows)} prompt files: one each, in the same order")
     data = extract.load_extractions(folders, [len(file_rows) for file_rows in rows])
     labels = np.array([p.label or "" for file_rows in rows for p in file_rows])
     held = split_prompts(data["row"], val_fraction, seed)  # over every position, as sali train splits
@@ -121,7 +130,8 @@ def auc_and_catch(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, required=True, help="sali train's extraction cache (its --cache)")
+    parser.add_argument("--cache", type=Path, help="sali train's extraction cache (its --cache); default: sali's own")
+    parser.add_argument("--extraction", type=Path, action="append", help="an extraction folder to read instead, one per -P file, in order")
     parser.add_argument("-P", "--prompts", type=Path, action="append", required=True, help="a prompt file sali train read (repeatable, in its order)")
     parser.add_argument("--k", type=int, nargs="+", default=[64, 256], help="top-k sizes to read (default 64 256)")
     parser.add_argument("--positive", default="harmful", help="the label to tell from the others (default harmful)")
@@ -135,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = TrainSettings()
     epochs = 3 if args.smoke else args.epochs
     try:
-        print(f"{'k':>5}  {'classifier':<10} {'AUC':>6}  caught at {FALSE_ALARMS:.0%} false alarms")
-        for k in args.k:
-            ids, probs, y, held = first_positions(args.cache, args.prompts, k, args.positive, settings.val_fraction, settings.seed)
+        for n, k in enumerate(args.k):
+            ids, probs, y, held = first_positions(args.cache or default_cache(), args.prompts, k, args.positive,
+                                                  settings.val_fraction, settings.seed, args.extraction)
+            if n == 0:
+                print(f"{'k':>5}  {'classifier':<10} {'AUC':>6}  caught at {FALSE_ALARMS:.0%} false alarms")
             vocab = int(ids.max()) + 1
             for name, hidden in (("linear", 0), ("mlp", 512)):
                 auc, caught = auc_and_catch(fit_and_score(ids, probs, y, held, vocab, hidden, epochs, settings.seed), y[held])
