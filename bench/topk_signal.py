@@ -40,23 +40,27 @@ FALSE_ALARMS = 0.10  # share of the other prompts flagged when the catch rate is
 
 
 def find_folder(cache: Path, texts: list[str], k: int) -> Path:
-    """The one extraction folder in `cache` for these prompt texts, with at least `k` base tokens a position."""
+    """The extraction folder in `cache` for these prompt texts with at least `k` base tokens a
+    position; of several that differ only in how many they keep, the smallest (the least to read)."""
     sha = extract.prompts_sha(texts)
-    found = [f.parent for f in sorted(cache.glob("*/settings.json"))
-             if (s := json.loads(f.read_text())).get("prompts_sha") == sha and s.get("k_store", 0) >= k]
+    found = {}
+    for path in sorted(cache.glob("*/settings.json")):
+        settings = json.loads(path.read_text())
+        if settings.get("prompts_sha") == sha and settings.get("k_store", 0) >= k:
+            found[path.parent] = settings
     if not found:
         raise SaliError(f"no extraction in {cache} for these {len(texts)} prompts with k_store >= {k}: run sali train on them first")
-    if len(found) > 1:
+    if len({json.dumps({**s, "k_store": None}, sort_keys=True) for s in found.values()}) > 1:
         raise SaliError(f"{len(found)} extractions in {cache} hold these prompts ({', '.join(f.name for f in found)}): "
                         "name the one to read with --extraction")
-    return found[0]
+    return min(found, key=lambda folder: found[folder]["k_store"])
 
 
 def first_positions(cache: Path, prompt_files: list[Path], k: int, positive: str, val_fraction: float, seed: int,
                     folders: list[Path] | None = None):
     """Features and labels of each labelled prompt's first response token on ALIGNED's answer.
 
-    Returns ``(ids (n, k) int64, probs (n, k) float32 renormalised in the top k, y (n,) float32,
+    Returns ``(ids (n, k) int64, log-probs (n, k) float32, y (n,) float32,
     held (n,) bool: True for prompts sali train holds out for validation)``. `folders`: the
     extraction folder of each prompt file, when not looked up in `cache`.
     """
@@ -74,11 +78,14 @@ def first_positions(cache: Path, prompt_files: list[Path], k: int, positive: str
     first &= labels[data["row"]] != ""
     if not first.any():
         raise SaliError("no labelled prompt in these files (a 'label' field or column)")
-    lp = data["base_lp"][first, :k].astype(np.float32)
-    probs = np.exp(lp - lp.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
     y = (labels[data["row"][first]] == positive).astype(np.float32)
-    return data["base_ids"][first, :k].astype(np.int64), probs, y, held[first]
+    return data["base_ids"][first, :k].astype(np.int64), data["base_lp"][first, :k].astype(np.float32), y, held[first]
+
+
+def renormalised(lp: np.ndarray) -> np.ndarray:
+    """``(n, k)`` probabilities from ``(n, k)`` log-probs, renormalised within the k (as a head reads them)."""
+    probs = np.exp(lp - lp.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
 
 
 def fit_and_score(ids, probs, y, held, vocab: int, hidden: int, epochs: int, seed: int) -> np.ndarray:
@@ -145,11 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = TrainSettings()
     epochs = 3 if args.smoke else args.epochs
     try:
-        for n, k in enumerate(args.k):
-            ids, probs, y, held = first_positions(args.cache or default_cache(), args.prompts, k, args.positive,
-                                                  settings.val_fraction, settings.seed, args.extraction)
-            if n == 0:
-                print(f"{'k':>5}  {'classifier':<10} {'AUC':>6}  caught at {FALSE_ALARMS:.0%} false alarms")
+        # read once at the largest k; each smaller k is its leading columns (the stored top k is sorted)
+        all_ids, all_lp, y, held = first_positions(args.cache or default_cache(), args.prompts, max(args.k), args.positive,
+                                                   settings.val_fraction, settings.seed, args.extraction)
+        print(f"{'k':>5}  {'classifier':<10} {'AUC':>6}  caught at {FALSE_ALARMS:.0%} false alarms")
+        for k in args.k:
+            ids, probs = all_ids[:, :k], renormalised(all_lp[:, :k])
             vocab = int(ids.max()) + 1
             for name, hidden in (("linear", 0), ("mlp", 512)):
                 auc, caught = auc_and_catch(fit_and_score(ids, probs, y, held, vocab, hidden, epochs, settings.seed), y[held])
