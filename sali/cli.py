@@ -450,6 +450,17 @@ def train(
         float,
         typer.Option("--first-weight", help="Loss weight of the first --first-tokens response tokens.", min=0.0, rich_help_panel="Training"),
     ] = 1.0,
+    sharpen: Annotated[
+        float,
+        typer.Option(
+            "--sharpen",
+            help="Train on half the positions with the base's logits multiplied by a factor drawn log-uniformly "
+            "from [1, MAX], the aligned target unchanged: the head learns to reach the aligned choice from a base "
+            "more confident than this one, as a fine-tuned derivative can be (top-k heads; 1 turns it off).",
+            min=1.0,
+            rich_help_panel="Training",
+        ),
+    ] = 1.0,
     only_agreeing: Annotated[
         bool,
         typer.Option(
@@ -512,6 +523,8 @@ def train(
         raise SaliError(f"--device must be auto, cpu, cuda or mps, not {device!r}")
     if first_tokens and kind != "topk":
         raise SaliError("--first-tokens weighs a top-k head's loss; --kind lmhead does not take it")
+    if sharpen != 1.0 and kind != "topk":
+        raise SaliError("--sharpen augments a top-k head's training positions; --kind lmhead does not take it")
     if lr is not None and lr <= 0:
         raise SaliError(f"--lr must be above 0, not {lr:g}")
     if trajectories not in ("aligned", "aligned+base"):
@@ -522,7 +535,7 @@ def train(
         base=base, aligned=aligned, prompt_files=list(prompts), out=out, base_format=base_format, kind=kind, k=k,
         rank=rank, promote=promote, k_store=k_store, target_k=target_k, max_new_tokens=max_new_tokens,
         epochs=epochs, lr=lr, batch_size=batch_size, extract_batch=extract_batch, val_fraction=val_fraction,
-        trajectories=trajectories, delta_penalty=delta_penalty, first_tokens=first_tokens, first_weight=first_weight,
+        trajectories=trajectories, delta_penalty=delta_penalty, first_tokens=first_tokens, first_weight=first_weight, sharpen=sharpen,
         agreeing_keywords=(keywords or _default_keywords()) if only_agreeing else None, seed=seed, device=device,
         dtype=dtype, device_map=device_map, cache=cache, trust_remote_code=trust_remote_code, threads=threads,
     )

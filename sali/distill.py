@@ -11,8 +11,10 @@ distribution ``q`` over its candidates ``C``; aligned mass outside ``C`` cannot 
 is left out. An optional penalty on the size of the head's change keeps it quiet where the
 aligned model differs from the base only by noise. An optional weight on the first response
 tokens makes the few positions where the aligned model decides (refuse or answer) count for more
-than the many easy ones after them. Validation is on held-out *prompts*; the best epoch is kept
-(early stopping).
+than the many easy ones after them. Optional sharpening shows the head half its training positions
+with the base's logits scaled up, the target unchanged, so that it also learns to steer a base more
+confident than the one it was distilled on (a derivative fine-tuned into compliance is one).
+Validation is on held-out *prompts*, never sharpened; the best epoch is kept (early stopping).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class TrainSettings:
     delta_penalty: float = 1.0  # weight of the mean-square (row-centred) change to the top-k logits
     first_tokens: int = 0  # the first response tokens whose loss counts `first_weight` times
     first_weight: float = 1.0
+    sharpen: float = 1.0  # largest factor on the base's logits of a sharpened training position (1: off)
     val_fraction: float = 0.1
     patience: int = 4
     seed: int = 0
@@ -159,6 +162,22 @@ def build_positions(
         step=step.to(device),
         weight=weight.to(device),
     )
+
+
+def sharpened(batch: Positions, max_factor: float, generator) -> Positions:
+    """`batch` with the base's logits of a random half of its positions multiplied by a factor
+    drawn log-uniformly from ``[1, max_factor]`` (top-k and promotion values alike; duplicates
+    stay masked). Log-probs scaled this way are the scaled logits up to a per-position shift,
+    which neither the renormalised features nor a softmax over the candidates see."""
+    import torch
+
+    n = len(batch)
+    factor = torch.exp(torch.rand(n, generator=generator) * math.log(max_factor))
+    factor = torch.where(torch.rand(n, generator=generator) < 0.5, factor, torch.ones_like(factor))
+    factor = factor.to(batch.top_lp.device)[:, None]
+    promo = torch.where(batch.promo_lp <= NEG / 2, batch.promo_lp, batch.promo_lp * factor)
+    fields = {name: getattr(batch, name) for name in batch.__dataclass_fields__}
+    return Positions(**{**fields, "top_lp": batch.top_lp * factor, "promo_lp": promo})
 
 
 def make_torch_head(vocab_size: int, rank: int, promote: np.ndarray, seed: int):
@@ -331,7 +350,8 @@ def train_topk(
     def epoch_batches():
         order = torch.randperm(len(train_pos), generator=generator).to(settings.device)
         for s in range(0, len(train_pos), settings.batch_size):
-            yield train_pos.subset(order[s : s + settings.batch_size])
+            batch = train_pos.subset(order[s : s + settings.batch_size])
+            yield sharpened(batch, settings.sharpen, generator) if settings.sharpen > 1.0 else batch
 
     history, best_epoch = fit(
         head, optimizer, epoch_batches, lambda batch: (loss_fn(head, batch, settings.delta_penalty), len(batch)),

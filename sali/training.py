@@ -43,6 +43,7 @@ class TrainJob:
     delta_penalty: float = 1.0
     first_tokens: int = 0
     first_weight: float = 1.0
+    sharpen: float = 1.0  # --sharpen: largest factor on the base's logits in training (1: off)
     agreeing_keywords: Path | None = None  # --only-agreeing: learn only from answers that agree with their label
     val_fraction: float = 0.1
     seed: int = 0
@@ -195,6 +196,7 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
             k=job.k, rank=job.rank, promote=job.promote, epochs=job.epochs, lr=TrainSettings.lr if job.lr is None else job.lr, batch_size=job.batch_size,
             val_fraction=job.val_fraction, seed=job.seed, device=device if device != "mps" else "cpu",
             delta_penalty=job.delta_penalty, first_tokens=job.first_tokens, first_weight=job.first_weight,
+            sharpen=job.sharpen,
         )
         result = _train_with_progress(console, job.epochs, lambda cb: train_topk(data, vocab_size, train_settings, cb))
         meta["training"] = _figures(result, data, extract_seconds, len(prompts), job, train_settings.lr, dropped)
@@ -298,6 +300,8 @@ def _figures(result, data, extract_seconds: float, n_prompts: int, job: TrainJob
         )
         if job.first_tokens and job.first_weight != 1.0:
             figures.update(first_tokens=job.first_tokens, first_weight=job.first_weight)
+        if job.sharpen != 1.0:
+            figures.update(sharpen=job.sharpen)
     return figures
 
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sali.distill import TrainSettings, build_positions, choose_promotions, loss_fn, make_torch_head, split_prompts, train_topk
+from sali.distill import (
+    TrainSettings, build_positions, choose_promotions, loss_fn, make_torch_head, sharpened, split_prompts, train_topk,
+)
 from sali.head import Head
 
 
@@ -187,3 +189,43 @@ def test_top_logits_kept_by_generation_equal_a_teacher_forced_pass(tiny):
         torch.testing.assert_close(values[i, :n], want_values, rtol=1e-4, atol=1e-4)
         assert torch.equal(ids[i, :n], want_ids)
         assert ids[i, :n, 0].tolist() == response  # greedy: each step's best is the token taken
+
+
+def test_sharpened_batches_scale_half_the_positions_within_the_range():
+    data = synthetic_data(n=400)
+    promote = np.array([int(data["base_ids"][0, 0]), 99])  # the first is in position 0's top k: masked there
+    pos = build_positions(data, 8, promote)
+    out = sharpened(pos, 4.0, torch.Generator().manual_seed(0))
+    factor = (out.top_lp / pos.top_lp)[:, 0]
+    np.testing.assert_allclose((out.top_lp / pos.top_lp).numpy(), factor[:, None].expand(-1, 8).numpy(), rtol=1e-5)
+    assert 0.35 < float((factor == 1).float().mean()) < 0.65
+    assert float(factor.min()) >= 1.0 and float(factor.max()) <= 4.0 + 1e-5 and float(factor.max()) > 3.0
+    assert float(out.promo_lp[0, 0]) == pytest.approx(-1e9)  # a duplicate stays masked, unscaled
+    assert torch.equal(out.target, pos.target) and torch.equal(out.top_ids, pos.top_ids)
+
+
+def test_sharpen_teaches_the_head_to_steer_a_more_confident_base():
+    # the aligned model always picks the base's third token; trained with half its positions
+    # sharpened, the head picks it both from the plain base and from one whose gaps are 4x wider
+    n, V, k_store = 400, 30, 10
+    data = {
+        "row": np.repeat(np.arange(n // 10), 10).astype(np.int32),
+        "step": np.tile(np.arange(10), n // 10).astype(np.int32),
+        "base_ids": np.tile(np.arange(k_store), (n, 1)).astype(np.int32),
+        "base_lp": np.tile(-np.arange(1.0, k_store + 1), (n, 1)).astype(np.float16),
+        "al_ids": np.tile(np.array([[2, 0, 1]]), (n, 1)).astype(np.int32),
+        "al_logits": np.tile(np.array([[8.0, 0.0, -8.0]]), (n, 1)).astype(np.float16),
+        "base_at_al": np.full((n, 3), -4.0, dtype=np.float16),
+        "token": np.full(n, 2, dtype=np.int32),
+    }
+    picks = {}
+    for factor in (1.0, 4.0):
+        settings = TrainSettings(k=8, rank=4, epochs=30, patience=30, lr=3e-2, delta_penalty=1.0, sharpen=factor)
+        head = train_topk(data, V, settings).head
+        pos = build_positions(data, 8, np.zeros(0, dtype=np.int64))
+        with torch.no_grad():
+            for scale in (1.0, 4.0):
+                cand, adjusted = head(pos.top_ids[:1], pos.top_lp[:1] * scale, pos.promo_lp[:1])
+                picks[factor, scale] = int(cand[0, adjusted[0].argmax()])
+    assert picks[4.0, 1.0] == 2 and picks[4.0, 4.0] == 2
+    assert picks[1.0, 1.0] == 2

@@ -62,7 +62,8 @@ HEADONLY_PENALTY = "0.3"  # the penalty of the head shipped before prompts/heado
 # on sali train's validation prompts, caught 72% of the harmful ones at 10% false alarms from the top 256, 61% from the top 64)
 FIRST3X4 = ("--first-tokens", "3", "--first-weight", "4")
 HEADONLY_VARIANTS = {(64, ""): (), (64, "-agreeing"): ("--only-agreeing", "--keywords", str(KEYWORDS)),
-                     (64, "-first3x4"): FIRST3X4, (256, "-first3x4"): FIRST3X4}
+                     (64, "-first3x4"): FIRST3X4, (256, "-first3x4"): FIRST3X4,
+                     (256, "-first3x4-sharp4"): (*FIRST3X4, "--sharpen", "4")}
 DEV_LIMITS = {"benign": 0.10, "alarming": 0.20}  # over-refusal a candidate may show on development prompts
 DESIGN_K = (32, 64, 256)
 DESIGN_RANK = (8, 32, 64)
