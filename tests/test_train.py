@@ -103,6 +103,13 @@ def test_second_run_reuses_extraction_and_same_seed_gives_same_head(pair, traine
     first, second = Head.load(head_path), Head.load(again)
     for name in ("U", "W", "bias", "promote"):
         np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+    # --sharpen reaches training (same extraction, same seed, another head) and is recorded
+    sharp = tmp_path / "sharp.npz"
+    train(pair, sharp, cache, "--sharpen", "3")
+    assert [p.stat().st_mtime_ns for p in shards] == stamps
+    sharpened = Head.load(sharp)
+    assert sharpened.meta["training"]["sharpen"] == 3.0 and "sharpen" not in first.meta["training"]
+    assert not np.array_equal(sharpened.W, first.W)
 
 
 def test_adding_a_prompt_file_reuses_the_extraction_of_the_others(pair, trained, tmp_path):
@@ -229,6 +236,8 @@ def test_training_options_that_do_not_fit_give_one_line(pair, tmp_path):
     common = ("train", "--base", str(pair.base), "--aligned", str(pair.aligned), "-P", str(pair.train_prompts), "-o", str(tmp_path / "h.npz"))
     line = one_error_line(run_sali(*common, "--kind", "lmhead", "--first-tokens", "4", "--first-weight", "4"))
     assert "--first-tokens" in line and "lmhead" in line
+    line = one_error_line(run_sali(*common, "--kind", "lmhead", "--sharpen", "2"))
+    assert "--sharpen" in line and "lmhead" in line
     assert "--lr" in one_error_line(run_sali(*common, "--lr", "0"))
     assert "--only-agreeing" in one_error_line(run_sali(*common, "--keywords", str(ROOT / "sali" / "data" / "refusal_keywords.txt")))
     unlabelled = tmp_path / "unlabelled.txt"
