@@ -10,7 +10,7 @@ figures reported are medians of the ratios to plain decoding in the same triple,
 the median decoding step (one token's evaluation and sampling, prompt excluded), which a stray
 slow generation barely moves. Each head call
 is timed inside it (the whole call: reading llama.cpp's candidates and raw logits, the head,
-writing them back; for the Python callback, choosing the base's top k as well); its median gives the throughput ratio it implies on a GPU-speed model,
+writing them back); its median gives the throughput ratio it implies on a GPU-speed model,
 ``t / (t + call)`` at ``t`` = 2 ms per token.
 
     python bench/decode_overhead.py [--rounds 5] [--tokens 96] [--threads 2] [--head H.npz]
@@ -149,7 +149,7 @@ def main() -> None:
               f"{2000 / (2000 + call_us):.4f}")
         if mode == "native":
             select_us = statistics.median(selections) * 1e6
-            print(f"  top-k selection inside the compiled call (the Python callback's call below includes its own): "
+            print(f"  top-k selection inside the compiled call (llama.cpp's top-k sampler does it for the Python callback): "
                   f"median {select_us:.1f} µs; head call + selection at 2 ms per token: {2000 / (2000 + call_us + select_us):.4f}")
 
 

@@ -265,29 +265,6 @@ def _select_top_k_raw(raw, ids, logits, k, block_max, heap_ids, heap_logits) -> 
     return True
 
 
-class TopKSelector:
-    """The compiled choice of the base's top k (:func:`_select_top_k_raw`, else
-    :func:`_select_top_k`) for a Python callback (:class:`sali.runtime.HeadSampler`, used for heads
-    in combination and for ``--explain``), in place of llama.cpp's top-k sampler before it, which
-    sorts token structs. One per generation: it owns the scratch arrays."""
-
-    def __init__(self, k: int, n_vocab: int):
-        self.k = k
-        self._heap_ids, self._heap_logits = np.zeros(k, dtype=np.int32), np.zeros(k, dtype=np.float32)
-        self._block_max = np.zeros(-(-n_vocab // BLOCK), dtype=np.float32)
-
-    def __call__(self, words: np.ndarray, n: int, raw: np.ndarray) -> None:
-        """Move the k largest of the first `n` candidates to the front, largest first.
-
-        ``words``: an int32 view of llama.cpp's candidate array (``{int32 id; float logit; float p}``,
-        three words a candidate); ``raw``: the ``(V,)`` float32 raw logits, read instead of the array
-        when it holds the whole vocabulary in id order (as llama.cpp builds it)."""
-        ids, logits = words, words.view(np.float32)[1:]
-        quick = n == raw.shape[0] and _select_top_k_raw(raw, ids, logits, self.k, self._block_max, self._heap_ids, self._heap_logits)
-        if not quick:
-            _select_top_k(ids, logits, n, self.k, self._heap_ids, self._heap_logits)
-
-
 @numba.cfunc(types.void(types.CPointer(types.int64), types.CPointer(types.int64)), nogil=True, cache=True)
 def _apply(sampler, cur):
     """llama.cpp's ``apply(llama_sampler *, llama_token_data_array *)``: ``sampler`` is

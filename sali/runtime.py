@@ -268,12 +268,10 @@ class HeadError(SaliError):
 class HeadSampler:
     """The callback llama.cpp calls once per sampled token (see module docstring).
 
-    With a head active, the callback receives the whole vocabulary and moves the base's ``k``
-    best candidates to the front itself, in compiled code (:class:`sali.native.TopKSelector`),
-    faster than llama.cpp's top-k sampler; only with ``verify`` does that sampler run just before
-    it, so that what it hands over can be checked. The promotion set's logits are read from
-    llama.cpp's raw logits buffer. The candidate buffer holds ``n_vocab`` entries, so the
-    ``k + |A|`` candidates always fit when written back.
+    With a head active, llama.cpp's native top-k sampler runs just before it, so the callback
+    receives the ``k`` best candidates (ids and logits) instead of the whole vocabulary; the
+    promotion set's logits are read from llama.cpp's raw logits buffer. The candidate buffer
+    holds ``n_vocab`` entries, so the ``k + |A|`` candidates always fit when written back.
 
     Attributes:
         calls, seconds: number of calls and total time spent inside them (s).
@@ -298,8 +296,6 @@ class HeadSampler:
     _address: int | None = None  # of the candidate array whose field views are cached below
     _ids: np.ndarray | None = None  # (n_vocab,) int32 view of its ids
     _logits: np.ndarray | None = None  # (n_vocab,) float32 view of its logits
-    _words: np.ndarray | None = None  # (3 n_vocab,) int32 view of the whole array (for the selection)
-    _selector: object | None = None  # sali.native.TopKSelector, made on the first call that needs it
 
     @property
     def active(self) -> bool:
@@ -316,9 +312,9 @@ class HeadSampler:
 
     @property
     def selects_top_k(self) -> bool:
-        """Whether it picks the base's top k itself; with ``verify`` it relies on llama.cpp's top-k
-        sampler just before it, to check what that hands over."""
-        return not self.verify
+        """Whether it picks the base's top k itself (the compiled sampler does; this callback relies
+        on llama.cpp's top-k sampler just before it)."""
+        return False
 
     @property
     def needed(self) -> bool:
@@ -345,29 +341,21 @@ class HeadSampler:
     def _apply(self, cur) -> None:
         address = ctypes.cast(cur.data, ctypes.c_void_p).value
         if address != self._address:  # llama.cpp builds the array anew per token, mostly at the same address
-            buffer = (ctypes.c_char * (self.n_vocab * TOKEN_DATA.itemsize)).from_address(address)
-            whole = np.frombuffer(buffer, TOKEN_DATA)
-            self._ids, self._logits, self._words, self._address = whole["id"], whole["logit"], np.frombuffer(buffer, np.int32), address
+            whole = np.frombuffer((ctypes.c_char * (self.n_vocab * TOKEN_DATA.itemsize)).from_address(address), TOKEN_DATA)
+            self._ids, self._logits, self._address = whole["id"], whole["logit"], address
         size = cur.size
         if self.verify or self.probe is not None:
             self._inspect(cur)
         if not self.active:
             return
         head = self.head
-        k = min(head.k, self.n_vocab)
-        raw = self.get_logits() if head.promote.size or size > k else _NO_LOGITS
-        if size > k and self.selects_top_k:
-            if self._selector is None:
-                from sali.native import TopKSelector
-
-                self._selector = TopKSelector(k, self.n_vocab)
-            self._selector(self._words, size, raw)
-        elif size != k:
+        if size != min(head.k, self.n_vocab):
             raise RuntimeError(f"the head expects the base's top {head.k} candidates, llama.cpp passed {size}")
         ids, logits = self._ids, self._logits
         # the candidates are rewritten in place (the head reads each input before writing its slot);
         # p needs no writing: llama.cpp builds the array with p = 0 and its samplers recompute it
-        count = head.adjust_into(ids[:k], logits[:k], raw, head.promote, ids, logits, self.alpha)
+        raw = self.get_logits() if head.promote.size else _NO_LOGITS
+        count = head.adjust_into(ids[:size], logits[:size], raw, head.promote, ids, logits, self.alpha)
         cur.size = count
         cur.sorted = False
         cur.selected = -1
@@ -703,7 +691,7 @@ class Model:
         """Yield sampled token ids until an end-of-generation token, `max_tokens` or the context
         end; the generator's return value is the finish reason (``eos``, ``length``, ``context``).
 
-        The chain: [native top-k(head.k), unless the head's sampler selects its own] → head →
+        The chain: [native top-k(head.k), unless the compiled head selects its own] → head →
         penalties → top-k → top-p → min-p → temperature → sampling (or greedy). `head` is a
         :class:`Head` or heads in combination (:class:`sali.combine.Combined`). With `explain` a
         list, an :class:`Explained` is appended to it for every token before the token is yielded.

@@ -33,21 +33,6 @@ def test_compiled_and_python_paths_choose_the_same_tokens(tiny_model, sampling):
     assert compiled.error is None and compiled.calls >= len(by_native)
 
 
-@pytest.mark.parametrize("k", [4, 12])  # 640 tokens are 10 blocks: k 4 reads the raw logits by blocks, k 12 the long way
-def test_python_callback_choosing_its_own_top_k_matches_llama_cpps_top_k_sampler(tiny_model, k):
-    """The Python callback (heads in combination, --explain) picks the base's top k in compiled
-    code; with verify it leaves that to llama.cpp's top-k sampler instead, and checks what it gets."""
-    head = make_head(tiny_model, k=k, promote=[3, 4, 5, 200])
-    sampling = Sampling(max_tokens=24, temperature=1.0, seed=5)
-    own = HeadSampler(head, 1.0, tiny_model._raw_logits, tiny_model.n_vocab)
-    checked = HeadSampler(head, 1.0, tiny_model._raw_logits, tiny_model.n_vocab, verify=True)
-    assert own.selects_top_k and not checked.selects_top_k
-    by_own = _tokens(tiny_model, head, sampling, own)
-    assert by_own == _tokens(tiny_model, head, sampling, checked)
-    assert own.error is None and checked.error is None and own.calls >= len(by_own)
-    assert by_own != _tokens(tiny_model, None, sampling, None)
-
-
 def test_compiled_kernel_equals_the_reference_kernel():
     """Random heads and candidates, promoted tokens inside and outside the top k: the packed
     kernel writes the same candidates as Head.adjust_into."""

@@ -28,8 +28,8 @@ def test_callback_sees_full_vocabulary_in_token_id_order(tiny_model):
 
 
 def test_with_a_head_the_callback_gets_exactly_the_top_k(tiny_model):
-    """With a head and verify=True, llama.cpp's native top-k runs first, and the callback checks
-    at every step that it receives exactly the k largest raw logits with their ids."""
+    """With a head, llama.cpp's native top-k runs first: verify=True checks at every step that
+    the callback receives exactly the k largest raw logits with their ids."""
     head = make_head(tiny_model, k=12, promote=[3, 4])
     hook = HeadSampler(head, 1.0, tiny_model._raw_logits, tiny_model.n_vocab, verify=True)
     tokens = list(tiny_model.sample_tokens(prompt_ids(tiny_model), GREEDY, head, stats=hook))
