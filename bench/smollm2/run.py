@@ -61,9 +61,8 @@ HEADONLY_PENALTY = "0.3"  # the penalty of the head shipped before prompts/heado
 # 64 (bench/topk_signal.py: a classifier of the prompt's label from the first response token's top k,
 # on sali train's validation prompts, caught 72% of the harmful ones at 10% false alarms from the top
 # 256, 61% from the top 64), and the same reading the top 512 (72% linear, 76% with a hidden layer).
-# The shipped recipe with
-# --sharpen 4 was picked on development prompts in stop 35 but missed the ship gates; it is left out
-# so that later runs do not pick it again (its figures are in REPORT.md).
+# The shipped recipe with --sharpen 4 was picked on development prompts in stop 35 but missed the
+# ship gates; it is left out so that later runs do not pick it again (its figures are in REPORT.md).
 FIRST3X4 = ("--first-tokens", "3", "--first-weight", "4")
 HEADONLY_VARIANTS = {(64, ""): (), (64, "-agreeing"): ("--only-agreeing", "--keywords", str(KEYWORDS)),
                      (64, "-first3x4"): FIRST3X4, (256, "-first3x4"): FIRST3X4, (512, "-first3x4"): FIRST3X4}
