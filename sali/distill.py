@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -176,8 +176,7 @@ def sharpened(batch: Positions, max_factor: float, generator) -> Positions:
     factor = torch.where(torch.rand(n, generator=generator) < 0.5, factor, torch.ones_like(factor))
     factor = factor.to(batch.top_lp.device)[:, None]
     promo = torch.where(batch.promo_lp <= NEG / 2, batch.promo_lp, batch.promo_lp * factor)
-    fields = {name: getattr(batch, name) for name in batch.__dataclass_fields__}
-    return Positions(**{**fields, "top_lp": batch.top_lp * factor, "promo_lp": promo})
+    return replace(batch, top_lp=batch.top_lp * factor, promo_lp=promo)
 
 
 def make_torch_head(vocab_size: int, rank: int, promote: np.ndarray, seed: int):
