@@ -55,6 +55,7 @@ class Study:
     explained: dict | None = None  # run.logit_changes: head's effect by response position, per model and label
     aligned_training: dict | None = None  # work/aligned/training.json: siblings.finetune's figures for ALIGNED
     not_shipped: list[str] | None = None  # the ship gates the head missed (run.py then left heads/ as it was)
+    dev_qa: dict | None = None  # the development agreement gate: compare summary on held-back GSM8K/TruthfulQA train questions
 
     @property
     def head_system(self) -> str:
@@ -455,6 +456,26 @@ def _dev_name(study: Study, system: str) -> str:
     return name + (" (picked)" if system == study.head_system else "")
 
 
+def _agreement_gate_section(study: Study, names: dict[str, str]) -> list[str]:
+    """The development agreement gate (run.agrees): per system, teacher-forced top-1 agreement and
+    KL with ALIGNED on the held-back GSM8K/TruthfulQA train questions, and whether it passes."""
+    if study.dev_qa is None:
+        return []
+    rows = study.dev_qa["systems"]
+    base = rows["base"]["top1_vs_aligned"]
+    out = ["", f"**Agreement gate.** The same systems teacher-forced on ALIGNED's answers (32 tokens) to {study.dev_qa.get('prompts', 'the')} "
+           "GSM8K and TruthfulQA *train* questions that no head learned from, the kind of prompt the benign top-1 target is measured on; "
+           "`pick_head` considers only the candidates whose top-1 agreement with ALIGNED there is at least BASE's, unless none is, and a "
+           "shipped head that misses this gate does not hold back a pick that meets it.", "",
+           "| system | top-1 agreement with ALIGNED | KL(ALIGNED ‖ system) | gate |", "|---|---|---|---|"]
+    for key, title in {"base": "BASE", **names}.items():
+        if key in rows and key != "aligned":
+            row = rows[key]
+            gate = "" if key == "base" else ("passes" if row["top1_vs_aligned"] >= base - 1e-9 else "**fails**")
+            out.append(f"| {title} | {_num(row['top1_vs_aligned'], 4)} | {_num(row.get('kl_vs_aligned'))} | {gate} |")
+    return out
+
+
 def write_report(study: Study, quick: bool = False) -> Path:
     checks = targets(study)
     lines = ["# SmolLM2-135M safety head — end-to-end report", "",
@@ -476,6 +497,7 @@ def write_report(study: Study, quick: bool = False) -> Path:
     lines += ["", "## Development check: the candidate heads (held-back AdvBench train goals, rephrased; held-back written prompts; the hand-written `prompts/dev/`, phrased unlike the training; 32 new tokens)", ""]
     dev_names = {name: _dev_name(study, name) for name in study.dev["systems"]}
     lines += _label_table(study.dev, dev_names)
+    lines += _agreement_gate_section(study, dev_names)
     lines += ["", "## Main comparison (AdvBench test, GSM8K/TruthfulQA test, alarming_benign_test.txt)", ""]
     lines += _label_table(study.main, _system_names(study, study.main))
     lines += ["", "All figures (teacher-forced top-1 agreement with ALIGNED on its own answers, word-F1, tokens/s):", ""]
@@ -541,7 +563,7 @@ def _calibrated_clause(study: Study) -> str:
 
 def _headonly_clause(head: Path, training: dict) -> str:
     """The card's words for a head also distilled on prompts/headonly/ (run.py names it ``…-headonly``,
-    ``…-headonly-agreeing`` when trained ``--only-agreeing``)."""
+    ``…-headonly-agreeing`` when trained ``--only-agreeing``, ``…-headonly-qa…`` when also on run.py's qa.jsonl)."""
     if "-headonly" not in head.stem:
         return ""
     clause = (" and to requests in those forms that ALIGNED never trained on (`prompts/headonly/`), "
@@ -551,6 +573,9 @@ def _headonly_clause(head: Path, training: dict) -> str:
         counts = ", ".join(f"{n} {label}" for label, n in dropped.items())
         clause += (", but only from the answers that agree with their prompt's label (`sali train --only-agreeing` "
                    f"left out the prompts where ALIGNED refused a benign or alarming request or answered a harmful one: {counts})")
+    if "-qa" in head.stem:
+        clause += (", and to 800 more GSM8K and TruthfulQA *train* questions (`run.py`'s `qa.jsonl`), so that it leaves "
+                   "ALIGNED's answers to questions as they are")
     return clause
 
 
