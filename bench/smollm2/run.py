@@ -72,6 +72,7 @@ HEADONLY_VARIANTS = {(64, ""): (), (64, "-agreeing"): ("--only-agreeing", "--key
 # as well (the head's training held 180 such questions; it lost top-1 agreement with ALIGNED on the
 # test ones); QA_DEV more of each, never trained on, are the development agreement gate's prompts
 QA_TRAIN, QA_DEV = 400, 60
+QA_GATE_TOKENS = 48  # the gate's answer length: the target's (at 32 tokens it passed a head that loses agreement at 33-48)
 QA_VARIANTS = {(256, "-qa-first3x4"): FIRST3X4}
 DEV_LIMITS = {"benign": 0.10, "alarming": 0.20}  # over-refusal a candidate may show on development prompts
 DESIGN_K = (32, 64, 256)
@@ -500,7 +501,7 @@ def main() -> None:
         dev_summary["systems"].setdefault(shipped[1], shipped[0]["systems"][shipped[1]])
     # the agreement gate: every candidate and the shipped head teacher-forced on ALIGNED's answers to the development questions
     gated = candidates + ([RUN / "heads" / f"{shipped[1].removeprefix('base+')}.npz"] if shipped else [])
-    dev_qa = compare(RUN / "dev-qa", sets["dev_qa"], base_q4, gated, aligned_gguf, [], 32)
+    dev_qa = compare(RUN / "dev-qa", sets["dev_qa"], base_q4, gated, aligned_gguf, [], QA_GATE_TOKENS)
     head = pick_head(dev_summary, candidates, dev_qa)
     print(f"  chosen on development prompts: {head.stem}", flush=True)
     stage("main comparison")
