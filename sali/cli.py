@@ -420,6 +420,16 @@ def train(
             rich_help_panel="Extraction",
         ),
     ] = "aligned",
+    file_setting: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--file-setting",
+            help="FILE:KEY=VALUE — an extraction setting for one -P file only (repeatable): max-new-tokens=N or "
+            "trajectories=aligned|aligned+base, e.g. qa.jsonl:max-new-tokens=64 to learn from longer answers there.",
+            rich_help_panel="Extraction",
+            show_default=False,
+        ),
+    ] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Most training epochs (early stopping).", min=1, rich_help_panel="Training")] = 30,
     lr: Annotated[
         Optional[float],
@@ -511,7 +521,7 @@ def train(
 
     [dim]sali train --base ./llama-base --aligned ./llama-chat -P harmful.csv -P benign.jsonl -o safety.npz[/]
     """
-    from sali.training import TrainJob, run
+    from sali.training import TrainJob, parse_file_setting, run
 
     if processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         from sali.parallel import launch
@@ -531,6 +541,10 @@ def train(
         raise SaliError(f"--trajectories must be aligned or aligned+base, not {trajectories!r}")
     if keywords is not None and not only_agreeing:
         raise SaliError("--keywords tells --only-agreeing what a refusal is; it does nothing without --only-agreeing")
+    file_settings: dict[str, dict] = {}
+    for text in file_setting or []:
+        path, name, value = parse_file_setting(text, list(prompts))
+        file_settings.setdefault(path, {})[name] = value
     job = TrainJob(
         base=base, aligned=aligned, prompt_files=list(prompts), out=out, base_format=base_format, kind=kind, k=k,
         rank=rank, promote=promote, k_store=k_store, target_k=target_k, max_new_tokens=max_new_tokens,
@@ -538,6 +552,7 @@ def train(
         trajectories=trajectories, delta_penalty=delta_penalty, first_tokens=first_tokens, first_weight=first_weight, sharpen=sharpen,
         agreeing_keywords=(keywords or _default_keywords()) if only_agreeing else None, seed=seed, device=device,
         dtype=dtype, device_map=device_map, cache=cache, trust_remote_code=trust_remote_code, threads=threads,
+        file_settings=file_settings,
     )
     run(job, err)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,34 @@ class TrainJob:
     cache: Path | None = None
     trust_remote_code: bool = False
     threads: int | None = None
+    # --file-setting: extraction settings of single prompt files, by the file's resolved path,
+    # e.g. {"/data/qa.jsonl": {"max_new_tokens": 64}} (keys: FILE_SETTINGS' values)
+    file_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# what --file-setting FILE:KEY=VALUE may set for one prompt file: KEY -> (ExtractSettings field, parser)
+FILE_SETTINGS = {"max-new-tokens": "max_new_tokens", "trajectories": "trajectories"}
+
+
+def parse_file_setting(text: str, prompt_files: list[Path]) -> tuple[str, str, Any]:
+    """One ``FILE:KEY=VALUE`` of ``--file-setting``: ``(resolved FILE, ExtractSettings field, value)``.
+    FILE must be one of `prompt_files` (-P); KEY one of :data:`FILE_SETTINGS`."""
+    name, colon, assignment = text.rpartition(":")
+    key, equals, value = assignment.partition("=")
+    if not colon or not equals or not name:
+        raise SaliError(f"--file-setting {text!r}: write FILE:KEY=VALUE, e.g. qa.jsonl:max-new-tokens=64")
+    if key not in FILE_SETTINGS:
+        raise SaliError(f"--file-setting {text!r}: KEY must be one of {', '.join(FILE_SETTINGS)}, not {key!r}")
+    path = Path(name).resolve()
+    if path not in {p.resolve() for p in prompt_files}:
+        raise SaliError(f"--file-setting {text!r}: {name} is not one of the -P prompt files")
+    if key == "max-new-tokens":
+        if not value.isdigit() or int(value) < 1:
+            raise SaliError(f"--file-setting {text!r}: max-new-tokens must be a whole number of at least 1")
+        return str(path), FILE_SETTINGS[key], int(value)
+    if value not in ("aligned", "aligned+base"):
+        raise SaliError(f"--file-setting {text!r}: trajectories must be aligned or aligned+base")
+    return str(path), FILE_SETTINGS[key], value
 
 
 def default_cache() -> Path:
@@ -126,7 +154,8 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
         hidden=job.kind == "lmhead",  # a top-k head never reads hidden states: smaller shards
     )
     cache_root = job.cache or default_cache()
-    per_file = [replace(settings, prompts_sha=extract.prompts_sha(texts), n_prompts=len(texts)) for texts in files]
+    per_file = [replace(settings, prompts_sha=extract.prompts_sha(texts), n_prompts=len(texts), **job.file_settings.get(str(path.resolve()), {}))
+                for path, texts in zip(job.prompt_files, files)]
     for file_settings in per_file:
         console.print(f"[dim]extraction cache: {escape(str(cache_root / file_settings.key()))}[/]")
 
@@ -286,6 +315,8 @@ def _figures(result, data, extract_seconds: float, n_prompts: int, job: TrainJob
         "lr": lr,
         "seed": job.seed,
     }
+    if job.file_settings:  # --file-setting: by file name, what differs from the job's own settings
+        figures["file_settings"] = {Path(path).name: dict(values) for path, values in job.file_settings.items()}
     if dropped is not None:  # --only-agreeing: prompts whose aligned answer disagreed with their label
         figures["dropped_disagreeing"] = dict(sorted(dropped.items()))
     if job.kind == "topk":

@@ -149,6 +149,41 @@ def test_adding_a_prompt_file_reuses_the_extraction_of_the_others(pair, trained,
     assert Head.load(out).meta["training"]["prompts"] == n_first + n_second
 
 
+def test_a_file_setting_changes_the_extraction_of_that_file_alone(pair, trained, tmp_path):
+    """--file-setting FILE:max-new-tokens=N extracts FILE's answers to N tokens and no other file's:
+    the first file's cache is reused as it was, the second holds positions past the job's 12, and
+    the head's metadata names the setting."""
+    from sali.extract import load_shards
+
+    cache = tmp_path / "cache"
+    shutil.copytree(trained[1], cache)
+    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("shard-*.npz")}
+    before = set(cache.iterdir())
+    out = tmp_path / "longer.npz"
+    done = run_sali("train", "--base", str(pair.base), "--aligned", str(pair.aligned), "-P", str(pair.train_prompts),
+                    "-P", str(pair.heldout_prompts), "--file-setting", f"{pair.heldout_prompts}:max-new-tokens=20",
+                    "-o", str(out), "--cache", str(cache), *TRAIN_ARGS)
+    assert done.returncode == 0, done.stderr
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+    (added,) = set(cache.iterdir()) - before
+    assert json.loads((added / "settings.json").read_text())["max_new_tokens"] == 20
+    steps = load_shards(added)["step"]
+    assert steps.max() >= 12 and steps.max() < 20
+    assert Head.load(out).meta["training"]["file_settings"] == {pair.heldout_prompts.name: {"max_new_tokens": 20}}
+
+
+def test_file_settings_that_do_not_fit_give_one_line(pair, tmp_path):
+    common = ("train", "--base", str(pair.base), "--aligned", str(pair.aligned), "-P", str(pair.train_prompts), "-o", str(tmp_path / "h.npz"),
+              "--cache", str(tmp_path / "cache"))
+    for setting, words in ((f"{pair.heldout_prompts}:max-new-tokens=8", "not one of the -P"),
+                           (f"{pair.train_prompts}:top-k=8", "KEY must be one of"),
+                           (f"{pair.train_prompts}:max-new-tokens=0", "at least 1"),
+                           (f"{pair.train_prompts}:trajectories=base", "aligned or aligned+base"),
+                           ("max-new-tokens", "FILE:KEY=VALUE")):
+        assert words in one_error_line(run_sali(*common, "--file-setting", setting)), setting
+    assert not (tmp_path / "h.npz").exists() and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
 def test_interrupted_extraction_resumes_to_the_same_head(pair, trained, tmp_path, sig):
     """Kill `sali train` (SIGKILL) or press Ctrl-C (SIGINT) once its first shard is written,

@@ -574,7 +574,8 @@ def _headonly_clause(head: Path, training: dict) -> str:
         clause += (", but only from the answers that agree with their prompt's label (`sali train --only-agreeing` "
                    f"left out the prompts where ALIGNED refused a benign or alarming request or answered a harmful one: {counts})")
     if "-qa" in head.stem:
-        clause += (", and to 800 more GSM8K and TruthfulQA *train* questions (`run.py`'s `qa.jsonl`), so that it leaves "
+        longer = " (their first 64 answer tokens)" if "-qa64" in head.stem else ""
+        clause += (f", and to 800 more GSM8K and TruthfulQA *train* questions (`run.py`'s `qa.jsonl`){longer}, so that it leaves "
                    "ALIGNED's answers to questions as they are")
     return clause
 

@@ -73,7 +73,9 @@ HEADONLY_VARIANTS = {(64, ""): (), (64, "-agreeing"): ("--only-agreeing", "--key
 # test ones); QA_DEV more of each, never trained on, are the development agreement gate's prompts
 QA_TRAIN, QA_DEV = 400, 60
 QA_GATE_TOKENS = 48  # the gate's answer length: the target's (at 32 tokens it passed a head that loses agreement at 33-48)
-QA_VARIANTS = {(256, "-qa-first3x4"): FIRST3X4}
+# candidate 11 learns from 64-token answers to those questions (the others from 32), since heads lose agreement
+# past the positions they trained on ({qa} stands for qa.jsonl's path)
+QA_VARIANTS = {(256, "-qa-first3x4"): FIRST3X4, (256, "-qa64-first3x4"): (*FIRST3X4, "--file-setting", "{qa}:max-new-tokens=64")}
 DEV_LIMITS = {"benign": 0.10, "alarming": 0.20}  # over-refusal a candidate may show on development prompts
 DESIGN_K = (32, 64, 256)
 DESIGN_RANK = (8, 32, 64)
@@ -489,7 +491,7 @@ def main() -> None:
     # and on the GSM8K and TruthfulQA train questions of prompts_sets' "qa" as well
     candidates += [train_head(base_dir, aligned_dir, [*head_prompts, sets["headonly"], sets["qa"]],
                               RUN / "heads" / f"k{k}-r32-dp{HEADONLY_PENALTY}-headonly{suffix}.npz",
-                              "--k", str(k), "--rank", "32", "--delta-penalty", HEADONLY_PENALTY, *extra)
+                              "--k", str(k), "--rank", "32", "--delta-penalty", HEADONLY_PENALTY, *(arg.format(qa=sets["qa"]) for arg in extra))
                    for (k, suffix), extra in QA_VARIANTS.items()]
     stage("development check")
     dev_summary = compare(RUN / "dev", sets["dev"], base_q4, candidates, None, [], 32)
