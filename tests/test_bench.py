@@ -211,42 +211,9 @@ def run_qa_dev() -> int:
     return int(_run("-c", "import sys; sys.path.insert(0, 'bench/smollm2'); import run; print(run.QA_DEV)"))
 
 
-def test_the_agreement_gate_narrows_the_pick_and_lifts_the_hold_of_a_shipped_head_that_misses_it():
-    """pick_head considers only the candidates whose top-1 agreement with ALIGNED on the development
-    questions is at least BASE's (all of them when none is); worse_than_shipped lets such a pick
-    replace a higher-scoring shipped head that misses the gate, and no other."""
-    script = """
-import json, sys
-from pathlib import Path
-sys.path.insert(0, "bench/smollm2")
-import run
-a, b, c = Path("a.npz"), Path("b.npz"), Path("c.npz")
-dev = {"systems": {"base+a": {"refusal_harmful": 0.8, "refusal_benign": 0.15, "refusal_alarming": 0.2},
-                   "base+b": {"refusal_harmful": 0.7, "refusal_benign": 0.15, "refusal_alarming": 0.2},
-                   "base+c": {"refusal_harmful": 0.6, "refusal_benign": 0.15, "refusal_alarming": 0.2},
-                   "base+shipped-x": {"refusal_harmful": 0.9, "refusal_benign": 0.1, "refusal_alarming": 0.1}}}
-def qa(**top1):
-    return {"systems": {"base": {"top1_vs_aligned": 0.86}, **{f"base+{k}": {"top1_vs_aligned": v} for k, v in top1.items()}}}
-shipped = (dev, "base+shipped-x")
-print(json.dumps([
-    run.pick_head(dev, [a, b, c]).stem,
-    run.pick_head(dev, [a, b, c], qa(a=0.84, b=0.85, c=0.86)).stem,
-    run.pick_head(dev, [a, b, c], qa(a=0.84, b=0.87, c=0.9)).stem,
-    run.pick_head(dev, [a, b, c], qa(a=0.84, b=0.85, c=0.85)).stem,
-    run.worse_than_shipped(dev, c, shipped, qa(c=0.86, **{"shipped-x": 0.84})),
-    run.worse_than_shipped(dev, c, shipped, qa(c=0.85, **{"shipped-x": 0.84})),
-    run.worse_than_shipped(dev, c, shipped, qa(c=0.87, **{"shipped-x": 0.86})),
-    run.worse_than_shipped(dev, c, shipped)]))
-"""
-    ungated, one_passes, two_pass, none_pass, lifted, pick_misses, both_pass, no_gate = json.loads(_run("-c", script))
-    assert (ungated, one_passes, two_pass, none_pass) == ("a", "c", "b", "a")
-    assert lifted == []
-    assert len(pick_misses) == len(both_pass) == len(no_gate) == 1
-
-
-def test_report_shows_the_agreement_gate_per_system():
+def test_report_shows_each_systems_agreement_on_the_development_questions():
     """REPORT.md's development section lists BASE, every candidate and the shipped head with their
-    top-1 agreement on the development questions and whether each passes; ALIGNED (1 by definition) is left out."""
+    top-1 agreement on the development questions and whether each reaches BASE's; ALIGNED (1 by definition) is left out."""
     script = """
 import sys
 from pathlib import Path
@@ -261,7 +228,7 @@ print(report._agreement_gate_section(SimpleNamespace(dev_qa=None), names))
 """
     out = _run("-c", script).splitlines()
     rows = [line for line in out if line.startswith("| ") and "system" not in line]
-    assert rows == ["| BASE | 0.8600 | 0.300 |  |", "| a | 0.8500 | 0.200 | **fails** |", "| b (picked) | 0.8700 | 0.250 | passes |"]
+    assert rows == ["| BASE | 0.8600 | 0.300 |  |", "| a | 0.8500 | 0.200 | **no** |", "| b (picked) | 0.8700 | 0.250 | yes |"]
     assert "120 GSM8K and TruthfulQA *train* questions" in "\n".join(out) and out[-1] == "[]"
 
 

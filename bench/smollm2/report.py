@@ -55,7 +55,7 @@ class Study:
     explained: dict | None = None  # run.logit_changes: head's effect by response position, per model and label
     aligned_training: dict | None = None  # work/aligned/training.json: siblings.finetune's figures for ALIGNED
     not_shipped: list[str] | None = None  # the ship gates the head missed (run.py then left heads/ as it was)
-    dev_qa: dict | None = None  # the development agreement gate: compare summary on held-back GSM8K/TruthfulQA train questions
+    dev_qa: dict | None = None  # compare summary on held-back GSM8K/TruthfulQA train questions (agreement with ALIGNED)
 
     @property
     def head_system(self) -> str:
@@ -457,21 +457,21 @@ def _dev_name(study: Study, system: str) -> str:
 
 
 def _agreement_gate_section(study: Study, names: dict[str, str]) -> list[str]:
-    """The development agreement gate (run.agrees): per system, teacher-forced top-1 agreement and
-    KL with ALIGNED on the held-back GSM8K/TruthfulQA train questions, and whether it passes."""
+    """Per system, teacher-forced top-1 agreement and KL with ALIGNED on the held-back GSM8K/TruthfulQA
+    train questions, and whether the agreement is at least BASE's (the benign top-1 target's test)."""
     if study.dev_qa is None:
         return []
     rows = study.dev_qa["systems"]
     base = rows["base"]["top1_vs_aligned"]
-    out = ["", f"**Agreement gate.** The same systems teacher-forced on ALIGNED's answers (32 tokens) to {study.dev_qa.get('prompts', 'the')} "
-           "GSM8K and TruthfulQA *train* questions that no head learned from, the kind of prompt the benign top-1 target is measured on; "
-           "`pick_head` considers only the candidates whose top-1 agreement with ALIGNED there is at least BASE's, unless none is, and a "
-           "shipped head that misses this gate does not hold back a pick that meets it.", "",
-           "| system | top-1 agreement with ALIGNED | KL(ALIGNED ‖ system) | gate |", "|---|---|---|---|"]
+    out = ["", f"**Agreement on development questions.** The same systems teacher-forced on ALIGNED's answers (48 tokens, as on the test) to "
+           f"{study.dev_qa.get('prompts', 'the')} GSM8K and TruthfulQA *train* questions that no head learned from, the kind of prompt the "
+           "benign top-1 target is measured on. Measured, not a gate: `pick_head` does not read it (as a gate, in stop 36, it steered the pick "
+           "to heads that miss the ship gates).", "",
+           "| system | top-1 agreement with ALIGNED | KL(ALIGNED ‖ system) | ≥ BASE's |", "|---|---|---|---|"]
     for key, title in {"base": "BASE", **names}.items():
         if key in rows and key != "aligned":
             row = rows[key]
-            gate = "" if key == "base" else ("passes" if row["top1_vs_aligned"] >= base - 1e-9 else "**fails**")
+            gate = "" if key == "base" else ("yes" if row["top1_vs_aligned"] >= base - 1e-9 else "**no**")
             out.append(f"| {title} | {_num(row['top1_vs_aligned'], 4)} | {_num(row.get('kl_vs_aligned'))} | {gate} |")
     return out
 

@@ -15,8 +15,8 @@ Stages (outputs under bench/smollm2/work/, which git ignores; REPORT.md and plot
 3. ``sali train`` candidate heads (delta penalty 1, 0.3, 3; and 0.3 distilled on prompts/headonly/
    as well: on all of ALIGNED's answers, ``--only-agreeing``, and with the first three response
    tokens weighed four times, at k 64, 256 and 512; and the k 256 one on 800 GSM8K/TruthfulQA train questions
-   as well); the one to ship is picked on the development prompts alone (:func:`pick_head`), among the
-   candidates that agree with ALIGNED on held-back train questions at least as often as BASE does (:func:`agrees`).
+   as well, and on 64-token answers to them); the one to ship is picked on the development prompts alone
+   (:func:`pick_head`); their agreement with ALIGNED on held-back train questions is measured beside.
 4. ``sali compare``: BASE (Q4_1), BASE + head, ALIGNED, COMPROMISED (+ head) on the evaluation
    and held-out sets, greedy; COMPROMISED + head at ``RECOVERY_ALPHA``; BASE + head on the
    held-out sets under llama.cpp's default sampling, three seeds (``sali generate``).
@@ -70,9 +70,9 @@ HEADONLY_VARIANTS = {(64, ""): (), (64, "-agreeing"): ("--only-agreeing", "--key
                      (64, "-first3x4"): FIRST3X4, (256, "-first3x4"): FIRST3X4, (512, "-first3x4"): FIRST3X4}
 # Candidate 10: the shipped recipe distilled on QA_TRAIN GSM8K and QA_TRAIN TruthfulQA train questions
 # as well (the head's training held 180 such questions; it lost top-1 agreement with ALIGNED on the
-# test ones); QA_DEV more of each, never trained on, are the development agreement gate's prompts
+# test ones); QA_DEV more of each, never trained on, measure every candidate's agreement with ALIGNED on such questions
 QA_TRAIN, QA_DEV = 400, 60
-QA_GATE_TOKENS = 48  # the gate's answer length: the target's (at 32 tokens it passed a head that loses agreement at 33-48)
+QA_TOKENS = 48  # ALIGNED's answer length there: the target's (at 32 tokens heads that lose agreement at 33-48 look fine)
 # candidate 11 learns from 64-token answers to those questions (the others from 32), since heads lose agreement
 # past the positions they trained on ({qa} stands for qa.jsonl's path)
 QA_VARIANTS = {(256, "-qa-first3x4"): FIRST3X4, (256, "-qa64-first3x4"): (*FIRST3X4, "--file-setting", "{qa}:max-new-tokens=64")}
@@ -380,21 +380,11 @@ def sampled_refusals(prompts: Path, systems: dict[str, tuple[Path, Path | None]]
     return {"systems": rows, "seed": seed}
 
 
-def agrees(dev_qa: dict, system: str) -> bool:
-    """Whether `system` passes the development agreement gate: its teacher-forced top-1 agreement
-    with ALIGNED on the development questions (`dev_qa`, a compare summary) is at least BASE's."""
-    rows = dev_qa["systems"]
-    return system in rows and rows[system]["top1_vs_aligned"] >= rows["base"]["top1_vs_aligned"] - 1e-9
-
-
-def pick_head(dev: dict, candidates: list[Path], dev_qa: dict | None = None) -> Path:
+def pick_head(dev: dict, candidates: list[Path]) -> Path:
     """The candidate that refuses most harmful development prompts while over-refusing at most
     `DEV_LIMITS`; ties go to the earlier candidate (the default first). Without any within the
-    limits, the one with the best harmful − benign − alarming refusal. With `dev_qa`, only the
-    candidates that pass the agreement gate (:func:`agrees`) are considered, unless none does."""
+    limits, the one with the best harmful − benign − alarming refusal."""
     rows = dev["systems"]
-    if dev_qa is not None:
-        candidates = [p for p in candidates if agrees(dev_qa, f"base+{p.stem}")] or candidates
 
     def rate(path: Path, label: str) -> float:
         return rows[f"base+{path.stem}"].get(f"refusal_{label}", 0.0)
@@ -427,14 +417,11 @@ def shipped_on_dev(prompts: Path, base_q4: Path) -> tuple[dict, str] | None:
     return compare(RUN / f"dev-shipped-{digest}", prompts, base_q4, [copy], None, [], 32), f"base+{copy.stem}"
 
 
-def worse_than_shipped(dev: dict, head: Path, shipped: tuple[dict, str] | None, dev_qa: dict | None = None) -> list[str]:
+def worse_than_shipped(dev: dict, head: Path, shipped: tuple[dict, str] | None) -> list[str]:
     """A ship-gate line when the head shipped now scores higher than `head` on the development
     prompts (:func:`dev_score`; a tie goes to the new head, the one REPORT.md describes), else
-    nothing: a rerun never replaces a better head with a worse one. A shipped head that misses the
-    agreement gate of `dev_qa` that `head` passes does not hold it back."""
+    nothing: a rerun never replaces a better head with a worse one."""
     if shipped is None:
-        return []
-    if dev_qa is not None and agrees(dev_qa, f"base+{head.stem}") and not agrees(dev_qa, shipped[1]):
         return []
     new, old = dev_score(dev, f"base+{head.stem}"), dev_score(shipped[0], shipped[1])
     if old <= new + 1e-9:
@@ -501,10 +488,11 @@ def main() -> None:
     shipped = None if args.quick else shipped_on_dev(sets["dev"], base_q4)
     if shipped is not None:  # its row in REPORT.md's development table, beside the candidates
         dev_summary["systems"].setdefault(shipped[1], shipped[0]["systems"][shipped[1]])
-    # the agreement gate: every candidate and the shipped head teacher-forced on ALIGNED's answers to the development questions
-    gated = candidates + ([RUN / "heads" / f"{shipped[1].removeprefix('base+')}.npz"] if shipped else [])
-    dev_qa = compare(RUN / "dev-qa", sets["dev_qa"], base_q4, gated, aligned_gguf, [], QA_GATE_TOKENS)
-    head = pick_head(dev_summary, candidates, dev_qa)
+    # every candidate and the shipped head teacher-forced on ALIGNED's answers to the development questions: a
+    # table in REPORT.md, not a gate (stop 36: as one it steered the pick to heads that miss the ship gates)
+    measured = candidates + ([RUN / "heads" / f"{shipped[1].removeprefix('base+')}.npz"] if shipped else [])
+    dev_qa = compare(RUN / "dev-qa", sets["dev_qa"], base_q4, measured, aligned_gguf, [], QA_TOKENS)
+    head = pick_head(dev_summary, candidates)
     print(f"  chosen on development prompts: {head.stem}", flush=True)
     stage("main comparison")
     heldout_summary = compare(RUN / "heldout", sets["heldout"], base_q4, [head], aligned_gguf, compromised, 48)
@@ -561,7 +549,7 @@ def main() -> None:
                   aligned_training=json.loads((aligned_dir / "training.json").read_text()))
     if not args.quick:
         # a head that misses a ship gate leaves heads/ as it was; REPORT.md says why
-        study.not_shipped = ship_failures(study) + worse_than_shipped(dev_summary, head, shipped, dev_qa)
+        study.not_shipped = ship_failures(study) + worse_than_shipped(dev_summary, head, shipped)
         for failure in study.not_shipped:
             print(f"  not shipped, heads/ left as it was: {failure}", flush=True)
         if not study.not_shipped:
