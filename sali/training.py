@@ -58,7 +58,7 @@ class TrainJob:
     file_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-# what --file-setting FILE:KEY=VALUE may set for one prompt file: KEY -> (ExtractSettings field, parser)
+# what --file-setting FILE:KEY=VALUE may set for one prompt file: KEY -> the ExtractSettings field it sets
 FILE_SETTINGS = {"max-new-tokens": "max_new_tokens", "trajectories": "trajectories"}
 
 
