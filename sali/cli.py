@@ -521,7 +521,7 @@ def train(
 
     [dim]sali train --base ./llama-base --aligned ./llama-chat -P harmful.csv -P benign.jsonl -o safety.npz[/]
     """
-    from sali.training import TrainJob, parse_file_setting, run
+    from sali.training import TRAJECTORIES, TrainJob, parse_file_setting, run
 
     if processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         from sali.parallel import launch
@@ -537,7 +537,7 @@ def train(
         raise SaliError("--sharpen augments a top-k head's training positions; --kind lmhead does not take it")
     if lr is not None and lr <= 0:
         raise SaliError(f"--lr must be above 0, not {lr:g}")
-    if trajectories not in ("aligned", "aligned+base"):
+    if trajectories not in TRAJECTORIES:
         raise SaliError(f"--trajectories must be aligned or aligned+base, not {trajectories!r}")
     if keywords is not None and not only_agreeing:
         raise SaliError("--keywords tells --only-agreeing what a refusal is; it does nothing without --only-agreeing")

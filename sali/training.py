@@ -58,6 +58,7 @@ class TrainJob:
     file_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+TRAJECTORIES = ("aligned", "aligned+base")  # whose responses a head may learn on (--trajectories)
 # what --file-setting FILE:KEY=VALUE may set for one prompt file: KEY -> the ExtractSettings field it sets
 FILE_SETTINGS = {"max-new-tokens": "max_new_tokens", "trajectories": "trajectories"}
 
@@ -78,7 +79,7 @@ def parse_file_setting(text: str, prompt_files: list[Path]) -> tuple[str, str, A
         if not value.isdigit() or int(value) < 1:
             raise SaliError(f"--file-setting {text!r}: max-new-tokens must be a whole number of at least 1")
         return str(path), FILE_SETTINGS[key], int(value)
-    if value not in ("aligned", "aligned+base"):
+    if value not in TRAJECTORIES:
         raise SaliError(f"--file-setting {text!r}: trajectories must be aligned or aligned+base")
     return str(path), FILE_SETTINGS[key], value
 

@@ -126,13 +126,16 @@ for name in rows:
     for row in rows[name]:
         row["key"] = run._prompt_key(row["prompt"])
 print(json.dumps(rows))
+print(run.QA_TRAIN, run.QA_DEV)
 """
-    sets = json.loads(_run("-c", script))
+    printed, sizes = _run("-c", script).splitlines()
+    sets = json.loads(printed)
+    qa_train, qa_dev = map(int, sizes.split())
     distill, headonly = sets["distill"], sets["headonly"]
     assert len(distill) > 900 and {r["label"] for r in distill} == {"harmful", "benign", "alarming"}
     assert len(headonly) > 900 and {r["label"] for r in headonly} == {"harmful", "benign", "alarming"}
     qa, dev_qa = sets["qa"], sets["dev_qa"]
-    assert (len(qa), len(dev_qa)) == (2 * run_qa_train(), 2 * run_qa_dev()) and {r["label"] for r in qa + dev_qa} == {"benign"}
+    assert (len(qa), len(dev_qa)) == (2 * qa_train, 2 * qa_dev) and {r["label"] for r in qa + dev_qa} == {"benign"}
     learned = {r["key"] for r in sets["train"] + distill + headonly + qa}
     for name in ("dev", "dev_qa", "heldout", "eval"):
         assert sets[name] and not learned & {r["key"] for r in sets[name]}, name
@@ -203,14 +206,6 @@ print(repr(report._first_tokens_clause({"first_tokens": 3, "first_weight": 4.0})
     assert headonly[1:-1] in agreeing and "--only-agreeing" in agreeing and "75 alarming, 135 benign, 90 harmful" in agreeing
 
 
-def run_qa_train() -> int:
-    return int(_run("-c", "import sys; sys.path.insert(0, 'bench/smollm2'); import run; print(run.QA_TRAIN)"))
-
-
-def run_qa_dev() -> int:
-    return int(_run("-c", "import sys; sys.path.insert(0, 'bench/smollm2'); import run; print(run.QA_DEV)"))
-
-
 def test_report_shows_each_systems_agreement_on_the_development_questions():
     """REPORT.md's development section lists BASE, every candidate and the shipped head with their
     top-1 agreement on the development questions and whether each reaches BASE's; ALIGNED (1 by definition) is left out."""
@@ -223,8 +218,8 @@ import report
 dev_qa = {"prompts": 120, "systems": {"base": {"top1_vs_aligned": 0.86, "kl_vs_aligned": 0.3}, "aligned": {"top1_vs_aligned": 1.0},
           "base+a": {"top1_vs_aligned": 0.85, "kl_vs_aligned": 0.2}, "base+b": {"top1_vs_aligned": 0.87, "kl_vs_aligned": 0.25}}}
 names = {"aligned": "ALIGNED", "base+a": "a", "base+b": "b (picked)", "base+gone": "gone"}
-print("\\n".join(report._agreement_gate_section(SimpleNamespace(dev_qa=dev_qa), names)))
-print(report._agreement_gate_section(SimpleNamespace(dev_qa=None), names))
+print("\\n".join(report._agreement_section(SimpleNamespace(dev_qa=dev_qa), names)))
+print(report._agreement_section(SimpleNamespace(dev_qa=None), names))
 """
     out = _run("-c", script).splitlines()
     rows = [line for line in out if line.startswith("| ") and "system" not in line]

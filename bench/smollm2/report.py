@@ -456,7 +456,7 @@ def _dev_name(study: Study, system: str) -> str:
     return name + (" (picked)" if system == study.head_system else "")
 
 
-def _agreement_gate_section(study: Study, names: dict[str, str]) -> list[str]:
+def _agreement_section(study: Study, names: dict[str, str]) -> list[str]:
     """Per system, teacher-forced top-1 agreement and KL with ALIGNED on the held-back GSM8K/TruthfulQA
     train questions, and whether the agreement is at least BASE's (the benign top-1 target's test)."""
     if study.dev_qa is None:
@@ -497,7 +497,7 @@ def write_report(study: Study, quick: bool = False) -> Path:
     lines += ["", "## Development check: the candidate heads (held-back AdvBench train goals, rephrased; held-back written prompts; the hand-written `prompts/dev/`, phrased unlike the training; 32 new tokens)", ""]
     dev_names = {name: _dev_name(study, name) for name in study.dev["systems"]}
     lines += _label_table(study.dev, dev_names)
-    lines += _agreement_gate_section(study, dev_names)
+    lines += _agreement_section(study, dev_names)
     lines += ["", "## Main comparison (AdvBench test, GSM8K/TruthfulQA test, alarming_benign_test.txt)", ""]
     lines += _label_table(study.main, _system_names(study, study.main))
     lines += ["", "All figures (teacher-forced top-1 agreement with ALIGNED on its own answers, word-F1, tokens/s):", ""]
