@@ -12,7 +12,7 @@ from sali.head import Head
 
 def float16_agreement(head, positions) -> float:
     """Share of held-out positions whose head top-1 token is unchanged when the weights are
-    rounded to float16 (1.0 = lossless for greedy decoding)."""
+    rounded to float16 (1.0 = lossless for greedy decoding), with the head's dead zone."""
     import torch
 
     if positions is None or len(positions) == 0:
@@ -53,13 +53,13 @@ def export_topk(head, k: int, meta: dict[str, Any], out: str | Path, positions=N
 def export_lmhead(head, meta: dict[str, Any], out: str | Path) -> tuple[Path, dict[str, Any]]:
     """Write a white-box head (:func:`sali.lmhead.make_lm_head` module) to `out` atomically."""
     from sali import __version__
-    from sali.head import FORMAT_NAME, FORMAT_VERSION, LMHead
+    from sali.head import FORMAT_NAME, LMHead, format_version
 
     P = head.P.detach().cpu().numpy().astype(np.float32)
     Q = head.Q.detach().cpu().numpy().astype(np.float32)
     full = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": format_version(meta),
         "kind": "lmhead",
         "rank": int(P.shape[1]),
         "vocab_size": int(P.shape[0]),

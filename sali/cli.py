@@ -471,6 +471,17 @@ def train(
             rich_help_panel="Training",
         ),
     ] = 1.0,
+    dead_zone: Annotated[
+        float,
+        typer.Option(
+            "--dead-zone",
+            help="Nats: at run time each of the head's changes, taken relative to the base-probability-weighted mean "
+            "change of the top k, shrinks by this much and vanishes where smaller, so the head leaves near-ties alone "
+            "and keeps its large pushes (top-k heads; stored in the head, training unchanged; 0 turns it off).",
+            min=0.0,
+            rich_help_panel="Training",
+        ),
+    ] = 0.0,
     only_agreeing: Annotated[
         bool,
         typer.Option(
@@ -535,6 +546,8 @@ def train(
         raise SaliError("--first-tokens weighs a top-k head's loss; --kind lmhead does not take it")
     if sharpen != 1.0 and kind != "topk":
         raise SaliError("--sharpen augments a top-k head's training positions; --kind lmhead does not take it")
+    if dead_zone and kind != "topk":
+        raise SaliError("--dead-zone is a top-k head's run-time rule; --kind lmhead does not take it")
     if lr is not None and lr <= 0:
         raise SaliError(f"--lr must be above 0, not {lr:g}")
     if trajectories not in TRAJECTORIES:
@@ -550,7 +563,7 @@ def train(
         rank=rank, promote=promote, k_store=k_store, target_k=target_k, max_new_tokens=max_new_tokens,
         epochs=epochs, lr=lr, batch_size=batch_size, extract_batch=extract_batch, val_fraction=val_fraction,
         trajectories=trajectories, delta_penalty=delta_penalty, first_tokens=first_tokens, first_weight=first_weight, sharpen=sharpen,
-        agreeing_keywords=(keywords or _default_keywords()) if only_agreeing else None, seed=seed, device=device,
+        dead_zone=dead_zone, agreeing_keywords=(keywords or _default_keywords()) if only_agreeing else None, seed=seed, device=device,
         dtype=dtype, device_map=device_map, cache=cache, trust_remote_code=trust_remote_code, threads=threads,
         file_settings=file_settings,
     )
@@ -793,6 +806,8 @@ def head_info(path: Annotated[str, typer.Argument(help="Head file (.npz) or ship
         table.add_row("hidden size", str(head.Q.shape[0]))
     else:
         table.add_row("promotion set |A|", str(head.promote.size))
+        meta.pop("dead_zone", None)
+        table.add_row("dead zone", f"{head.dead_zone:g} nats (smaller changes dropped)" if head.dead_zone else "none")
         sizes = head.size_report()
         table.add_row("parameters", f"{sizes['total']:,} (U {sizes['U']:,} · W {sizes['W']:,} · bias {sizes['bias']:,})")
     table.add_row("file size", f"{path.stat().st_size / 1e6:.2f} MB")

@@ -45,6 +45,7 @@ class TrainSettings:
     first_tokens: int = 0  # the first response tokens whose loss counts `first_weight` times
     first_weight: float = 1.0
     sharpen: float = 1.0  # largest factor on the base's logits of a sharpened training position (1: off)
+    dead_zone: float = 0.0  # nats: set on the trained head (run-time rule, not in the loss); the validation figures use it
     val_fraction: float = 0.1
     patience: int = 4
     seed: int = 0
@@ -185,7 +186,8 @@ def make_torch_head(vocab_size: int, rank: int, promote: np.ndarray, seed: int):
     from torch import nn
 
     class TorchHead(nn.Module):
-        """``U, W``: ``(V, r)``; ``bias``: ``(V,)``; starts as the identity (W = 0, bias = 0)."""
+        """``U, W``: ``(V, r)``; ``bias``: ``(V,)``; starts as the identity (W = 0, bias = 0).
+        ``dead_zone``: nats, as :class:`sali.head.Head`'s (0 in training)."""
 
         def __init__(self):
             super().__init__()
@@ -194,6 +196,7 @@ def make_torch_head(vocab_size: int, rank: int, promote: np.ndarray, seed: int):
             self.W = nn.Parameter(torch.zeros(vocab_size, rank))
             self.bias = nn.Parameter(torch.zeros(vocab_size))
             self.register_buffer("promote", torch.as_tensor(np.asarray(promote, dtype=np.int64)))
+            self.dead_zone = 0.0
 
         def forward(self, top_ids, top_lp, promo_lp, alpha: float = 1.0):
             """Candidate ids ``(N, k+m)`` and adjusted logits ``(N, k+m)``."""
@@ -203,6 +206,10 @@ def make_torch_head(vocab_size: int, rank: int, promote: np.ndarray, seed: int):
             features = top_lp - torch.logsumexp(top_lp, dim=-1, keepdim=True)  # renormalised in the top k
             mixed = torch.einsum("nk,nkr->nr", features, self.U[top_ids])
             delta = torch.einsum("nr,ncr->nc", mixed, self.W[cand]) + self.bias[cand]
+            if self.dead_zone > 0:  # soft threshold around the top k's probability-weighted mean change
+                centre = (torch.softmax(top_lp, dim=-1) * delta[:, : top_ids.shape[1]]).sum(-1, keepdim=True)
+                off = delta - centre
+                delta = centre + off.sign() * (off.abs() - self.dead_zone).clamp_min(0.0)
             adjusted = base + alpha * delta
             return cand, torch.where(base <= NEG / 2, torch.full_like(adjusted, NEG), adjusted)
 
@@ -357,6 +364,7 @@ def train_topk(
         lambda: evaluate(head, val_pos), settings.epochs, settings.patience, on_epoch,
     )
     _zero_unused_rows(head, data, train_mask, settings.k, promote)
+    head.dead_zone = settings.dead_zone  # applied at run time only, so the figures below include it
     after = evaluate(head, val_pos)
     return TrainResult(
         head=head,

@@ -13,6 +13,14 @@ adjusted logits of a small candidate set ``C = S ∪ A``:
 top-k selection. α = 0 turns the head off entirely
 (no masking either), so it reproduces the plain base model exactly.
 
+A head may carry a *dead zone* ``d`` (metadata ``dead_zone``, nats, default 0): each change
+``Δ_j = b_j + Σ_i x_i ⟨U_i, W_j⟩`` is then taken relative to its centre ``c = Σ_{i∈S} p_i Δ_i``
+(``p``: the base's probabilities renormalised within the top k) and soft-thresholded,
+``Δ'_j = c + sign(Δ_j - c) · max(|Δ_j - c| - d, 0)``, before α scales it: changes smaller than
+``d`` vanish (on SmolLM2 they mostly flipped near-ties away from the aligned model's choice), large
+ones stay. A shift common to every candidate changes nothing, so the centre keeps the rule
+independent of it.
+
 File format (``format = "sali-head"``, version 1), always loaded with ``allow_pickle=False``:
 
 =========  ============  ==============================================================
@@ -29,6 +37,7 @@ promote    i32 (m,)      the promotion set ``A``
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +51,7 @@ from sali.errors import SaliError
 from sali.kernel import head_kernel, token_fields
 
 FORMAT_NAME = "sali-head"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this sali reads; 2 added the dead zone (see format_version)
 KINDS = ("topk",)
 FEATURES = ("topk_logsoftmax",)
 REQUIRED_META = ("format", "version", "kind", "k", "rank", "vocab_size", "vocab_fingerprint")
@@ -114,7 +123,7 @@ class Head(_HeadMeta):
         U = np.ascontiguousarray(U, dtype=np.float32)
         full_meta = {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": 1,  # set by save() to what the file needs (format_version)
             "kind": "topk",
             "features": "topk_logsoftmax",
             "k": int(k),
@@ -147,6 +156,11 @@ class Head(_HeadMeta):
     def vocab_size(self) -> int:
         return int(self.meta["vocab_size"])
 
+    @property
+    def dead_zone(self) -> float:
+        """Nats by which each change is soft-thresholded around its centre (0: none)."""
+        return float(self.meta.get("dead_zone", 0.0))
+
     # ---- validation ---------------------------------------------------------------------
     def validate(self, source: str) -> None:
         """Raise :class:`SaliError` unless shapes, dtypes and values agree with the metadata."""
@@ -173,6 +187,9 @@ class Head(_HeadMeta):
                 )
         if not 1 <= k <= V:
             raise SaliError(f"{source}: k={k} must be between 1 and vocab_size={V}")
+        dead_zone = meta.get("dead_zone", 0.0)
+        if isinstance(dead_zone, bool) or not isinstance(dead_zone, (int, float)) or not 0 <= dead_zone < math.inf:
+            raise SaliError(f"{source}: head metadata dead_zone must be a number of nats ≥ 0, not {dead_zone!r:.60}")
         if self.promote.ndim != 1 or (self.promote.size and (self.promote.min() < 0 or self.promote.max() >= V)):
             raise SaliError(f"{source}: promotion ids must be a 1-D list of ids below vocab_size={V}")
         for name in ("U", "W", "bias"):
@@ -203,6 +220,7 @@ class Head(_HeadMeta):
     def save(self, path: str | Path, dtype: str = "float16") -> Path:
         """Write the head atomically as a compressed `.npz` (weights in `dtype`)."""
         self.validate("<head being saved>")
+        self.meta["version"] = format_version(self.meta)
         arrays = {"U": self.U, "W": self.W, "bias": self.bias, "promote": self.promote.astype(np.int32)}
         return self._write(path, arrays, dtype)
 
@@ -257,12 +275,15 @@ class Head(_HeadMeta):
         scratch = self._scratch
         call = getattr(scratch, "call", 0) + 1
         if call == 1 or call >= 2**31 - 1:
-            scratch.mixed = np.ones(self.rank + 1, dtype=np.float32)
             scratch.stamps = np.zeros(self.vocab_size, dtype=np.int32)
             call = 1
         scratch.call = call
+        dead_zone = self.dead_zone
+        needed = self.rank + 1 + (len(top_ids) if dead_zone > 0 else 0)  # with a dead zone: the top k's changes too
+        if getattr(scratch, "mixed", None) is None or scratch.mixed.size < needed:
+            scratch.mixed = np.ones(needed, dtype=np.float32)
         return head_kernel()(top_ids, top_logits, source, source_at, out_ids, out_logits, self.U, self._w_bias(),
-                             self.promote, scratch.stamps, call, scratch.mixed, float(alpha))
+                             self.promote, scratch.stamps, call, scratch.mixed, float(alpha), dead_zone)
 
     def apply(self, logits: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Apply the head to one full logits vector ``(V,)`` (token-id order): selects the top k,
@@ -306,6 +327,13 @@ def _count(meta: dict[str, Any], key: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SaliError(f"{source}: head metadata {key} must be a positive whole number, not {value!r:.60}")
     return value
+
+
+def format_version(meta: dict[str, Any]) -> int:
+    """The oldest format version that holds everything in `meta`: 2 for a head with a dead zone,
+    which a sali that reads only version 1 would apply without it (so it must refuse the file),
+    else 1, which every sali reads."""
+    return 2 if meta.get("dead_zone", 0) else 1
 
 
 def _check_version(version: Any, source: str) -> None:

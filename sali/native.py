@@ -34,10 +34,10 @@ from numba.extending import intrinsic
 
 from sali.head import Head
 
-# context slots, int64 each (alpha: a float64's bits)
+# context slots, int64 each (alpha and the dead zone: a float64's bits)
 (_ROWS, _PROMOTE, _PROMOTE_W, _MIXED, _LLAMA_CTX, _GET_LOGITS, _CLOCK_GETTIME, _CLOCK_ID, _CLOCK, _VOCAB, _RANK, _PROMOTED,
- _TOP_K, _ALPHA, _ERROR, _GOT, _CALLS, _TIMES, _TIMES_CAPACITY, _HEAP_IDS, _HEAP_LOGITS, _BLOCK_MAX, _BLOCKS) = range(23)
-_SLOTS = 23
+ _TOP_K, _ALPHA, _ERROR, _GOT, _CALLS, _TIMES, _TIMES_CAPACITY, _HEAP_IDS, _HEAP_LOGITS, _BLOCK_MAX, _BLOCKS, _DEAD_ZONE) = range(24)
+_SLOTS = 24
 ERROR_WRONG_SIZE, ERROR_NO_LOGITS = 1, 2
 
 
@@ -80,13 +80,13 @@ def _call_clock_gettime(typingctx, function, clock_id, timespec):
     return types.int64(types.int64, types.int64, types.int64), codegen
 
 
-def _packed_kernel(ids, logits, k, raw, promote, rows, promote_w, mixed, alpha):
+def _packed_kernel(ids, logits, k, raw, promote, rows, promote_w, mixed, alpha, dead_zone):
     """Rewrite llama.cpp's ``k`` candidates in place as the head's ``k + |A \\ top k|``; return the count.
 
     ``ids``/``logits``: int32/float32 views of the candidate array, candidate ``i`` at ``3i``;
     ``raw``: ``(V,)`` raw logits; ``promote``: ``(m,)`` int64; ``rows``: ``(V, 2r + 1)`` float32,
     ``[U | W | bias]``; ``promote_w``: ``(m, r + 1)``, ``[W | bias]`` of the promoted tokens;
-    ``mixed``: ``(r + 1,)`` scratch. Arithmetic as :func:`sali.kernel._head_kernel`.
+    ``mixed``: ``(r + 1 + k,)`` scratch; ``dead_zone``: nats. Arithmetic as :func:`sali.kernel._head_kernel`.
     """
     r = (rows.shape[1] - 1) // 2
     top = logits[0]
@@ -105,12 +105,22 @@ def _packed_kernel(ids, logits, k, raw, promote, rows, promote_w, mixed, alpha):
         feature = logits[3 * i] - log_norm  # log-prob renormalised within the top k
         for j in range(r):
             mixed[j] += feature * rows[row, j]
+    shrink = dead_zone > 0.0
+    centre = 0.0  # the top k's mean change, weighted by the base's probabilities (dead zone only)
     for i in range(k):
         row = ids[3 * i]
         delta = 0.0
         for j in range(r + 1):
             delta += rows[row, r + j] * mixed[j]
-        logits[3 * i] = logits[3 * i] + alpha * delta
+        if shrink:  # every change is needed for the centre before any is written
+            mixed[r + 1 + i] = delta
+            centre += math.exp(logits[3 * i] - log_norm) * delta
+        else:
+            logits[3 * i] = logits[3 * i] + alpha * delta
+    if shrink:
+        for i in range(k):
+            off = mixed[r + 1 + i] - centre
+            logits[3 * i] = logits[3 * i] + alpha * (centre + min(max(off - dead_zone, 0.0), off + dead_zone))
     count = k
     for a in range(promote.shape[0]):
         token = promote[a]
@@ -124,6 +134,9 @@ def _packed_kernel(ids, logits, k, raw, promote, rows, promote_w, mixed, alpha):
         delta = 0.0
         for j in range(r + 1):
             delta += promote_w[a, j] * mixed[j]
+        if shrink:
+            off = delta - centre
+            delta = centre + min(max(off - dead_zone, 0.0), off + dead_zone)
         ids[3 * count] = token
         logits[3 * count] = raw[token] + alpha * delta
         count += 1
@@ -288,6 +301,7 @@ def _apply(sampler, cur):
     V, r, m = ctx[_VOCAB], ctx[_RANK], ctx[_PROMOTED]
     data = cur[0]
     alpha = carray(_float64_at(address + 8 * _ALPHA), 1)[0]
+    dead_zone = carray(_float64_at(address + 8 * _DEAD_ZONE), 1)[0]
     # llama_token_data is {int32 id; float logit; float p}: candidate i's id is word 3i of an int32
     # view of the array, its logit word 3i of a float32 view that starts 4 bytes on
     ids, logits = carray(_int32_at(data), 3 * V), carray(_float32_at(data + 4), 3 * V - 1)
@@ -302,7 +316,7 @@ def _apply(sampler, cur):
     count = _kernel(ids, logits, k,
                     carray(_float32_at(raw), V), carray(_int64_at(ctx[_PROMOTE]), m),
                     carray(_float32_at(ctx[_ROWS]), (V, 2 * r + 1)), carray(_float32_at(ctx[_PROMOTE_W]), (m, r + 1)),
-                    carray(_float32_at(ctx[_MIXED]), r + 1), alpha)
+                    carray(_float32_at(ctx[_MIXED]), r + 1 + k), alpha, dead_zone)
     cur[1] = count
     cur[2] = -1  # selected: none
     cur[3] = 0  # sorted = false; the other 7 bytes of this word are the struct's padding
@@ -343,10 +357,10 @@ class NativeSampler:
 
         rows, promoted = self.head.packed()
         promote = np.ascontiguousarray(self.head.promote, dtype=np.int64)
-        mixed = np.zeros(self.head.rank + 1, dtype=np.float32)
+        top_k = min(self.head.k, self.n_vocab)
+        mixed = np.zeros(self.head.rank + 1 + top_k, dtype=np.float32)  # the tail holds the top k's changes (dead zone)
         times = np.zeros(2 * max(self.keep_times, 1), dtype=np.int64)
         clock = np.zeros(2, dtype=np.int64)
-        top_k = min(self.head.k, self.n_vocab)
         heap_ids, heap_logits = np.zeros(top_k, dtype=np.int32), np.zeros(top_k, dtype=np.float32)
         block_max = np.zeros(-(-self.n_vocab // BLOCK), dtype=np.float32)
         ctx = np.zeros(_SLOTS, dtype=np.int64)
@@ -361,6 +375,7 @@ class NativeSampler:
         ctx[_HEAP_IDS], ctx[_HEAP_LOGITS] = heap_ids.ctypes.data, heap_logits.ctypes.data
         ctx[_BLOCK_MAX], ctx[_BLOCKS] = block_max.ctypes.data, block_max.size
         ctx[_ALPHA:_ALPHA + 1].view(np.float64)[0] = float(self.alpha)
+        ctx[_DEAD_ZONE:_DEAD_ZONE + 1].view(np.float64)[0] = self.head.dead_zone
         ctx[_TIMES_CAPACITY] = self.keep_times
         self._context = ctx
         self._times = times

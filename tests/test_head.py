@@ -29,8 +29,9 @@ def random_head(seed=0, k=K, promote=(3, 7, 250), V=V, R=R) -> Head:
     )
 
 
-def dense_reference(head: Head, logits: np.ndarray, alpha: float) -> np.ndarray:
-    """The head as DESIGN.md writes it, with full V x V algebra in float64 and a -inf mask."""
+def dense_reference(head: Head, logits: np.ndarray, alpha: float, dead_zone: float = 0.0) -> np.ndarray:
+    """The head as DESIGN.md writes it, with full V x V algebra in float64 and a -inf mask; with a
+    dead zone, each change soft-thresholded around the top k's probability-weighted mean change."""
     logits = logits.astype(np.float64)
     order = np.argsort(-logits, kind="stable")
     top = order[: head.k]
@@ -38,7 +39,11 @@ def dense_reference(head: Head, logits: np.ndarray, alpha: float) -> np.ndarray:
     x = np.zeros(len(logits))
     x[top] = logits[top] - np.log(np.sum(np.exp(logits[top])))
     interaction = head.U.astype(np.float64) @ head.W.astype(np.float64).T  # (V, V): <U_i, W_j>
-    adjusted = logits + alpha * (head.bias + x @ interaction)
+    change = head.bias + x @ interaction
+    if dead_zone:
+        centre = np.sum(np.exp(x[top]) * change[top])
+        change = centre + np.sign(change - centre) * np.maximum(np.abs(change - centre) - dead_zone, 0.0)
+    adjusted = logits + alpha * change
     candidates = np.zeros(len(logits), dtype=bool)
     candidates[top] = True
     candidates[head.promote] = True
@@ -59,6 +64,73 @@ def test_apply_matches_dense_reference():
         finite = np.isfinite(expected)
         np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-3)
         np.testing.assert_allclose(head.apply_dense(logits, alpha)[finite], expected[finite], rtol=1e-4, atol=1e-3)
+
+
+def with_dead_zone(head: Head, dead_zone: float) -> Head:
+    return Head.create(head.U, head.W, head.bias, head.promote, **dict(head.meta, dead_zone=dead_zone))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 60), dead_zone=st.floats(0.01, 5), alpha=st.floats(0.1, 3))
+def test_dead_zone_matches_dense_reference(seed, k, dead_zone, alpha):
+    head = with_dead_zone(random_head(seed, k=k), dead_zone)
+    logits = (np.random.default_rng(seed + 1).standard_normal(V) * 4).astype(np.float32)
+    expected = dense_reference(head, logits, alpha, dead_zone)
+    got = head.apply_dense(logits, alpha)
+    finite = np.isfinite(expected)
+    assert np.array_equal(np.isfinite(got), finite)
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=2e-3)
+
+
+def test_dead_zone_keeps_large_changes_and_drops_small_ones():
+    """A head whose only changes are +0.3 for one top-k token and +6 for another: a dead zone of 1
+    drops the first and keeps the second, less 1 nat (changes measured from their centre, the
+    probability-weighted mean change, which a shift common to all candidates does not move)."""
+    logits = np.zeros(V, dtype=np.float32)
+    logits[:K] = np.linspace(5, 3, K)  # the top k: tokens 0..K-1
+    bias = np.full(V, 2.0, dtype=np.float32)  # a shift common to every candidate: changes nothing
+    bias[4] += 0.3
+    bias[9] += 6.0
+    plain = Head.create(np.zeros((V, R)), np.zeros((V, R)), bias, (), k=K, vocab_fingerprint="v")
+    shrunk = with_dead_zone(plain, 1.0)
+    ids, base_adjusted = plain.apply(logits)
+    ids2, adjusted = shrunk.apply(logits)
+    assert np.array_equal(ids, ids2)
+    change = dict(zip(ids.tolist(), (adjusted - logits[ids]).tolist()))
+    p = np.exp(logits[:K] - logits[:K].max())
+    p /= p.sum()
+    centre = 2.0 + 0.3 * p[4] + 6.0 * p[9]
+    assert change[4] == pytest.approx(centre)  # 2.3 lies within 1 of the centre: no change of its own
+    assert change[9] == pytest.approx(8.0 - 1.0)  # 8 is more than 1 above the centre: kept, less 1
+    assert change[0] == pytest.approx(centre)
+    assert ids[np.argmax(base_adjusted)] == 9 and ids[np.argmax(adjusted)] == 9  # the large push still wins
+
+
+def test_a_dead_zone_wider_than_every_change_keeps_the_base_distribution():
+    head = with_dead_zone(random_head(3), 1e6)
+    logits = (np.random.default_rng(4).standard_normal(V) * 4).astype(np.float32)
+    ids, adjusted = head.apply(logits, 2.0)
+    shift = adjusted - logits[ids]
+    np.testing.assert_allclose(shift, shift[0], atol=1e-3)  # one shift for all: softmax as the base's
+    assert ids[np.argmax(adjusted)] == np.argmax(logits)
+
+
+@pytest.mark.parametrize("value", [float("nan"), -0.5, "1", True, None])
+def test_bad_dead_zone_is_refused(tmp_path, value):
+    arrays = good_arrays(random_head(), dead_zone=value)
+    with pytest.raises(SaliError, match="dead_zone must be a number of nats"):
+        Head.load(write_npz(tmp_path / "dz.npz", **arrays))
+
+
+def test_format_version_says_whether_a_dead_zone_is_needed(tmp_path):
+    """A head with a dead zone is written as format 2, which a sali that would apply it without
+    one refuses; a head without one stays format 1, which every sali reads."""
+    head = random_head()
+    for dead_zone, version in ((0.0, 1), (0.7, 2)):
+        path = with_dead_zone(head, dead_zone).save(tmp_path / f"v{version}.npz")
+        with np.load(path, allow_pickle=False) as arrays:
+            assert json.loads(bytes(arrays["meta"]).decode())["version"] == version
+        assert Head.load(path).dead_zone == dead_zone
 
 
 @settings(max_examples=60, deadline=None)

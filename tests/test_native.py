@@ -34,8 +34,8 @@ def test_compiled_and_python_paths_choose_the_same_tokens(tiny_model, sampling):
 
 
 def test_compiled_kernel_equals_the_reference_kernel():
-    """Random heads and candidates, promoted tokens inside and outside the top k: the packed
-    kernel writes the same candidates as Head.adjust_into."""
+    """Random heads and candidates, promoted tokens inside and outside the top k, with and without
+    a dead zone: the packed kernel writes the same candidates as Head.adjust_into."""
     rng = np.random.default_rng(0)
     V, k, rank = 300, 16, 6
     for trial in range(40):
@@ -43,7 +43,7 @@ def test_compiled_kernel_equals_the_reference_kernel():
         top = np.argsort(-raw)[:k]
         promote = np.unique(np.concatenate([rng.choice(V, 10, replace=False), top[rng.integers(0, k, 3)]]))
         head = make_head(_Vocab(V), k=k, rank=rank, seed=trial, promote=promote,
-                         bias=rng.standard_normal(V).astype(np.float32))
+                         bias=rng.standard_normal(V).astype(np.float32), dead_zone=float(rng.uniform(0.1, 2)) if trial % 2 else 0.0)
         alpha = float(rng.uniform(0.2, 3))
         ref_ids, ref_logits = token_fields(V)
         ref_ids[:k], ref_logits[:k] = top, raw[top]
@@ -53,7 +53,7 @@ def test_compiled_kernel_equals_the_reference_kernel():
         whole["id"][:k], whole["logit"][:k] = top, raw[top]
         words = whole.view(np.int32)
         got = native._kernel(words, words.view(np.float32)[1:], k, raw, head.promote.astype(np.int64), rows, promoted,
-                             np.zeros(rank + 1, np.float32), alpha)
+                             np.zeros(rank + 1 + k, np.float32), alpha, head.dead_zone)
         assert got == count
         assert np.array_equal(whole["id"][:got], ref_ids[:count])
         np.testing.assert_allclose(whole["logit"][:got], ref_logits[:count], rtol=1e-5, atol=1e-5)
@@ -155,3 +155,21 @@ class _Vocab:
 
     def __init__(self, n_vocab: int):
         self.n_vocab, self.fingerprint, self.name = n_vocab, f"v{n_vocab}-0000000000000000", "none"
+
+
+@pytest.mark.parametrize("native_path", [True, False], ids=["compiled", "python"])
+def test_dead_zone_in_real_decoding(tiny_model, native_path):
+    """On the tiny GGUF, greedy: a steering head changes the text; the same weights with a dead zone
+    wider than every change leave the plain model's text (compiled sampler and Python callback alike)."""
+    sampling = Sampling(max_tokens=24)
+    plain = _tokens(tiny_model, None, sampling, None)
+
+    def run(dead_zone):
+        head = make_head(tiny_model, k=12, promote=[3, 4, 5, 200], dead_zone=dead_zone)
+        hook = tiny_model.sampler(head, 1.0, native=native_path)
+        tokens = _tokens(tiny_model, head, sampling, hook)
+        assert hook.error is None
+        return tokens
+
+    assert run(0.0) != plain
+    assert run(1e6) == plain

@@ -110,6 +110,15 @@ def test_second_run_reuses_extraction_and_same_seed_gives_same_head(pair, traine
     sharpened = Head.load(sharp)
     assert sharpened.meta["training"]["sharpen"] == 3.0 and "sharpen" not in first.meta["training"]
     assert not np.array_equal(sharpened.W, first.W)
+    # --dead-zone is a run-time rule: the same weights, the zone in the head (format 2); the
+    # validation figures are measured with it
+    zoned_path = tmp_path / "zoned.npz"
+    train(pair, zoned_path, cache, "--dead-zone", "0.5")
+    zoned = Head.load(zoned_path)
+    for name in ("U", "W", "bias", "promote"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(zoned, name))
+    assert zoned.dead_zone == 0.5 and first.dead_zone == 0.0
+    assert zoned.meta["version"] == 2 and first.meta["version"] == 1
 
 
 def test_adding_a_prompt_file_reuses_the_extraction_of_the_others(pair, trained, tmp_path):
@@ -273,6 +282,8 @@ def test_training_options_that_do_not_fit_give_one_line(pair, tmp_path):
     assert "--first-tokens" in line and "lmhead" in line
     line = one_error_line(run_sali(*common, "--kind", "lmhead", "--sharpen", "2"))
     assert "--sharpen" in line and "lmhead" in line
+    line = one_error_line(run_sali(*common, "--kind", "lmhead", "--dead-zone", "1"))
+    assert "--dead-zone" in line and "lmhead" in line
     assert "--lr" in one_error_line(run_sali(*common, "--lr", "0"))
     assert "--only-agreeing" in one_error_line(run_sali(*common, "--keywords", str(ROOT / "sali" / "data" / "refusal_keywords.txt")))
     unlabelled = tmp_path / "unlabelled.txt"
