@@ -59,6 +59,31 @@ def test_topk_signal_smoke(pair, trained, tmp_path):
     assert done.returncode == 1 and done.stderr.startswith("error: no extraction in") and len(done.stderr.splitlines()) == 1
 
 
+def test_dead_zone_screen(pair, trained, tmp_path):
+    """bench/dead_zone.py on the tiny pair's trained head and extraction cache: a table of the
+    validation split per label and one of the question file; zone 0 is the head as trained (it moves
+    some choices), a zone wider than every change gives BASE's choices exactly; a bad zone or an
+    unextracted file gets one error line."""
+    head, cache, _done = trained
+    args = ("bench/dead_zone.py", "--head", str(head), "--cache", str(cache), "-P", str(pair.train_prompts), "--threads", THREADS)
+    out = _run(*args, "--questions", str(pair.train_prompts), "--zones", "0", "1e6")
+    rows = {}
+    for line in out.splitlines():
+        words = line.split()
+        if words[:1] == ["BASE"] or words[:1] == ["zone"]:
+            name, values = ("BASE", words[1:]) if words[0] == "BASE" else (words[1], words[2:])
+            rows.setdefault(name, []).append([float(w) for w in values if w != "—"])
+    assert set(rows) == {"BASE", "0", "1e+06"} and all(len(tables) == 2 for tables in rows.values()), out
+    assert rows["1e+06"] == rows["BASE"], out
+    assert rows["0"] != rows["BASE"], out
+    assert "harmful" in out and "validation prompts" in out, out
+    for extra, start in ((("--zones", "-1"), "error: a dead zone"), (("--questions", str(tmp_path / "none.jsonl")), "error: ")):
+        if extra[0] == "--questions":
+            (tmp_path / "none.jsonl").write_text('{"prompt": "never extracted"}\n')
+        done = subprocess.run([sys.executable, *args, *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert done.returncode == 1 and done.stderr.startswith(start) and len(done.stderr.splitlines()) == 1, done.stderr
+
+
 @pytest.mark.parametrize("module", sorted(p.stem for p in (ROOT / "bench" / "smollm2").glob("*.py")))
 def test_smollm2_study_scripts_import(module):
     """The study's scripts take minutes to hours (run.py --quick: several minutes), so the suite
