@@ -142,10 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             table(f"{path.name} ({len(texts)} prompts, every response position): top-1 agreement with ALIGNED",
                   columns, base, {zone: hits(twin, positions, zone) for zone in args.zones})
     except SaliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        sys.exit(f"error: {exc}")  # one line on stderr, exit status 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

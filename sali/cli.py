@@ -807,7 +807,7 @@ def head_info(path: Annotated[str, typer.Argument(help="Head file (.npz) or ship
     else:
         table.add_row("promotion set |A|", str(head.promote.size))
         meta.pop("dead_zone", None)
-        table.add_row("dead zone", f"{head.dead_zone:g} nats (smaller changes dropped)" if head.dead_zone else "none")
+        table.add_row("dead zone", f"{head.dead_zone:g} nat{'' if head.dead_zone == 1 else 's'} (smaller changes dropped)" if head.dead_zone else "none")
         sizes = head.size_report()
         table.add_row("parameters", f"{sizes['total']:,} (U {sizes['U']:,} · W {sizes['W']:,} · bias {sizes['bias']:,})")
     table.add_row("file size", f"{path.stat().st_size / 1e6:.2f} MB")

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from conftest import make_head, one_error_line, read_jsonl, run_sali
 
+from sali.head import Head
+
 
 @pytest.fixture(scope="module")
 def forcing_head(tiny_model, tmp_path_factory):
@@ -59,11 +61,16 @@ def test_each_sampled_prompt_draws_its_own_stream_and_records_the_seed_that_repl
         assert alone.stdout.rstrip("\n") == row["response"]
 
 
-def test_head_info(forcing_head):
+def test_head_info(forcing_head, tmp_path):
     done = run_sali("head", "info", str(forcing_head))
     assert done.returncode == 0, done.stderr
     for text in ("topk", "vocab_fingerprint", "plain", "promotion set"):
         assert text in done.stdout
+    assert "dead zone" in done.stdout and "none" in done.stdout
+    zoned = Head.load(forcing_head)
+    zoned.meta["dead_zone"] = 1.5
+    done = run_sali("head", "info", str(zoned.save(tmp_path / "zoned.npz")))
+    assert done.returncode == 0 and "1.5 nats" in done.stdout, done.stdout
 
 
 def test_convert_cli_writes_loadable_gguf(tiny, tmp_path):
