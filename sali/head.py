@@ -21,7 +21,8 @@ A head may carry a *dead zone* ``d`` (metadata ``dead_zone``, nats, default 0): 
 ones stay. A shift common to every candidate changes nothing, so the centre keeps the rule
 independent of it.
 
-File format (``format = "sali-head"``, version 1), always loaded with ``allow_pickle=False``:
+File format (``format = "sali-head"``; version 1, or 2 for a head with a dead zone, which an older
+sali must refuse rather than apply without it), always loaded with ``allow_pickle=False``:
 
 =========  ============  ==============================================================
 array      dtype, shape  meaning
