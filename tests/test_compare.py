@@ -216,3 +216,34 @@ def test_cache_and_prompt_files_keep_records_holding_unicode_line_separators(tmp
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": odd, "label": "benign"}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert [p.text for p in read_prompts(prompts)] == [odd]
+
+
+def test_forced_only_scores_every_system_on_the_aligned_answers_without_generating_theirs(compared, tmp_path):
+    """--forced-only: only the aligned model answers (one generation a prompt, in an empty cache),
+    and every system's teacher-forced figures equal those of the full comparison."""
+    args = list(compared["args"])
+    args[args.index("-o") + 1] = str(tmp_path / "forced")
+    done = run_sali(*args, "--forced-only", "--cache", str(tmp_path / "cache"), timeout=600)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "forced" / "summary.json").read_text())
+    full = json.loads((compared["first"] / "summary.json").read_text())
+    assert summary["forced_only"] is True and summary["new_generations"] == summary["prompts"]
+    head_name = "base+" + compared["head"].stem
+    for name in ("base", head_name):
+        row = summary["systems"][name]
+        assert "refusal_harmful" not in row and "loops" not in row
+        for key in ("top1_vs_aligned", "kl_vs_aligned", "cover_vs_aligned"):
+            assert row[key] == pytest.approx(full["systems"][name][key], abs=1e-9), (name, key)
+    assert summary["systems"][head_name]["top1_vs_aligned"] != summary["systems"]["base"]["top1_vs_aligned"]
+    assert {row["system"] for row in read_jsonl(tmp_path / "forced" / "responses.jsonl")} == {"aligned"}
+    assert (tmp_path / "forced" / "kl_by_position.png").is_file() and not (tmp_path / "forced" / "refusal.png").exists()
+    assert "teacher-forced on the aligned answers only" in done.stdout
+
+
+def test_forced_only_needs_the_aligned_model_and_no_generated_figures(pair, compared, tmp_path):
+    prompts = str(pair.heldout_prompts)
+    done = run_sali("compare", "--base", str(pair.base_gguf), "-P", prompts, "--forced-only")
+    assert done.returncode != 0 and "--aligned" in done.stderr and "Traceback" not in done.stderr
+    done = run_sali("compare", "--base", str(pair.base_gguf), "--aligned", str(pair.aligned_gguf), "-P", prompts,
+                    "--forced-only", "--prefill", "Sure")
+    assert done.returncode != 0 and "--prefill" in done.stderr and "Traceback" not in done.stderr

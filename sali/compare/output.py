@@ -14,31 +14,16 @@ from sali.compare.systems import Plan, prompt_key
 
 
 def plot(summary: dict[str, Any], folder: Path) -> list[Path]:
-    """refusal.png (refusal and over-refusal by system) and kl_by_position.png."""
+    """refusal.png (refusal and over-refusal by system; not with --forced-only, where only the
+    aligned model answered) and kl_by_position.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    systems = summary["systems"]
-    names = list(systems)
-    labels = [label for label in summary["labels"]]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
-    width = 0.8 / max(len(labels), 1)
-    for j, label in enumerate(labels):
-        values = [systems[n].get(f"refusal_{label}", np.nan) for n in names]
-        ax.bar(np.arange(len(names)) + j * width, values, width, label=label)
-    ax.set_xticks(np.arange(len(names)) + width * (len(labels) - 1) / 2, names, rotation=20, ha="right")
-    ax.set_ylabel("refusal rate")
-    ax.set_ylim(0, 1.05)
-    ax.legend(title="prompts")
-    ax.set_title("Refusal by system")
-    fig.tight_layout()
-    with atomic_path(folder / "refusal.png", suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    written.append(folder / "refusal.png")
+    if not summary.get("forced_only"):
+        written.append(_refusal_plot(plt, summary, folder))
     curves = {n: b for n, b in summary.get("by_position", {}).items() if b}
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -56,6 +41,27 @@ def plot(summary: dict[str, Any], folder: Path) -> list[Path]:
     return written
 
 
+def _refusal_plot(plt, summary: dict[str, Any], folder: Path) -> Path:
+    systems = summary["systems"]
+    names = list(systems)
+    labels = [label for label in summary["labels"]]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+    width = 0.8 / max(len(labels), 1)
+    for j, label in enumerate(labels):
+        values = [systems[n].get(f"refusal_{label}", np.nan) for n in names]
+        ax.bar(np.arange(len(names)) + j * width, values, width, label=label)
+    ax.set_xticks(np.arange(len(names)) + width * (len(labels) - 1) / 2, names, rotation=20, ha="right")
+    ax.set_ylabel("refusal rate")
+    ax.set_ylim(0, 1.05)
+    ax.legend(title="prompts")
+    ax.set_title("Refusal by system")
+    fig.tight_layout()
+    with atomic_path(folder / "refusal.png", suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return folder / "refusal.png"
+
+
 def write_outputs(plan: Plan, results, summary: dict[str, Any], prefilled: dict[str, Any] | None = None) -> list[Path]:
     """Write the files; `prefilled` (``{prefill: results}``) adds the responses after each prefill,
     whose ``response`` is the continuation and ``prefill`` the forced text (None without one)."""
@@ -67,6 +73,8 @@ def write_outputs(plan: Plan, results, summary: dict[str, Any], prefilled: dict[
             for prefill, answers in conditions:
                 for prompt in plan.prompts:
                     for system in plan.systems:
+                        if system.name not in answers:
+                            continue  # --forced-only: only the aligned model answered
                         result = answers[system.name][prompt_key(prompt)]
                         handle.write(json.dumps({
                             "system": system.name, "prompt": prompt.text, "label": prompt.label, "answer": prompt.answer,

@@ -15,56 +15,28 @@ from sali.compare.systems import Plan, prompt_key
 from sali.prompts import Prompt, describe_format
 
 
-def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Every figure per system (and per label), plus the superficial shares."""
+def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[str, dict[str, Any]],
+              forced_only: bool = False) -> dict[str, Any]:
+    """Every figure per system (and per label), plus the superficial shares; `forced_only`
+    (``sali compare --forced-only``): the teacher-forced figures alone, since only the aligned
+    model answered."""
     aligned = next((s for s in plan.systems if s.kind == "aligned"), None)
     labels = sorted({p.label or "unlabelled" for p in plan.prompts})
     rows = {}
     for system in plan.systems:
-        res = results[system.name]
-        entries = [(p, res[prompt_key(p)]) for p in plan.prompts]
         row: dict[str, Any] = {"kind": system.kind, "model": system.model.name,
                                "head": spec_name([(p.name, s) for p, s in system.heads]) if system.heads else None,
                                "format": describe_format(system.fmt) if system.kind != "icl" else "icl preamble"}
-        row.update(_refusals(plan, entries, labels))
-        if plan.pass_regex is not None:
-            row.update(_rates("pass", lambda r: metrics.passes(r.response, plan.pass_regex), entries, labels))
-        answered = [(p, metrics.answer_match(r.response, p.answer, plan.answer_match)) for p, r in entries if p.answer]
-        if answered:
-            row["exact_match"] = metrics.mean(hit for _, hit in answered)
-            if len(labels) > 1:
-                for label in labels:
-                    hits = [hit for p, hit in answered if (p.label or "unlabelled") == label]
-                    if hits:
-                        row[f"exact_match_{label}"] = metrics.mean(hits)
-        if aligned is not None:
-            ref = results[aligned.name]
-            f1 = {prompt_key(p): metrics.token_f1(r.response, ref[prompt_key(p)].response) for p, r in entries}
-            row["f1_vs_aligned"] = metrics.mean(f1.values())
-            if len(labels) > 1:
-                for label in labels:
-                    row[f"f1_vs_aligned_{label}"] = metrics.mean(f1[prompt_key(p)] for p, _ in entries if (p.label or "unlabelled") == label)
-        row["loops"] = metrics.mean(metrics.repeated_sentence_loop(r.response) for _, r in entries)
-        tokens = sum(len(r.tokens) for _, r in entries)
-        seconds = sum(r.seconds for _, r in entries)
-        row["tokens_per_second"] = tokens / seconds if seconds > 0 else float("nan")
-        row["mean_tokens"] = tokens / max(len(entries), 1)
-        if system.name in forced:
-            row["top1_vs_aligned"] = forced[system.name]["top1"]
-            row["kl_vs_aligned"] = forced[system.name]["kl"]
-            row["cover_vs_aligned"] = forced[system.name]["cover"]
-            row["cover_changed_vs_aligned"] = forced[system.name]["cover_changed"]
-            for label, values in forced[system.name].get("by_label", {}).items():
-                row[f"top1_vs_aligned_{label}"] = values["top1"]
-                row[f"kl_vs_aligned_{label}"] = values["kl"]
-                row[f"cover_vs_aligned_{label}"] = values["cover"]
-                row[f"cover_changed_vs_aligned_{label}"] = values["cover_changed"]
+        if not forced_only:
+            row.update(_answer_figures(plan, system, results, aligned, labels))
+        row.update(_forced_figures(forced.get(system.name)))
         rows[system.name] = row
     return {
         "systems": rows,
         "shares": _shares(rows, aligned),
         "labels": labels,
         "prompts": len(plan.prompts),
+        "forced_only": forced_only,
         "by_position": {name: f.get("by_position", {}) for name, f in forced.items()},
         "kl_top_k": KL_TOP_K if forced else None,
         "cover_k": plan.cover_k if forced else None,
@@ -72,6 +44,51 @@ def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[st
         "answer_match": plan.answer_match,
         "sampling": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.sampling).items()},
     }
+
+
+def _answer_figures(plan: Plan, system, results: dict[str, dict[str, Result]], aligned, labels: list[str]) -> dict[str, Any]:
+    """The figures of one system's answers: refusals, --pass-regex, exact match, F1 against the aligned answers, loops, speed."""
+    res = results[system.name]
+    entries = [(p, res[prompt_key(p)]) for p in plan.prompts]
+    row: dict[str, Any] = {}
+    row.update(_refusals(plan, entries, labels))
+    if plan.pass_regex is not None:
+        row.update(_rates("pass", lambda r: metrics.passes(r.response, plan.pass_regex), entries, labels))
+    answered = [(p, metrics.answer_match(r.response, p.answer, plan.answer_match)) for p, r in entries if p.answer]
+    if answered:
+        row["exact_match"] = metrics.mean(hit for _, hit in answered)
+        if len(labels) > 1:
+            for label in labels:
+                hits = [hit for p, hit in answered if (p.label or "unlabelled") == label]
+                if hits:
+                    row[f"exact_match_{label}"] = metrics.mean(hits)
+    if aligned is not None:
+        ref = results[aligned.name]
+        f1 = {prompt_key(p): metrics.token_f1(r.response, ref[prompt_key(p)].response) for p, r in entries}
+        row["f1_vs_aligned"] = metrics.mean(f1.values())
+        if len(labels) > 1:
+            for label in labels:
+                row[f"f1_vs_aligned_{label}"] = metrics.mean(f1[prompt_key(p)] for p, _ in entries if (p.label or "unlabelled") == label)
+    row["loops"] = metrics.mean(metrics.repeated_sentence_loop(r.response) for _, r in entries)
+    tokens = sum(len(r.tokens) for _, r in entries)
+    seconds = sum(r.seconds for _, r in entries)
+    row["tokens_per_second"] = tokens / seconds if seconds > 0 else float("nan")
+    row["mean_tokens"] = tokens / max(len(entries), 1)
+    return row
+
+
+def _forced_figures(figures: dict[str, Any] | None) -> dict[str, Any]:
+    """One system's teacher-forced figures (:func:`sali.compare.forced.teacher_forced`) as summary fields."""
+    if figures is None:
+        return {}
+    row = {"top1_vs_aligned": figures["top1"], "kl_vs_aligned": figures["kl"], "cover_vs_aligned": figures["cover"],
+           "cover_changed_vs_aligned": figures["cover_changed"]}
+    for label, values in figures.get("by_label", {}).items():
+        row[f"top1_vs_aligned_{label}"] = values["top1"]
+        row[f"kl_vs_aligned_{label}"] = values["kl"]
+        row[f"cover_vs_aligned_{label}"] = values["cover"]
+        row[f"cover_changed_vs_aligned_{label}"] = values["cover_changed"]
+    return row
 
 
 def _refusals(plan: Plan, entries: list[tuple[Prompt, Result]], labels: list[str]) -> dict[str, Any]:
