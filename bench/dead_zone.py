@@ -23,7 +23,6 @@ screening figures for choosing a zone on development data, not a substitute for 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.topk_signal import find_folder  # noqa: E402
+from bench.topk_signal import extractions, find_folder  # noqa: E402
 from sali import extract  # noqa: E402
 from sali.distill import build_positions, make_torch_head, split_prompts  # noqa: E402
 from sali.errors import SaliError  # noqa: E402
@@ -45,15 +44,8 @@ ZONES = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
 def longest_folder(cache: Path, texts: list[str], k: int) -> Path:
     """The extraction folder in `cache` for these prompts with at least `k` base tokens a position
     and the longest answers (``--file-setting FILE:max-new-tokens=N`` can leave several)."""
-    sha = extract.prompts_sha(texts)
-    found = {}
-    for path in sorted(cache.glob("*/settings.json")):
-        settings = json.loads(path.read_text())
-        if settings.get("prompts_sha") == sha and settings.get("k_store", 0) >= k:
-            found[path.parent] = (settings.get("max_new_tokens", 0), -settings["k_store"])
-    if not found:
-        raise SaliError(f"no extraction in {cache} for these {len(texts)} prompts with k_store >= {k}: run sali train on them first")
-    return max(found, key=found.get)
+    found = extractions(cache, texts, k)
+    return max(found, key=lambda folder: (found[folder].get("max_new_tokens", 0), -found[folder]["k_store"]))
 
 
 def torch_twin(head: Head):

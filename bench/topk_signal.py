@@ -39,9 +39,9 @@ from sali.training import default_cache  # noqa: E402
 FALSE_ALARMS = 0.10  # share of the other prompts flagged when the catch rate is read
 
 
-def find_folder(cache: Path, texts: list[str], k: int) -> Path:
-    """The extraction folder in `cache` for these prompt texts with at least `k` base tokens a
-    position; of several that differ only in how many they keep, the smallest (the least to read)."""
+def extractions(cache: Path, texts: list[str], k: int) -> dict[Path, dict]:
+    """Every extraction folder in `cache` for these prompt texts with at least `k` base tokens a
+    position, with its settings; one clear error when there is none."""
     sha = extract.prompts_sha(texts)
     found = {}
     for path in sorted(cache.glob("*/settings.json")):
@@ -50,6 +50,13 @@ def find_folder(cache: Path, texts: list[str], k: int) -> Path:
             found[path.parent] = settings
     if not found:
         raise SaliError(f"no extraction in {cache} for these {len(texts)} prompts with k_store >= {k}: run sali train on them first")
+    return found
+
+
+def find_folder(cache: Path, texts: list[str], k: int) -> Path:
+    """The extraction folder in `cache` for these prompt texts with at least `k` base tokens a
+    position; of several that differ only in how many they keep, the smallest (the least to read)."""
+    found = extractions(cache, texts, k)
     if len({json.dumps({**s, "k_store": None}, sort_keys=True) for s in found.values()}) > 1:
         raise SaliError(f"{len(found)} extractions in {cache} hold these prompts ({', '.join(f.name for f in found)}): "
                         "name the one to read with --extraction")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -709,12 +708,7 @@ def compare(
         def reporter(condition: str | None):
             return lambda name, done, total: progress.update(tasks[(condition, name)], completed=done)
 
-        if forced_only:  # the aligned answers alone, then every system teacher-forced on them
-            answers_plan = dataclasses.replace(plan, systems=answering)
-            results = cmp.generate_all(answers_plan, reporter(None))
-            plan.generations = answers_plan.generations
-        else:
-            results = cmp.generate_all(plan, reporter(None))
+        results = cmp.generate_all(plan, reporter(None), systems=answering)  # --forced-only: the aligned model's alone
         prefilled = {text: cmp.generate_all(plan, reporter(text), prefill=text) for text in prefills}
         forced = {}
         if aligned is not None:

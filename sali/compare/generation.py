@@ -19,13 +19,14 @@ from sali.runtime import Model, Sampling
 
 
 def generate_all(plan: Plan, progress: Callable[[str, int, int], None] | None = None,
-                 prefill: str | None = None) -> dict[str, dict[str, Result]]:
-    """Responses of every system to every prompt: ``{system: {prompt_key: Result}}``. With
+                 prefill: str | None = None, systems: list[System] | None = None) -> dict[str, dict[str, Result]]:
+    """Responses of every system (or of `systems` alone, e.g. the aligned model for
+    ``--forced-only``) to every prompt: ``{system: {prompt_key: Result}}``. With
     `prefill`, every response is forced to begin with it (the same token ids for every model,
     after each system's own formatted prompt) and a Result holds the continuation."""
     results: dict[str, dict[str, Result]] = {}
     by_model: dict[Path, list[System]] = {}
-    for system in plan.systems:
+    for system in plan.systems if systems is None else systems:
         by_model.setdefault(system.model, []).append(system)
     for model_path, systems in by_model.items():
         caches = {s.name: Cache(plan.cache, s, plan.sampling, prefill) for s in systems}
