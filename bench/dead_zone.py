@@ -8,12 +8,13 @@ each zone, on
 
 * the prompts ``sali train`` held out for validation from the head's own training files (the
   head's split: its seed and validation share), per prompt label, at the first ``--steps``
-  response tokens, where refusing is decided;
+  response tokens, where refusing is decided, and at the later ones;
 * optionally ``--questions``: prompt files the head never trained on, extracted by ``sali train``
   with the same models (e.g. benign questions with long answers; the longest extraction of each), at
   every response position, and before and past the head's own training length.
 
-The base here is the Hugging Face model ``sali train`` read (not a quantised GGUF), so these are
+With ``--from-step N`` the zone spares the first N response steps (``sali head set
+--dead-zone-from``). The base here is the Hugging Face model ``sali train`` read (not a quantised GGUF), so these are
 screening figures for choosing a zone on development data, not a substitute for ``sali compare``.
 
     python bench/dead_zone.py --head H.npz --cache WORK/extract -P train.jsonl -P distill.jsonl --questions qa.jsonl
@@ -59,13 +60,14 @@ def torch_twin(head: Head):
     return twin
 
 
-def hits(twin, positions, zone: float) -> np.ndarray:
-    """``(N,)`` bool: where BASE + head's greedy choice at dead zone `zone` is ALIGNED's token."""
+def hits(twin, positions, zone: float, from_step: int = 0) -> np.ndarray:
+    """``(N,)`` bool: where BASE + head's greedy choice at dead zone `zone`, applied from response
+    step `from_step` on, is ALIGNED's token."""
     import torch
 
-    twin.dead_zone = zone
+    twin.dead_zone, twin.dead_zone_from = zone, from_step
     with torch.no_grad():
-        cand, adjusted = twin(positions.top_ids, positions.top_lp, positions.promo_lp)
+        cand, adjusted = twin(positions.top_ids, positions.top_lp, positions.promo_lp, 1.0, positions.step)
         best = cand.gather(1, adjusted.argmax(-1, keepdim=True)).squeeze(1)
     return (best == positions.al_top1).numpy()
 
@@ -95,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a prompt file the head was trained on (repeatable, in sali train's order)")
     parser.add_argument("--questions", type=Path, action="append", default=[], help="a prompt file it never trained on (repeatable)")
     parser.add_argument("--zones", type=float, nargs="+", default=list(ZONES), help="dead zones to score, in nats")
-    parser.add_argument("--steps", type=int, default=3, help="response tokens scored on the validation prompts (default 3)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="the validation prompts' first response tokens, scored apart from the later ones (default 3)")
+    parser.add_argument("--from-step", type=int, default=0, help="the first response step each zone applies at (default 0: every step)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     import torch
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if any(zone < 0 for zone in args.zones):
             raise SaliError("a dead zone is a number of nats >= 0")
+        if args.from_step < 0 or args.steps < 1:
+            raise SaliError("--from-step must be >= 0 and --steps >= 1")
         head = Head.load(args.head)
         training = head.meta.get("training") or {}
         twin = torch_twin(head)
@@ -113,15 +119,17 @@ def main(argv: list[str] | None = None) -> int:
                                         [len(file_rows) for file_rows in rows])
         labels = np.array([p.label or "unlabelled" for file_rows in rows for p in file_rows])
         held = split_prompts(data["row"], float(training.get("val_fraction", 0.1)), int(training.get("seed", 0)))
-        data = aligned_only(data, held & (data["step"] < args.steps))
+        data = aligned_only(data, held)
         if not len(data.get("token", ())):
             raise SaliError("no validation positions: are these the head's training files, in its order?")
         positions = build_positions(data, head.k, head.promote)
-        label_of = labels[data["row"]]
-        columns = {label: label_of == label for label in sorted(set(label_of))}
+        label_of, early = labels[data["row"]], data["step"] < args.steps
+        columns = {f"{label} {span}": (label_of == label) & (early if span.startswith("0") else ~early)
+                   for label in sorted(set(label_of)) for span in (f"0-{args.steps - 1}", f"{args.steps}+")}
         base = (positions.top_ids[:, 0] == positions.al_top1).numpy()
-        table(f"validation prompts of the head's split, response steps 0-{args.steps - 1}: top-1 agreement with ALIGNED",
-              columns, base, {zone: hits(twin, positions, zone) for zone in args.zones})
+        spared = f", each zone from step {args.from_step}" if args.from_step else ""
+        table(f"validation prompts of the head's split, by response steps: top-1 agreement with ALIGNED{spared}",
+              columns, base, {zone: hits(twin, positions, zone, args.from_step) for zone in args.zones})
         trained_steps = int(training.get("max_new_tokens", 32))
         for path in args.questions:
             texts = [p.text for p in read_prompts(path)]
@@ -131,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             columns = {"all": np.ones(len(step), dtype=bool), f"steps<{trained_steps}": step < trained_steps,
                        f"steps>={trained_steps}": step >= trained_steps}
             base = (positions.top_ids[:, 0] == positions.al_top1).numpy()
-            table(f"{path.name} ({len(texts)} prompts, every response position): top-1 agreement with ALIGNED",
-                  columns, base, {zone: hits(twin, positions, zone) for zone in args.zones})
+            table(f"{path.name} ({len(texts)} prompts, every response position): top-1 agreement with ALIGNED{spared}",
+                  columns, base, {zone: hits(twin, positions, zone, args.from_step) for zone in args.zones})
     except SaliError as exc:
         sys.exit(f"error: {exc}")  # one line on stderr, exit status 1
     return 0

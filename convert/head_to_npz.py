@@ -20,10 +20,10 @@ def float16_agreement(head, positions) -> float:
     rounded = {name: t.detach().half().float() for name, t in head.state_dict().items() if t.is_floating_point()}
     original = {name: t.detach().clone() for name, t in head.state_dict().items()}
     with torch.no_grad():
-        cand, adjusted = head(positions.top_ids, positions.top_lp, positions.promo_lp)
+        cand, adjusted = head(positions.top_ids, positions.top_lp, positions.promo_lp, 1.0, positions.step)
         before = cand.gather(1, adjusted.argmax(-1, keepdim=True))
         head.load_state_dict({**original, **rounded})
-        cand, adjusted = head(positions.top_ids, positions.top_lp, positions.promo_lp)
+        cand, adjusted = head(positions.top_ids, positions.top_lp, positions.promo_lp, 1.0, positions.step)
         after = cand.gather(1, adjusted.argmax(-1, keepdim=True))
         head.load_state_dict(original)
     return float((before == after).float().mean().item())

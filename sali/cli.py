@@ -45,7 +45,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-head_app = typer.Typer(help="Inspect head files and list the shipped ones.", no_args_is_help=True)
+head_app = typer.Typer(help="Inspect head files, list the shipped ones, set a head's run-time rule.", no_args_is_help=True)
 app.add_typer(head_app, name="head")
 
 err = Console(stderr=True, highlight=False)
@@ -482,6 +482,16 @@ def train(
             rich_help_panel="Training",
         ),
     ] = 0.0,
+    dead_zone_from: Annotated[
+        int,
+        typer.Option(
+            "--dead-zone-from",
+            help="The first response step (0: the first token the model chooses) the dead zone applies at: the "
+            "steps before, where a refusal is decided, get the head's changes whole (needs --dead-zone).",
+            min=0,
+            rich_help_panel="Training",
+        ),
+    ] = 0,
     only_agreeing: Annotated[
         bool,
         typer.Option(
@@ -548,6 +558,8 @@ def train(
         raise SaliError("--sharpen augments a top-k head's training positions; --kind lmhead does not take it")
     if dead_zone and kind != "topk":
         raise SaliError("--dead-zone is a top-k head's run-time rule; --kind lmhead does not take it")
+    if dead_zone_from and not dead_zone:
+        raise SaliError("--dead-zone-from says where the dead zone starts; it does nothing without --dead-zone")
     if lr is not None and lr <= 0:
         raise SaliError(f"--lr must be above 0, not {lr:g}")
     if trajectories not in TRAJECTORIES:
@@ -563,7 +575,7 @@ def train(
         rank=rank, promote=promote, k_store=k_store, target_k=target_k, max_new_tokens=max_new_tokens,
         epochs=epochs, lr=lr, batch_size=batch_size, extract_batch=extract_batch, val_fraction=val_fraction,
         trajectories=trajectories, delta_penalty=delta_penalty, first_tokens=first_tokens, first_weight=first_weight, sharpen=sharpen,
-        dead_zone=dead_zone, agreeing_keywords=(keywords or _default_keywords()) if only_agreeing else None, seed=seed, device=device,
+        dead_zone=dead_zone, dead_zone_from=dead_zone_from, agreeing_keywords=(keywords or _default_keywords()) if only_agreeing else None, seed=seed, device=device,
         dtype=dtype, device_map=device_map, cache=cache, trust_remote_code=trust_remote_code, threads=threads,
         file_settings=file_settings,
     )
@@ -820,7 +832,8 @@ def head_info(path: Annotated[str, typer.Argument(help="Head file (.npz) or ship
     else:
         table.add_row("promotion set |A|", str(head.promote.size))
         meta.pop("dead_zone", None)
-        table.add_row("dead zone", f"{head.dead_zone:g} nat{'' if head.dead_zone == 1 else 's'} (smaller changes dropped)" if head.dead_zone else "none")
+        meta.pop("dead_zone_from", None)
+        table.add_row("dead zone", _describe_zone(head.dead_zone, head.dead_zone_from))
         sizes = head.size_report()
         table.add_row("parameters", f"{sizes['total']:,} (U {sizes['U']:,} · W {sizes['W']:,} · bias {sizes['bias']:,})")
     table.add_row("file size", f"{path.stat().st_size / 1e6:.2f} MB")
@@ -838,6 +851,59 @@ def head_info(path: Annotated[str, typer.Argument(help="Head file (.npz) or ship
         for key, value in training.items():
             table.add_row(escape(f"training.{key}"), escape(json.dumps(value) if isinstance(value, (dict, list)) else str(value)))
     Console().print(table)
+
+
+def _describe_zone(zone: float, spared: int) -> str:
+    """``head info``'s dead zone row."""
+    if not zone:
+        return "none"
+    text = f"{zone:g} nat{'' if zone == 1 else 's'} (smaller changes dropped)"
+    return text if not spared else f"{text} from response step {spared} (steps 0–{spared - 1} get the changes whole)"
+
+
+@head_app.command("set")
+def head_set(
+    path: Annotated[str, typer.Argument(help="Head file (.npz) or shipped head name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the changed head (.npz); may be the same file.")],
+    dead_zone: Annotated[
+        Optional[float],
+        typer.Option("--dead-zone", min=0.0, help="Nats: the run-time dead zone (as sali train --dead-zone; 0 removes it)."),
+    ] = None,
+    dead_zone_from: Annotated[
+        Optional[int],
+        typer.Option("--dead-zone-from", min=0, help="The first response step the dead zone applies at (as sali train --dead-zone-from)."),
+    ] = None,
+) -> None:
+    """Write a copy of a top-k head with its run-time rule changed, the weights untouched (no retraining).
+
+    A calibration reference recorded in the head was measured under the old rule, so it is dropped;
+    run `sali calibrate BASE.gguf --head OUT --reference` again.
+    """
+    from sali.head import Head, load_any
+    from sali.session import resolve_head_path
+
+    if dead_zone is None and dead_zone_from is None:
+        raise SaliError("nothing to set: give --dead-zone and/or --dead-zone-from")
+    source = resolve_head_path(path)
+    head = load_any(source)
+    if not isinstance(head, Head):
+        raise SaliError(f"{source}: a white-box lmhead has no run-time rule to set (top-k heads only)")
+    meta = head.meta
+    if dead_zone is not None:
+        meta["dead_zone"] = dead_zone
+    if dead_zone_from is not None:
+        meta["dead_zone_from"] = dead_zone_from
+    if not meta.get("dead_zone"):
+        if dead_zone_from:
+            raise SaliError("--dead-zone-from says where the dead zone starts; this head has no dead zone (add --dead-zone)")
+        meta.pop("dead_zone", None)
+        meta.pop("dead_zone_from", None)
+    elif not meta.get("dead_zone_from"):
+        meta.pop("dead_zone_from", None)
+    dropped = meta.pop("calibration", None) is not None
+    head.save(out, dtype=str(meta.get("weight_dtype", "float16")))
+    err.print(f"wrote {escape(str(out))}: dead zone {_describe_zone(head.dead_zone, head.dead_zone_from)}, format version {meta['version']}"
+              + ("; its calibration reference was dropped (measured under the old rule)" if dropped else ""))
 
 
 @app.command()

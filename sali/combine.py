@@ -44,37 +44,40 @@ class Combined:
         """The heads that act at global strength `alpha`, with their effective strengths ``alpha · s``."""
         return [(head, alpha * s) for head, s in self.parts if alpha * s != 0.0]
 
-    def apply(self, logits: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-        """The combined heads on one ``(V,)`` logits vector: ``(ids, adjusted)`` as :meth:`Head.apply`."""
-        return apply_chain(self.active(alpha), logits)
+    def apply(self, logits: np.ndarray, alpha: float = 1.0, step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The combined heads on one ``(V,)`` logits vector at response step `step`: ``(ids,
+        adjusted)`` as :meth:`Head.apply`."""
+        return apply_chain(self.active(alpha), logits, step)
 
-    def apply_dense(self, logits: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    def apply_dense(self, logits: np.ndarray, alpha: float = 1.0, step: int | None = None) -> np.ndarray:
         """:meth:`apply` as a ``(V,)`` vector with ``-inf`` outside the candidate set."""
         parts = self.active(alpha)
         if not parts:
             return np.asarray(logits, dtype=np.float32).copy()
-        ids, adjusted = apply_chain(parts, logits)
+        ids, adjusted = apply_chain(parts, logits, step)
         out = np.full(logits.shape, -np.inf, dtype=np.float32)
         out[ids] = adjusted
         return out
 
 
-def apply_chain(parts: Sequence[tuple[Head, float]], logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def apply_chain(parts: Sequence[tuple[Head, float]], logits: np.ndarray, step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The composition rule in NumPy: `parts` (head, effective strength) in order, none at 0, on
-    the base's ``(V,)`` logits. Returns the final candidates' ids and adjusted logits."""
+    the base's ``(V,)`` logits at response step `step` (see :meth:`Head.adjust`). Returns the final
+    candidates' ids and adjusted logits."""
     first, strength = parts[0]
-    ids, adjusted = first.apply(logits, strength)
+    ids, adjusted = first.apply(logits, strength, step)
     for head, strength in parts[1:]:
-        ids, adjusted = follow(head, strength, ids, adjusted, logits.shape[0])
+        ids, adjusted = follow(head, strength, ids, adjusted, logits.shape[0], step)
     return ids, adjusted
 
 
-def follow(head: Head, strength: float, ids: np.ndarray, adjusted: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def follow(head: Head, strength: float, ids: np.ndarray, adjusted: np.ndarray, vocab_size: int,
+           step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One later head on the candidates ``(ids, adjusted)`` an earlier head left (rule step 2)."""
     chosen = top_k_ids(adjusted, head.k)
     dense = np.full(vocab_size, -np.inf, dtype=np.float32)
     dense[ids] = adjusted
-    new_ids, new_logits = head.adjust(ids[chosen], adjusted[chosen], dense[head.promote], strength)
+    new_ids, new_logits = head.adjust(ids[chosen], adjusted[chosen], dense[head.promote], strength, step)
     keep = np.isfinite(new_logits)
     return new_ids[keep], new_logits[keep]
 

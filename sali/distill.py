@@ -47,6 +47,7 @@ class TrainSettings:
     first_weight: float = 1.0
     sharpen: float = 1.0  # largest factor on the base's logits of a sharpened training position (1: off)
     dead_zone: float = 0.0  # nats: set on the trained head (run-time rule, not in the loss); the validation figures use it
+    dead_zone_from: int = 0  # the first response step the zone applies at (the steps before are spared)
     val_fraction: float = 0.1
     patience: int = 4
     seed: int = 0
@@ -188,7 +189,8 @@ def make_torch_head(vocab_size: int, rank: int, promote: np.ndarray, seed: int):
 
     class TorchHead(nn.Module):
         """``U, W``: ``(V, r)``; ``bias``: ``(V,)``; starts as the identity (W = 0, bias = 0).
-        ``dead_zone``: nats, as :class:`sali.head.Head`'s (0 in training)."""
+        ``dead_zone``: nats, and ``dead_zone_from``: the first response step it applies at, as
+        :class:`sali.head.Head`'s (no zone in training)."""
 
         def __init__(self):
             super().__init__()
@@ -198,9 +200,11 @@ def make_torch_head(vocab_size: int, rank: int, promote: np.ndarray, seed: int):
             self.bias = nn.Parameter(torch.zeros(vocab_size))
             self.register_buffer("promote", torch.as_tensor(np.asarray(promote, dtype=np.int64)))
             self.dead_zone = 0.0
+            self.dead_zone_from = 0
 
-        def forward(self, top_ids, top_lp, promo_lp, alpha: float = 1.0):
-            """Candidate ids ``(N, k+m)`` and adjusted logits ``(N, k+m)``."""
+        def forward(self, top_ids, top_lp, promo_lp, alpha: float = 1.0, step=None):
+            """Candidate ids ``(N, k+m)`` and adjusted logits ``(N, k+m)``; ``step``: ``(N,)`` long,
+            each position's response step (None: not known, the zone applies everywhere)."""
             n = top_ids.shape[0]
             cand = torch.cat([top_ids, self.promote.expand(n, -1)], dim=1)
             base = torch.cat([top_lp, promo_lp], dim=1)
@@ -210,7 +214,10 @@ def make_torch_head(vocab_size: int, rank: int, promote: np.ndarray, seed: int):
             if self.dead_zone > 0:  # soft threshold around the top k's probability-weighted mean change
                 centre = (torch.softmax(top_lp, dim=-1) * delta[:, : top_ids.shape[1]]).sum(-1, keepdim=True)
                 off = delta - centre
-                delta = centre + off.sign() * (off.abs() - self.dead_zone).clamp_min(0.0)
+                zone = self.dead_zone
+                if step is not None and self.dead_zone_from > 0:
+                    zone = torch.where(step >= self.dead_zone_from, zone, 0.0).to(delta.dtype)[:, None]
+                delta = centre + off.sign() * (off.abs() - zone).clamp_min(0.0)
             adjusted = base + alpha * delta
             return cand, torch.where(base <= NEG / 2, torch.full_like(adjusted, NEG), adjusted)
 
@@ -252,7 +259,7 @@ def evaluate(head, pos: Positions, alpha: float = 1.0, batch_size: int = 4096) -
     with torch.no_grad():
         for start in range(0, len(pos), batch_size):
             b = pos.subset(slice(start, start + batch_size))
-            cand, adjusted = head(b.top_ids, b.top_lp, b.promo_lp, alpha)
+            cand, adjusted = head(b.top_ids, b.top_lp, b.promo_lp, alpha, b.step)
             best = cand.gather(1, adjusted.argmax(-1, keepdim=True)).squeeze(1)
             head_hit, base_hit, at_first = best == b.al_top1, b.top_ids[:, 0] == b.al_top1, b.step == 0
             sums["top1_head"] += head_hit.float().sum().item()
@@ -393,7 +400,7 @@ def train_topk(
         lambda: evaluate(head, val_pos), settings.epochs, settings.patience, on_epoch,
     )
     _zero_unused_rows(head, data, train_mask, settings.k, promote)
-    head.dead_zone = settings.dead_zone  # applied at run time only, so the figures below include it
+    head.dead_zone, head.dead_zone_from = settings.dead_zone, settings.dead_zone_from  # run time only; the figures below include them
     after = evaluate(head, val_pos)
     return TrainResult(
         head=head,

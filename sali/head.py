@@ -19,10 +19,14 @@ A head may carry a *dead zone* ``d`` (metadata ``dead_zone``, nats, default 0): 
 ``Δ'_j = c + sign(Δ_j - c) · max(|Δ_j - c| - d, 0)``, before α scales it: changes smaller than
 ``d`` vanish (on SmolLM2 they mostly flipped near-ties away from the aligned model's choice), large
 ones stay. A shift common to every candidate changes nothing, so the centre keeps the rule
-independent of it.
+independent of it. The zone may spare the first response steps (metadata ``dead_zone_from``, a
+whole number ``N``, default 0): steps are counted from 0 at the first token the model chooses in a
+generation (prefilled tokens are not steps), and steps below ``N`` get the head's changes whole,
+where a refusal is decided; a caller that does not know the step gets the zone.
 
-File format (``format = "sali-head"``; version 1, or 2 for a head with a dead zone, which an older
-sali must refuse rather than apply without it), always loaded with ``allow_pickle=False``:
+File format (``format = "sali-head"``; version 1; 2 for a head with a dead zone; 3 for one whose
+zone spares the first steps: an older sali must refuse such a file rather than apply it without
+its rule), always loaded with ``allow_pickle=False``:
 
 =========  ============  ==============================================================
 array      dtype, shape  meaning
@@ -52,7 +56,7 @@ from sali.errors import SaliError
 from sali.kernel import head_kernel, token_fields
 
 FORMAT_NAME = "sali-head"
-FORMAT_VERSION = 2  # the newest this sali reads; 2 added the dead zone (see format_version)
+FORMAT_VERSION = 3  # the newest this sali reads; 2 added the dead zone, 3 its spared first steps (see format_version)
 KINDS = ("topk",)
 FEATURES = ("topk_logsoftmax",)
 REQUIRED_META = ("format", "version", "kind", "k", "rank", "vocab_size", "vocab_fingerprint")
@@ -162,6 +166,15 @@ class Head(_HeadMeta):
         """Nats by which each change is soft-thresholded around its centre (0: none)."""
         return float(self.meta.get("dead_zone", 0.0))
 
+    @property
+    def dead_zone_from(self) -> int:
+        """The first response step (0-based) the dead zone applies at: the steps before get the changes whole."""
+        return int(self.meta.get("dead_zone_from", 0))
+
+    def zone_at(self, step: int | None) -> float:
+        """The dead zone in force at response step `step` (None: a step not known, taken as past the spared ones)."""
+        return 0.0 if step is not None and step < self.dead_zone_from else self.dead_zone
+
     # ---- validation ---------------------------------------------------------------------
     def validate(self, source: str) -> None:
         """Raise :class:`SaliError` unless shapes, dtypes and values agree with the metadata."""
@@ -191,6 +204,9 @@ class Head(_HeadMeta):
         dead_zone = meta.get("dead_zone", 0.0)
         if isinstance(dead_zone, bool) or not isinstance(dead_zone, (int, float)) or not 0 <= dead_zone < math.inf:
             raise SaliError(f"{source}: head metadata dead_zone must be a number of nats ≥ 0, not {dead_zone!r:.60}")
+        spared = meta.get("dead_zone_from", 0)
+        if isinstance(spared, bool) or not isinstance(spared, int) or spared < 0:
+            raise SaliError(f"{source}: head metadata dead_zone_from must be a whole number of response steps ≥ 0, not {spared!r:.60}")
         if self.promote.ndim != 1 or (self.promote.size and (self.promote.min() < 0 or self.promote.max() >= V)):
             raise SaliError(f"{source}: promotion ids must be a 1-D list of ids below vocab_size={V}")
         for name in ("U", "W", "bias"):
@@ -236,7 +252,8 @@ class Head(_HeadMeta):
             )
 
     def adjust(
-        self, top_ids: np.ndarray, top_logits: np.ndarray, promote_logits: np.ndarray, alpha: float = 1.0
+        self, top_ids: np.ndarray, top_logits: np.ndarray, promote_logits: np.ndarray, alpha: float = 1.0,
+        step: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The head itself, given the base's top k (computed by :meth:`adjust_into`).
 
@@ -245,6 +262,8 @@ class Head(_HeadMeta):
             top_logits: ``(k,)`` float32 their logits.
             promote_logits: ``(m,)`` float32 base logits of the promotion set ``self.promote``.
             alpha: head strength.
+            step: the response step being chosen (0: the first token the model chooses), for a
+                dead zone that spares the first steps; None: not known (the zone applies).
 
         Returns:
             ``(ids, adjusted)``: ``(c,)`` int32 candidate ids ``C = S ∪ A`` (no duplicates) and
@@ -254,12 +273,12 @@ class Head(_HeadMeta):
         ids, logits = token_fields(k + self.promote.size)
         ids[:k], logits[:k] = top_ids, top_logits
         promote_logits = np.ascontiguousarray(promote_logits, dtype=np.float32)
-        count = self.adjust_into(ids[:k], logits[:k], promote_logits, np.arange(self.promote.size), ids, logits, alpha)
+        count = self.adjust_into(ids[:k], logits[:k], promote_logits, np.arange(self.promote.size), ids, logits, alpha, step)
         return ids[:count].copy(), logits[:count].copy()
 
     def adjust_into(
         self, top_ids: np.ndarray, top_logits: np.ndarray, source: np.ndarray, source_at: np.ndarray,
-        out_ids: np.ndarray, out_logits: np.ndarray, alpha: float = 1.0,
+        out_ids: np.ndarray, out_logits: np.ndarray, alpha: float = 1.0, step: int | None = None,
     ) -> int:
         """:meth:`adjust` written into ``out_ids[:c]`` and ``out_logits[:c]``; returns ``c``.
 
@@ -279,22 +298,23 @@ class Head(_HeadMeta):
             scratch.stamps = np.zeros(self.vocab_size, dtype=np.int32)
             call = 1
         scratch.call = call
-        dead_zone = self.dead_zone
+        dead_zone = self.zone_at(step)
         needed = self.rank + 1 + (len(top_ids) if dead_zone > 0 else 0)  # with a dead zone: the top k's changes too
         if getattr(scratch, "mixed", None) is None or scratch.mixed.size < needed:
             scratch.mixed = np.ones(needed, dtype=np.float32)
         return head_kernel()(top_ids, top_logits, source, source_at, out_ids, out_logits, self.U, self._w_bias(),
                              self.promote, scratch.stamps, call, scratch.mixed, float(alpha), dead_zone)
 
-    def apply(self, logits: np.ndarray, alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-        """Apply the head to one full logits vector ``(V,)`` (token-id order): selects the top k,
-        then :meth:`adjust`. Returns ``(ids, adjusted)`` as :meth:`adjust` does."""
+    def apply(self, logits: np.ndarray, alpha: float = 1.0, step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Apply the head to one full logits vector ``(V,)`` (token-id order) at response step
+        `step` (see :meth:`adjust`): selects the top k, then :meth:`adjust`. Returns ``(ids,
+        adjusted)`` as :meth:`adjust` does."""
         top = top_k_ids(logits, self.k)
-        return self.adjust(top, logits[top], logits[self.promote], alpha)
+        return self.adjust(top, logits[top], logits[self.promote], alpha, step)
 
-    def apply_dense(self, logits: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    def apply_dense(self, logits: np.ndarray, alpha: float = 1.0, step: int | None = None) -> np.ndarray:
         """:meth:`apply` as a ``(V,)`` vector with ``-inf`` outside the candidate set."""
-        ids, adjusted = self.apply(logits, alpha)
+        ids, adjusted = self.apply(logits, alpha, step)
         out = np.full(logits.shape, -np.inf, dtype=np.float32)
         out[ids] = adjusted
         return out
@@ -331,10 +351,13 @@ def _count(meta: dict[str, Any], key: str, source: str) -> int:
 
 
 def format_version(meta: dict[str, Any]) -> int:
-    """The oldest format version that holds everything in `meta`: 2 for a head with a dead zone,
-    which a sali that reads only version 1 would apply without it (so it must refuse the file),
-    else 1, which every sali reads."""
-    return 2 if meta.get("dead_zone", 0) else 1
+    """The oldest format version that holds everything in `meta`: 3 for a head whose dead zone
+    spares the first response steps, 2 for one with a dead zone at every step (a sali that reads
+    only older versions would apply the head without that rule, so it must refuse the file), else
+    1, which every sali reads."""
+    if not meta.get("dead_zone", 0):
+        return 1
+    return 3 if meta.get("dead_zone_from", 0) else 2
 
 
 def _check_version(version: Any, source: str) -> None:

@@ -36,8 +36,9 @@ from sali.head import Head
 
 # context slots, int64 each (alpha and the dead zone: a float64's bits)
 (_ROWS, _PROMOTE, _PROMOTE_W, _MIXED, _LLAMA_CTX, _GET_LOGITS, _CLOCK_GETTIME, _CLOCK_ID, _CLOCK, _VOCAB, _RANK, _PROMOTED,
- _TOP_K, _ALPHA, _ERROR, _GOT, _CALLS, _TIMES, _TIMES_CAPACITY, _HEAP_IDS, _HEAP_LOGITS, _BLOCK_MAX, _BLOCKS, _DEAD_ZONE) = range(24)
-_SLOTS = 24
+ _TOP_K, _ALPHA, _ERROR, _GOT, _CALLS, _TIMES, _TIMES_CAPACITY, _HEAP_IDS, _HEAP_LOGITS, _BLOCK_MAX, _BLOCKS, _DEAD_ZONE,
+ _DEAD_ZONE_FROM) = range(25)
+_SLOTS = 25
 ERROR_WRONG_SIZE, ERROR_NO_LOGITS = 1, 2
 
 
@@ -301,7 +302,8 @@ def _apply(sampler, cur):
     V, r, m = ctx[_VOCAB], ctx[_RANK], ctx[_PROMOTED]
     data = cur[0]
     alpha = carray(_float64_at(address + 8 * _ALPHA), 1)[0]
-    dead_zone = carray(_float64_at(address + 8 * _DEAD_ZONE), 1)[0]
+    calls = ctx[_CALLS]  # this generation's earlier tokens: the response step
+    dead_zone = carray(_float64_at(address + 8 * _DEAD_ZONE), 1)[0] if calls >= ctx[_DEAD_ZONE_FROM] else 0.0
     # llama_token_data is {int32 id; float logit; float p}: candidate i's id is word 3i of an int32
     # view of the array, its logit word 3i of a float32 view that starts 4 bytes on
     ids, logits = carray(_int32_at(data), 3 * V), carray(_float32_at(data + 4), 3 * V - 1)
@@ -320,7 +322,6 @@ def _apply(sampler, cur):
     cur[1] = count
     cur[2] = -1  # selected: none
     cur[3] = 0  # sorted = false; the other 7 bytes of this word are the struct's padding
-    calls = ctx[_CALLS]
     if timed:  # two rings: the head's part of the call, then the top-k selection's
         capacity = ctx[_TIMES_CAPACITY]
         times = carray(_int64_at(ctx[_TIMES]), 2 * capacity)
@@ -335,7 +336,8 @@ def _address(function) -> int:
 
 @dataclass
 class NativeSampler:
-    """One generation's compiled head sampler: what :meth:`sali.runtime.Model.sample_tokens`
+    """One generation's compiled head sampler (its call count is the response step, for a dead
+    zone that spares the first steps): what :meth:`sali.runtime.Model.sample_tokens`
     needs of a :class:`~sali.runtime.HeadSampler` (``active``, ``top_k``, ``error``, ``calls``,
     ``seconds``, ``durations``, ``attach``), with no Python per token.
 
@@ -376,6 +378,7 @@ class NativeSampler:
         ctx[_BLOCK_MAX], ctx[_BLOCKS] = block_max.ctypes.data, block_max.size
         ctx[_ALPHA:_ALPHA + 1].view(np.float64)[0] = float(self.alpha)
         ctx[_DEAD_ZONE:_DEAD_ZONE + 1].view(np.float64)[0] = self.head.dead_zone
+        ctx[_DEAD_ZONE_FROM] = self.head.dead_zone_from
         ctx[_TIMES_CAPACITY] = self.keep_times
         self._context = ctx
         self._times = times

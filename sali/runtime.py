@@ -355,7 +355,8 @@ class HeadSampler:
         # the candidates are rewritten in place (the head reads each input before writing its slot);
         # p needs no writing: llama.cpp builds the array with p = 0 and its samplers recompute it
         raw = self.get_logits() if head.promote.size else _NO_LOGITS
-        count = head.adjust_into(ids[:size], logits[:size], raw, head.promote, ids, logits, self.alpha)
+        # self.calls counts this generation's earlier tokens: the response step (prefilled tokens are not sampled)
+        count = head.adjust_into(ids[:size], logits[:size], raw, head.promote, ids, logits, self.alpha, self.calls)
         cur.size = count
         cur.sorted = False
         cur.selected = -1
@@ -418,7 +419,7 @@ class ChainSampler(HeadSampler):
         chosen = top_k_ids(now_logits, head.k)
         top_ids, top_logits = now_ids[chosen], now_logits[chosen]
         try:
-            count = head.adjust_into(top_ids, top_logits, dense, head.promote, ids, logits, strength)
+            count = head.adjust_into(top_ids, top_logits, dense, head.promote, ids, logits, strength, self.calls)
         finally:
             dense[now_ids] = -np.inf
         kept = np.isfinite(logits[:count])  # promoted tokens an earlier head masked stay masked

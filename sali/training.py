@@ -45,6 +45,7 @@ class TrainJob:
     first_weight: float = 1.0
     sharpen: float = 1.0  # --sharpen: largest factor on the base's logits in training (1: off)
     dead_zone: float = 0.0  # --dead-zone: nats, stored in the head (a run-time rule; training is unchanged)
+    dead_zone_from: int = 0  # --dead-zone-from: the first response step the zone applies at
     agreeing_keywords: Path | None = None  # --only-agreeing: learn only from answers that agree with their label
     val_fraction: float = 0.1
     seed: int = 0
@@ -227,10 +228,12 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
             k=job.k, rank=job.rank, promote=job.promote, epochs=job.epochs, lr=TrainSettings.lr if job.lr is None else job.lr, batch_size=job.batch_size,
             val_fraction=job.val_fraction, seed=job.seed, device=device if device != "mps" else "cpu",
             delta_penalty=job.delta_penalty, first_tokens=job.first_tokens, first_weight=job.first_weight,
-            sharpen=job.sharpen, dead_zone=job.dead_zone,
+            sharpen=job.sharpen, dead_zone=job.dead_zone, dead_zone_from=job.dead_zone_from,
         )
         if job.dead_zone > 0:
             meta["dead_zone"] = job.dead_zone
+            if job.dead_zone_from > 0:
+                meta["dead_zone_from"] = job.dead_zone_from
         result = _train_with_progress(console, job.epochs, lambda cb: train_topk(data, vocab_size, train_settings, cb))
         meta["training"] = _figures(result, data, extract_seconds, len(prompts), job, train_settings.lr, dropped)
         path, written = export_topk(result.head, job.k, meta, job.out, result.val_positions)

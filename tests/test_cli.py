@@ -73,6 +73,33 @@ def test_head_info(forcing_head, tmp_path):
     assert done.returncode == 0 and "1.5 nats" in done.stdout, done.stdout
 
 
+def test_head_set_changes_the_rule_and_keeps_the_weights(forcing_head, tmp_path):
+    """`sali head set`: the same weights under a dead zone from step 3 (format 3, shown by head
+    info), a stale calibration reference dropped; `--dead-zone 0` removes the rule; nonsense is
+    one line and no file."""
+    source = Head.load(forcing_head)
+    source.meta["calibration"] = {"reference": {"harmful": 0.9}}
+    source.save(tmp_path / "calibrated.npz")
+    done = run_sali("head", "set", str(tmp_path / "calibrated.npz"), "-o", str(tmp_path / "zoned.npz"), "--dead-zone", "1", "--dead-zone-from", "3")
+    assert done.returncode == 0, done.stderr
+    assert "format version 3" in done.stderr and "calibration reference was dropped" in done.stderr
+    zoned = Head.load(tmp_path / "zoned.npz")
+    assert (zoned.dead_zone, zoned.dead_zone_from, zoned.meta["version"]) == (1.0, 3, 3)
+    assert "calibration" not in zoned.meta
+    for name in ("U", "W", "bias", "promote"):
+        assert np.array_equal(getattr(zoned, name), getattr(source, name)), name
+    info = run_sali("head", "info", str(tmp_path / "zoned.npz"))
+    assert "from response step 3" in " ".join(info.stdout.split()), info.stdout
+    done = run_sali("head", "set", str(tmp_path / "zoned.npz"), "-o", str(tmp_path / "plain.npz"), "--dead-zone", "0")
+    assert done.returncode == 0, done.stderr
+    plain = Head.load(tmp_path / "plain.npz")
+    assert (plain.dead_zone, plain.dead_zone_from, plain.meta["version"]) == (0.0, 0, 1)
+    for args in ((), ("--dead-zone-from", "2"), ("--dead-zone", "-1")):
+        done = run_sali("head", "set", str(tmp_path / "plain.npz"), "-o", str(tmp_path / "bad.npz"), *args)
+        assert done.returncode != 0 and "Traceback" not in done.stderr
+        assert not (tmp_path / "bad.npz").exists()
+
+
 def test_convert_cli_writes_loadable_gguf(tiny, tmp_path):
     out = tmp_path / "x.gguf"
     done = run_sali("convert", str(tiny.hf_dir), "-o", str(out), "--outtype", "q8_0")

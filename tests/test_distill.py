@@ -248,25 +248,26 @@ def test_one_seed_gives_one_head_with_two_threads():
 
 
 def test_torch_twin_applies_the_dead_zone_as_the_numpy_head_does():
-    """The dead zone in training's validation figures (the torch twin) is the run-time one."""
+    """The dead zone in training's validation figures (the torch twin) is the run-time one, the
+    spared first steps included."""
     V, r, k = 300, 6, 20
     rng = np.random.default_rng(3)
     twin = make_torch_head(V, r, np.array([5, 250]), seed=0)
     with torch.no_grad():
         for name, shape in (("U", (V, r)), ("W", (V, r)), ("bias", (V,))):
             getattr(twin, name).copy_(torch.from_numpy(rng.standard_normal(shape).astype(np.float32)))
-    twin.dead_zone = 0.8
+    twin.dead_zone, twin.dead_zone_from = 0.8, 4
     numpy_head = Head.create(twin.U.detach().numpy(), twin.W.detach().numpy(), twin.bias.detach().numpy(), [5, 250],
-                             k=k, vocab_fingerprint="t", dead_zone=0.8)
-    for _ in range(10):
+                             k=k, vocab_fingerprint="t", dead_zone=0.8, dead_zone_from=4)
+    for step in range(10):  # steps 0-3 spared, 4-9 zoned
         logits = (rng.standard_normal(V) * 3).astype(np.float32)
-        ids, adjusted = numpy_head.apply(logits)
+        ids, adjusted = numpy_head.apply(logits, 1.0, step)
         log_probs = torch.log_softmax(torch.from_numpy(logits), -1)
         top_lp, top_ids = log_probs.topk(k)
         promo_lp = log_probs[torch.tensor([5, 250])].clone()
         promo_lp[torch.isin(torch.tensor([5, 250]), top_ids)] = -1e9
         with torch.no_grad():
-            cand, out = twin(top_ids[None], top_lp[None], promo_lp[None])
+            cand, out = twin(top_ids[None], top_lp[None], promo_lp[None], 1.0, torch.tensor([step]))
         by_id = {int(c): float(v) for c, v in zip(cand[0], out[0]) if v > -1e8}
         shift = float(torch.logsumexp(torch.from_numpy(logits), -1))
         np.testing.assert_allclose([by_id[i] + shift for i in ids.tolist()], adjusted, rtol=1e-4, atol=1e-3)

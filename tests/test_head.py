@@ -131,6 +131,40 @@ def test_format_version_says_whether_a_dead_zone_is_needed(tmp_path):
         with np.load(path, allow_pickle=False) as arrays:
             assert json.loads(bytes(arrays["meta"]).decode())["version"] == version
         assert Head.load(path).dead_zone == dead_zone
+    # a zone that spares the first steps: format 3 (a format-2 sali would apply the zone at every step)
+    spared = Head.create(head.U, head.W, head.bias, head.promote, **dict(head.meta, dead_zone=0.7, dead_zone_from=3))
+    path = spared.save(tmp_path / "v3.npz")
+    with np.load(path, allow_pickle=False) as arrays:
+        assert json.loads(bytes(arrays["meta"]).decode())["version"] == 3 == FORMAT_VERSION
+    assert Head.load(path).dead_zone_from == 3
+
+
+def test_a_zone_from_step_n_spares_the_steps_before_it():
+    """dead_zone_from 3: steps 0-2 get the head's changes whole (the head without a zone), steps
+    3 on and an unknown step get the zone; combined heads pass the step on to each head."""
+    from sali.combine import Combined
+
+    plain = random_head(5)
+    zoned = Head.create(plain.U, plain.W, plain.bias, plain.promote, **dict(plain.meta, dead_zone=0.7))
+    spared = Head.create(plain.U, plain.W, plain.bias, plain.promote, **dict(plain.meta, dead_zone=0.7, dead_zone_from=3))
+    logits = (np.random.default_rng(6).standard_normal(V) * 4).astype(np.float32)
+    without, within = plain.apply_dense(logits, 1.5), zoned.apply_dense(logits, 1.5)
+    assert not np.allclose(without, within)  # the zone matters here, so the comparisons below mean something
+    for step in (0, 1, 2):
+        np.testing.assert_array_equal(spared.apply_dense(logits, 1.5, step), without)
+    for step in (3, 4, 100, None):
+        np.testing.assert_array_equal(spared.apply_dense(logits, 1.5, step), within)
+    pair = Combined(((spared, 1.0), (zoned, 0.5)))
+    early, late = Combined(((plain, 1.0), (zoned, 0.5))), Combined(((zoned, 1.0), (zoned, 0.5)))
+    np.testing.assert_array_equal(pair.apply_dense(logits, 1.0, 1), early.apply_dense(logits, 1.0, 1))
+    np.testing.assert_array_equal(pair.apply_dense(logits, 1.0, 7), late.apply_dense(logits, 1.0, 7))
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "3", True, None])
+def test_bad_dead_zone_from_is_refused(tmp_path, value):
+    arrays = good_arrays(random_head(), dead_zone=1.0, dead_zone_from=value)
+    with pytest.raises(SaliError, match="dead_zone_from must be a whole number of response steps"):
+        Head.load(write_npz(tmp_path / "dzf.npz", **arrays))
 
 
 @settings(max_examples=60, deadline=None)

@@ -173,3 +173,22 @@ def test_dead_zone_in_real_decoding(tiny_model, native_path):
 
     assert run(0.0) != plain
     assert run(1e6) == plain
+
+
+@pytest.mark.parametrize("path", ["compiled", "python", "chain"])
+def test_a_zone_from_step_n_acts_only_from_that_step(tiny_model, path):
+    """On the tiny GGUF, greedy, a zone wider than every change from step 5: the first 5 tokens are
+    the steering head's own, the rest are what the plain model says after them (compiled sampler,
+    Python callback and the chain of the explain path alike)."""
+    sampling = Sampling(max_tokens=16)
+    prompt = tiny_model.tokenize(PROMPT)
+    steered = _tokens(tiny_model, make_head(tiny_model, k=12, promote=[3, 4, 5, 200]), sampling, None)
+    assert steered[:5] != _tokens(tiny_model, None, Sampling(max_tokens=5), None)  # the head acts in the spared steps
+    head = make_head(tiny_model, k=12, promote=[3, 4, 5, 200], dead_zone=1e6, dead_zone_from=5)
+    hook = tiny_model.sampler(head, 1.0, native=path == "compiled", record=path == "chain")
+    assert isinstance(hook, native.NativeSampler) == (path == "compiled")
+    tokens = _tokens(tiny_model, head, sampling, hook)
+    assert hook.error is None
+    assert tokens[:5] == steered[:5]
+    after = list(tiny_model.sample_tokens(prompt + steered[:5], Sampling(max_tokens=11), None))
+    assert tokens[5:] == after

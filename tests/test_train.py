@@ -119,6 +119,10 @@ def test_second_run_reuses_extraction_and_same_seed_gives_same_head(pair, traine
         np.testing.assert_array_equal(getattr(first, name), getattr(zoned, name))
     assert zoned.dead_zone == 0.5 and first.dead_zone == 0.0
     assert zoned.meta["version"] == 2 and first.meta["version"] == 1
+    train(pair, zoned_path, cache, "--dead-zone", "0.5", "--dead-zone-from", "2")  # sparing the first 2 steps: format 3
+    spared = Head.load(zoned_path)
+    np.testing.assert_array_equal(first.W, spared.W)
+    assert (spared.dead_zone, spared.dead_zone_from, spared.meta["version"]) == (0.5, 2, 3)
 
 
 def test_adding_a_prompt_file_reuses_the_extraction_of_the_others(pair, trained, tmp_path):
@@ -284,6 +288,7 @@ def test_training_options_that_do_not_fit_give_one_line(pair, tmp_path):
     assert "--sharpen" in line and "lmhead" in line
     line = one_error_line(run_sali(*common, "--kind", "lmhead", "--dead-zone", "1"))
     assert "--dead-zone" in line and "lmhead" in line
+    assert "--dead-zone" in one_error_line(run_sali(*common, "--dead-zone-from", "3"))
     assert "--lr" in one_error_line(run_sali(*common, "--lr", "0"))
     assert "--only-agreeing" in one_error_line(run_sali(*common, "--keywords", str(ROOT / "sali" / "data" / "refusal_keywords.txt")))
     unlabelled = tmp_path / "unlabelled.txt"

@@ -74,6 +74,12 @@ FIRST3X4 = ("--first-tokens", "3", "--first-weight", "4")
 HEADONLY_VARIANTS = {(64, ""): (), (64, "-agreeing"): ("--only-agreeing", "--keywords", str(KEYWORDS)),
                      (64, "-first3x4"): FIRST3X4, (256, "-first3x4"): FIRST3X4, (512, "-first3x4"): FIRST3X4,
                      (256, "-first3x4-dz0.5"): (*FIRST3X4, "--dead-zone", "0.5")}
+# run-time variants of a trained candidate: name -> (the candidate's name, `sali head set` options); the
+# same weights under another rule, no retraining. The top-256 candidate with a 1-nat dead zone that
+# spares the first three response steps, where refusing is decided (stop 38: dz1 at every step lost
+# held-out refusals; screened offline with `bench/dead_zone.py --from-step 3`, which chose 1 nat)
+RULE_VARIANTS = {"k256-r32-dp0.3-headonly-first3x4-dz1from3":
+                 ("k256-r32-dp0.3-headonly-first3x4", ("--dead-zone", "1", "--dead-zone-from", "3"))}
 # the top-256 recipe distilled on QA_TRAIN GSM8K and QA_TRAIN TruthfulQA train questions as well (the
 # head's training held 180 such questions; it lost top-1 agreement with ALIGNED on the test ones);
 # QA_DEV more of each, never trained on, measure every candidate's agreement with ALIGNED on such questions
@@ -220,6 +226,13 @@ def convert_precisions(base_dir: Path) -> dict[str, Path]:
         if not path.is_file():
             sali("convert", str(base_dir), "-o", str(path), "--outtype", outtype)
         out[outtype] = path
+    return out
+
+
+def set_rule(source: Path, out: Path, *options: str) -> Path:
+    """`sali head set` into `out` (skipped when it exists): `source`'s weights under another run-time rule."""
+    if not out.is_file():
+        sali("head", "set", str(source), "-o", str(out), *options, log=out.with_suffix(".log"))
     return out
 
 
@@ -486,6 +499,8 @@ def main() -> None:
                               RUN / "heads" / f"k{k}-r32-dp{HEADONLY_PENALTY}-headonly{suffix}.npz",
                               "--k", str(k), "--rank", "32", "--delta-penalty", HEADONLY_PENALTY, *(arg.format(qa=sets["qa"]) for arg in extra))
                    for (k, suffix), extra in QA_VARIANTS.items()]
+    trained = {path.stem: path for path in candidates}
+    candidates += [set_rule(trained[source], RUN / "heads" / f"{name}.npz", *options) for name, (source, options) in RULE_VARIANTS.items()]
     stage("development check")
     dev_summary = compare(RUN / "dev", sets["dev"], base_q4, candidates, None, [], 32)
     # ALIGNED alone on the same prompts: the teacher's own over-refusal, visible before any held-out figure

@@ -95,7 +95,7 @@ def _score_model(plan: Plan, model_path: Path, systems: list[System], targets: d
                     logits = logits + offsets[system.name](prompt, targets[key])
                 if system.heads:
                     heads = system.combined()
-                    logits = np.stack([heads.apply_dense(row, system.alpha) for row in logits])
+                    logits = np.stack([heads.apply_dense(row, system.alpha, step) for step, row in enumerate(logits)])
                 agree = logits.argmax(-1) == top1
                 kl = metrics.kl_top_k(ids, log_probs, tail, logits, floor=MASKED_FLOOR)
                 tallies[system.name].add(agree, kl, covered(logits, top1, plan.cover_k), prompt.label or "unlabelled")
