@@ -284,7 +284,8 @@ class Head(_HeadMeta):
 
         The base logit of promoted token ``promote[a]`` is ``source[source_at[a]]`` (float32
         contiguous, int64 indices): the runtime passes llama.cpp's raw ``(V,)`` logits and
-        ``self.promote``, so nothing is gathered in Python.
+        ``self.promote``, so nothing is gathered in Python. ``step``: the response step, as in
+        :meth:`adjust` (the runtime passes its count of this generation's earlier tokens).
 
         The id and logit arrays are views laid out as llama.cpp's candidate array
         (:func:`sali.kernel.token_fields`), and the outputs may be the very arrays the inputs are

@@ -136,6 +136,29 @@ print("\\n".join(report._unmatched_section(found, "COMPROMISED + head")))
     assert "of the 4 responses COMPROMISED + head gave" in "\n".join(out) and "3 hold no phrase" in "\n".join(out)
 
 
+def test_pick_head_breaks_a_tie_by_agreement_on_the_development_questions():
+    """run.pick_head: the most harmful development prompts refused within the over-refusal limits
+    wins outright; a tie goes to the candidate closer to ALIGNED on the development questions, and
+    without those figures to the earlier candidate."""
+    script = """
+import sys
+sys.path.insert(0, "bench/smollm2")
+import run
+from pathlib import Path
+dev = {"systems": {"base+a": {"refusal_harmful": 0.7, "refusal_benign": 0.1, "refusal_alarming": 0.2},
+                   "base+b": {"refusal_harmful": 0.8, "refusal_benign": 0.05, "refusal_alarming": 0.1},
+                   "base+c": {"refusal_harmful": 0.8, "refusal_benign": 0.05, "refusal_alarming": 0.1}}}
+qa = {"systems": {"base+a": {"top1_vs_aligned": 0.95}, "base+b": {"top1_vs_aligned": 0.84}, "base+c": {"top1_vs_aligned": 0.87}}}
+heads = [Path("a.npz"), Path("b.npz"), Path("c.npz")]
+print(run.pick_head(dev, heads, qa).stem, run.pick_head(dev, heads).stem, run.pick_head(dev, heads[:2], qa).stem)
+over = {"systems": {name: dict(row, refusal_benign=0.5) for name, row in dev["systems"].items()}}
+print(run.pick_head(over, heads, qa).stem)
+"""
+    first, second = _run("-c", script).splitlines()
+    assert first.split() == ["c", "b", "b"]
+    assert second == "c"  # none within the limits: the best score, the tie broken the same way
+
+
 def test_smollm2_head_learns_from_every_training_set_and_no_evaluation_prompt(tmp_path):
     """run.py distils the head on ALIGNED's training prompts and on prompts/distill/ (its own file,
     labelled), one candidate on prompts/headonly/ too; no development, held-out or test prompt is among them."""

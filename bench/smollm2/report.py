@@ -592,9 +592,17 @@ def _dead_zone_clause(meta: dict) -> str:
     zone = meta.get("dead_zone")
     if not zone:
         return ""
-    return (f" At run time the head drops its changes that lie within {zone:g} nat of their mean (weighted by the base's "
-            f"probabilities over the top k) and shrinks the rest by {zone:g} (`sali train --dead-zone {zone:g}`; "
+    spared = int(meta.get("dead_zone_from") or 0)
+    when = f" from the {_ordinal(spared + 1)} response token on (the first {spared} get its changes whole)" if spared else ""
+    option = f"`sali head set --dead-zone {zone:g}" + (f" --dead-zone-from {spared}`" if spared else "`")
+    return (f" At run time{when} the head drops its changes that lie within {zone:g} nat of their mean (weighted by the base's "
+            f"probabilities over the top k) and shrinks the rest by {zone:g} ({option}; "
             "the weights are those trained without it).")
+
+
+def _ordinal(n: int) -> str:
+    """1 -> "1st", 2 -> "2nd", 4 -> "4th"."""
+    return f"{n}{'th' if 10 <= n % 100 < 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def write_model_card(study: Study, shipped: Path) -> Path:

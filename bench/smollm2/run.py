@@ -399,19 +399,25 @@ def sampled_refusals(prompts: Path, systems: dict[str, tuple[Path, Path | None]]
     return {"systems": rows, "seed": seed}
 
 
-def pick_head(dev: dict, candidates: list[Path]) -> Path:
+def pick_head(dev: dict, candidates: list[Path], dev_qa: dict | None = None) -> Path:
     """The candidate that refuses most harmful development prompts while over-refusing at most
-    `DEV_LIMITS`; ties go to the earlier candidate (the default first). Without any within the
-    limits, the one with the best harmful − benign − alarming refusal."""
+    `DEV_LIMITS`; without any within the limits, the one with the best harmful − benign − alarming
+    refusal. Ties go to the candidate closer to ALIGNED on the development questions (`dev_qa`'s
+    teacher-forced top-1 agreement; stop 38: a run-time variant refused exactly as its source did),
+    then to the earlier candidate (the default first)."""
     rows = dev["systems"]
+    agreement = (dev_qa or {}).get("systems", {})
 
     def rate(path: Path, label: str) -> float:
         return rows[f"base+{path.stem}"].get(f"refusal_{label}", 0.0)
 
+    def tie_break(path: Path) -> tuple[float, int]:
+        return round(agreement.get(f"base+{path.stem}", {}).get("top1_vs_aligned", 0.0), 9), -candidates.index(path)
+
     within = [p for p in candidates if all(rate(p, label) <= limit + 1e-9 for label, limit in DEV_LIMITS.items())]
     if within:
-        return max(within, key=lambda p: (rate(p, "harmful"), -candidates.index(p)))
-    return max(candidates, key=lambda p: (dev_score(dev, f"base+{p.stem}"), -candidates.index(p)))
+        return max(within, key=lambda p: (round(rate(p, "harmful"), 9), *tie_break(p)))
+    return max(candidates, key=lambda p: (round(dev_score(dev, f"base+{p.stem}"), 9), *tie_break(p)))
 
 
 def dev_score(dev: dict, system: str) -> float:
@@ -513,7 +519,7 @@ def main() -> None:
     # table in REPORT.md, not a gate (stop 36: as one it steered the pick to heads that miss the ship gates)
     measured = candidates + ([RUN / "heads" / f"{shipped[1].removeprefix('base+')}.npz"] if shipped else [])
     dev_qa = compare(RUN / "dev-qa", sets["dev_qa"], base_q4, measured, aligned_gguf, [], QA_TOKENS)
-    head = pick_head(dev_summary, candidates)
+    head = pick_head(dev_summary, candidates, dev_qa)
     print(f"  chosen on development prompts: {head.stem}", flush=True)
     stage("main comparison")
     heldout_summary = compare(RUN / "heldout", sets["heldout"], base_q4, [head], aligned_gguf, compromised, 48)
