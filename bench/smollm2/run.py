@@ -75,11 +75,11 @@ HEADONLY_VARIANTS = {(64, ""): (), (64, "-agreeing"): ("--only-agreeing", "--key
                      (64, "-first3x4"): FIRST3X4, (256, "-first3x4"): FIRST3X4, (512, "-first3x4"): FIRST3X4,
                      (256, "-first3x4-dz0.5"): (*FIRST3X4, "--dead-zone", "0.5")}
 # run-time variants of a trained candidate: name -> (the candidate's name, `sali head set` options); the
-# same weights under another rule, no retraining. The top-256 candidate with a 1-nat dead zone that
-# spares the first three response steps, where refusing is decided (stop 38: dz1 at every step lost
-# held-out refusals; screened offline with `bench/dead_zone.py --from-step 3`, which chose 1 nat)
-RULE_VARIANTS = {"k256-r32-dp0.3-headonly-first3x4-dz1from3":
-                 ("k256-r32-dp0.3-headonly-first3x4", ("--dead-zone", "1", "--dead-zone-from", "3"))}
+# same weights under another rule, no retraining. Stop 38's, the top-256 candidate with a 1-nat dead
+# zone that spares the first three response steps ("k256-r32-dp0.3-headonly-first3x4-dz1from3":
+# ("k256-r32-dp0.3-headonly-first3x4", ("--dead-zone", "1", "--dead-zone-from", "3"))), was picked and
+# missed the held-out ship gate; it is left out as the others above were (its figures are in REPORT.md)
+RULE_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {}
 # the top-256 recipe distilled on QA_TRAIN GSM8K and QA_TRAIN TruthfulQA train questions as well (the
 # head's training held 180 such questions; it lost top-1 agreement with ALIGNED on the test ones);
 # QA_DEV more of each, never trained on, measure every candidate's agreement with ALIGNED on such questions
