@@ -14,8 +14,9 @@ each zone, on
   every response position, and before and past the head's own training length.
 
 With ``--from-step N`` the zone spares the first N response steps (``sali head set
---dead-zone-from``). The base here is the Hugging Face model ``sali train`` read (not a quantised GGUF), so these are
-screening figures for choosing a zone on development data, not a substitute for ``sali compare``.
+--dead-zone-from``). The base here is the Hugging Face model ``sali train`` read (not a quantised
+GGUF), so these are screening figures for choosing a zone on development data, not a substitute
+for ``sali compare``.
 
     python bench/dead_zone.py --head H.npz --cache WORK/extract -P train.jsonl -P distill.jsonl --questions qa.jsonl
     python bench/dead_zone.py --head H.npz --cache CACHE -P train.jsonl --zones 0 1   # the test suite's run
