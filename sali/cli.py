@@ -558,8 +558,9 @@ def train(
         raise SaliError("--sharpen augments a top-k head's training positions; --kind lmhead does not take it")
     if dead_zone and kind != "topk":
         raise SaliError("--dead-zone is a top-k head's run-time rule; --kind lmhead does not take it")
-    if dead_zone_from and not dead_zone:
-        raise SaliError("--dead-zone-from says where the dead zone starts; it does nothing without --dead-zone")
+    from sali.head import dead_zone_meta
+
+    dead_zone_meta(dead_zone, dead_zone_from)  # refuses spared steps without a zone, before any work
     if lr is not None and lr <= 0:
         raise SaliError(f"--lr must be above 0, not {lr:g}")
     if trajectories not in TRAJECTORIES:
@@ -879,7 +880,7 @@ def head_set(
     A calibration reference recorded in the head was measured under the old rule, so it is dropped;
     run `sali calibrate BASE.gguf --head OUT --reference` again.
     """
-    from sali.head import Head, load_any
+    from sali.head import Head, dead_zone_meta, load_any
     from sali.session import resolve_head_path
 
     if dead_zone is None and dead_zone_from is None:
@@ -889,17 +890,12 @@ def head_set(
     if not isinstance(head, Head):
         raise SaliError(f"{source}: a white-box lmhead has no run-time rule to set (top-k heads only)")
     meta = head.meta
-    if dead_zone is not None:
-        meta["dead_zone"] = dead_zone
-    if dead_zone_from is not None:
-        meta["dead_zone_from"] = dead_zone_from
-    if not meta.get("dead_zone"):
-        if dead_zone_from:
-            raise SaliError("--dead-zone-from says where the dead zone starts; this head has no dead zone (add --dead-zone)")
-        meta.pop("dead_zone", None)
-        meta.pop("dead_zone_from", None)
-    elif not meta.get("dead_zone_from"):
-        meta.pop("dead_zone_from", None)
+    zone = head.dead_zone if dead_zone is None else dead_zone
+    spared = dead_zone_from if dead_zone_from is not None else head.dead_zone_from if zone else 0  # no zone, nothing spared
+    rule = dead_zone_meta(zone, spared)
+    meta.pop("dead_zone", None)
+    meta.pop("dead_zone_from", None)
+    meta.update(rule)
     dropped = meta.pop("calibration", None) is not None
     head.save(out, dtype=str(meta.get("weight_dtype", "float16")))
     err.print(f"wrote {escape(str(out))}: dead zone {_describe_zone(head.dead_zone, head.dead_zone_from)}, format version {meta['version']}"

@@ -351,6 +351,17 @@ def _count(meta: dict[str, Any], key: str, source: str) -> int:
     return value
 
 
+def dead_zone_meta(dead_zone: float, dead_zone_from: int = 0) -> dict[str, Any]:
+    """The metadata that stores a run-time dead zone (``sali train``, ``sali head set``): only the
+    keys that differ from their defaults, so a head without a zone stays format version 1. Raises
+    :class:`SaliError` for spared steps without a zone."""
+    if not dead_zone:
+        if dead_zone_from:
+            raise SaliError("--dead-zone-from says where the dead zone starts; it does nothing without --dead-zone")
+        return {}
+    return {"dead_zone": dead_zone, **({"dead_zone_from": dead_zone_from} if dead_zone_from else {})}
+
+
 def format_version(meta: dict[str, Any]) -> int:
     """The oldest format version that holds everything in `meta`: 3 for a head whose dead zone
     spares the first response steps, 2 for one with a dead zone at every step (a sali that reads

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from sali import __version__
 from sali.errors import SaliError
+from sali.head import dead_zone_meta
 from sali.progress import progress as progress_display
 from sali.prompts import parse_format, read_prompts
 
@@ -230,10 +231,7 @@ def run(job: TrainJob, console: Console) -> dict[str, Any]:
             delta_penalty=job.delta_penalty, first_tokens=job.first_tokens, first_weight=job.first_weight,
             sharpen=job.sharpen, dead_zone=job.dead_zone, dead_zone_from=job.dead_zone_from,
         )
-        if job.dead_zone > 0:
-            meta["dead_zone"] = job.dead_zone
-            if job.dead_zone_from > 0:
-                meta["dead_zone_from"] = job.dead_zone_from
+        meta.update(dead_zone_meta(job.dead_zone, job.dead_zone_from))
         result = _train_with_progress(console, job.epochs, lambda cb: train_topk(data, vocab_size, train_settings, cb))
         meta["training"] = _figures(result, data, extract_seconds, len(prompts), job, train_settings.lr, dropped)
         path, written = export_topk(result.head, job.k, meta, job.out, result.val_positions)
