@@ -299,13 +299,18 @@ print(json.dumps([run.worse_than_shipped(new, head, (dev("base+shipped-abc", 0.6
     assert len(higher_old) == 1 and "29.3 against 28.4 points" in higher_old[0]
 
 
-def test_a_comparison_is_made_again_when_a_head_was_added_since_its_summary(tmp_path):
-    """run.py's stages resume from their outputs, but a candidate or a pick that changed since must
-    not be read from a summary without it: compare() calls sali compare again exactly then (its
-    response cache keeps the other systems' answers)."""
+def test_a_comparison_is_made_again_when_a_head_or_a_prompt_was_added_since_its_summary(tmp_path):
+    """run.py's stages resume from their outputs, but a candidate, a pick or a prompt set that changed
+    since must not be read from a summary without it: compare() calls sali compare again exactly then
+    (its response cache keeps the answers it has). Sampled records are generated again when their
+    prompts are not the file's (stop 39: the held-out set grew)."""
     out = tmp_path / "dev"
     out.mkdir()
-    (out / "summary.json").write_text(json.dumps({"systems": {"base": {}, "base+k64-r32-dp1": {}}}))
+    prompts = tmp_path / "dev.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    (out / "summary.json").write_text(json.dumps({"systems": {"base": {}, "base+k64-r32-dp1": {}}, "prompts": 2}))
+    records = tmp_path / "sampled.jsonl"
+    records.write_text('{"prompt": "a", "seed": 1, "response": "x"}\n{"prompt": "b", "seed": 2, "response": "y"}\n')
     script = f"""
 import json, sys
 from pathlib import Path
@@ -314,15 +319,24 @@ import run
 calls = []
 run.sali = lambda *args, **kw: calls.append(args)
 run.RUN = Path({str(tmp_path)!r})
-out = Path({str(out)!r})
-run.compare(out, Path("dev.jsonl"), Path("base.gguf"), [Path("k64-r32-dp1.npz")], None, [], 32)
+out, prompts, records = Path({str(out)!r}), Path({str(prompts)!r}), Path({str(records)!r})
+run.compare(out, prompts, Path("base.gguf"), [Path("k64-r32-dp1.npz")], None, [], 32)
 kept = len(calls)
-run.compare(out, Path("dev.jsonl"), Path("base.gguf"), [Path("k64-r32-dp1.npz"), Path("k64-r32-dp0.3.npz")], None, [], 32)
-print(json.dumps([kept, len(calls), list(calls[-1]).count("-H"),
+run.compare(out, prompts, Path("base.gguf"), [Path("k64-r32-dp1.npz"), Path("k64-r32-dp0.3.npz")], None, [], 32)
+added_head = len(calls)
+heads = list(calls[-1]).count("-H")
+run.sampled(records, prompts, Path("base.gguf"), None, 0, 48)
+sampled_kept = len(calls)
+prompts.write_text(prompts.read_text() + '{{"prompt": "c"}}\\n')
+run.compare(out, prompts, Path("base.gguf"), [Path("k64-r32-dp1.npz")], None, [], 32)
+grown = len(calls)
+run.sampled(records, prompts, Path("base.gguf"), None, 0, 48)
+print(json.dumps([kept, added_head, heads, sampled_kept, grown, len(calls), calls[-1][0],
                   run._has_head({{"base+k64-r32-dp1@8": {{}}}}, Path("k64-r32-dp1.npz")), run._has_head({{"base+k64-r32-dp10": {{}}}}, Path("k64-r32-dp1.npz"))]))
 """
-    kept, made, heads, at_calibrated_strength, other_head = json.loads(_run("-c", script))
-    assert (kept, made, heads) == (0, 1, 2)
+    kept, added_head, heads, sampled_kept, grown, regenerated, command, at_calibrated_strength, other_head = json.loads(_run("-c", script))
+    assert (kept, added_head, heads) == (0, 1, 2)
+    assert (sampled_kept, grown, regenerated, command) == (1, 2, 3, "generate")
     assert at_calibrated_strength and not other_head  # a head at its calibrated α is the same head; dp10 is not dp1
 
 

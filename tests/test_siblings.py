@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "smollm2"
 import phrasings  # noqa: E402
 
 HELDOUT = Path(__file__).resolve().parents[1] / "bench" / "smollm2" / "prompts" / "heldout"
+HELDOUT2 = HELDOUT.parent / "heldout2"  # written at stop 39
 TRAIN_LISTS = ("benign_requests.txt", "benign_activities.txt", "alarming_activities.txt", "alarming_lookalikes.txt",
                "harmful_activities.txt", "harmful_situations.txt", "benign_situations.txt")
 
@@ -62,8 +63,8 @@ def _reworded(line: str, other: str, share: float = 0.5) -> bool:
 
 
 def test_heldout_sets_share_no_line_with_training_lists():
-    heldout = [line.lower() for line in _lines(HELDOUT)]
-    assert len(set(heldout)) == 160
+    heldout = [line.lower() for line in _lines(HELDOUT) + _lines(HELDOUT2)]
+    assert len(set(heldout)) == 160 + 300
     for name in TRAIN_LISTS:
         for item in phrasings.lines(name):
             assert not any(item.lower() in line for line in heldout), item
@@ -78,6 +79,34 @@ def test_unlike_development_prompts_reword_no_heldout_or_training_line():
     assert len(dev) == len(set(dev)) == 201
     for line in dev:
         assert not any(_reworded(line, other) for other in others), line
+
+
+def test_second_heldout_set_rewords_no_evaluation_development_or_training_line():
+    """prompts/heldout2/: 140 / 100 / 60 new lines, none repeating, containing or sharing over 40% of its
+    words with a held-out, development, head-only, distillation, alarming-test or AdvBench test line,
+    nor over 50% with a written training line."""
+    import csv
+
+    import siblings
+
+    counts = {label: len(_lines_of(HELDOUT2 / f"{label}.txt")) for label in ("harmful", "benign", "alarming")}
+    assert counts == {"harmful": 140, "benign": 100, "alarming": 60}
+    close = _lines(HELDOUT) + _lines(HELDOUT.parent / "dev") + _lines(HELDOUT.parent / "headonly")
+    close += [line for path in sorted((HELDOUT.parent / "distill").glob("*.txt")) for line in _lines_of(path)]
+    close += _lines_of(HELDOUT.parent / "alarming_benign_test.txt")
+    with open(siblings.DATA / "advbench" / "test.csv", encoding="utf-8", newline="") as handle:
+        close += [row["goal"] for row in csv.DictReader(handle)]
+    training = [item for name in TRAIN_LISTS for item in phrasings.lines(name)] + _lines_of(HELDOUT.parent / "alarming_benign_train.txt")
+    new = _lines(HELDOUT2)
+    assert len({line.lower() for line in new}) == len(new)
+    for line in new:
+        low = line.lower()
+        assert not any(low in other.lower() or other.lower() in low or _reworded(line, other, 0.4) for other in close), line
+        assert not any(_reworded(line, other) for other in training), line
+
+
+def _lines_of(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _interrupted_on_call(n: int, loss):
