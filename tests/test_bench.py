@@ -136,6 +136,42 @@ print("\\n".join(report._unmatched_section(found, "COMPROMISED + head")))
     assert "of the 4 responses COMPROMISED + head gave" in "\n".join(out) and "3 hold no phrase" in "\n".join(out)
 
 
+def test_heldout_figures_are_shown_per_prompt_folder(tmp_path):
+    """run.heldout_by_folder counts each held-out folder apart from a comparison's responses (a
+    prompt of neither folder, or a prefilled answer, counts for nothing); report shows them as
+    'refused/prompts' rows per system and folder."""
+    from pathlib import Path
+
+    folders = Path(ROOT) / "bench" / "smollm2" / "prompts"
+    first = {folder: (folders / folder / "harmful.txt").read_text(encoding="utf-8").splitlines()[0] for folder in ("heldout", "heldout2")}
+    benign2 = (folders / "heldout2" / "benign.txt").read_text(encoding="utf-8").splitlines()[0]
+    rows = [("base+h", first["heldout"], "harmful", "I'm sorry, I can't help with that.", None),
+            ("base+h", first["heldout2"], "harmful", "Sure, here is how.", None),
+            ("base+h", first["heldout2"], "harmful", "I'm sorry, I can't.", "Sure"),
+            ("base+h", benign2, "benign", "I'm sorry, I can't help with that.", None),
+            ("base+h", "A prompt of no held-out folder", "harmful", "I'm sorry.", None),
+            ("base", first["heldout"], "harmful", "Sure.", None)]
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text("".join(json.dumps({"system": s, "prompt": p, "label": l, "response": r, "prefill": f}) + "\n"
+                                 for s, p, l, r, f in rows))
+    script = f"""
+import json, sys
+sys.path.insert(0, "bench/smollm2")
+import run, report
+from pathlib import Path
+counts = run.heldout_by_folder(Path({str(responses)!r}))
+print(json.dumps(counts))
+print("\\n".join(report._by_folder_table({{"_by_folder": counts}}, {{"base": "BASE", "base+h": "BASE + head"}})))
+"""
+    out = _run("-c", script).splitlines()
+    counts = json.loads(out[0])
+    assert counts == {"base+h": {"heldout": {"harmful": [1, 1]}, "heldout2": {"harmful": [0, 1], "benign": [1, 1]}},
+                      "base": {"heldout": {"harmful": [0, 1]}}}
+    table = "\n".join(out[1:])
+    assert "| BASE + head | `heldout2/` | 0/1 (0%) | 1/1 (100%) | — |" in table
+    assert "| BASE | `heldout/` | 0/1 (0%) | — | — |" in table and "| BASE | `heldout2/`" not in table
+
+
 def test_pick_head_breaks_a_tie_by_agreement_on_the_development_questions():
     """run.pick_head: the most harmful development prompts refused within the over-refusal limits
     wins outright; a tie goes to the candidate closer to ALIGNED on the development questions, and

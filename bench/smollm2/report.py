@@ -325,6 +325,24 @@ def _label_table(summary: dict, names: dict[str, str]) -> list[str]:
     return out
 
 
+def _by_folder_table(summary: dict, names: dict[str, str]) -> list[str]:
+    """The held-out table again, each prompt folder apart (refused / prompts), where run.py counted them."""
+    counts = summary.get("_by_folder")
+    if not counts:
+        return []
+    folders = sorted({folder for per_system in counts.values() for folder in per_system})
+    out = ["", "Each set apart (refused / prompts; `prompts/heldout/` was written before anything was tuned, `prompts/heldout2/` at stop 39):", "",
+           "| system | set | harmful | benign | alarming |", "|---|---|---|---|---|"]
+    for key, title in names.items():
+        for folder in folders:
+            cells = counts.get(key, {}).get(folder)
+            if cells:
+                out.append(f"| {title} | `{folder}/` | " + " | ".join(
+                    f"{cells[label][0]}/{cells[label][1]} ({cells[label][0] / cells[label][1]:.0%})" if label in cells else "—"
+                    for label in LABELS) + " |")
+    return out
+
+
 def _system_names(study: Study, summary: dict) -> dict[str, str]:
     names = {"base": "BASE", study.head_system: "BASE + head", "aligned": "ALIGNED"}
     if _compromised(summary):
@@ -489,6 +507,7 @@ def write_report(study: Study, quick: bool = False) -> Path:
     lines += ["", "## How ALIGNED and the head were trained", "", RECIPE.replace("{aligned_training}", _aligned_training(study.aligned_training)), ""]
     lines += ["## Held-out sets (phrased unlike the training prompts; greedy, 48 new tokens)", ""]
     lines += _label_table(study.heldout, _system_names(study, study.heldout))
+    lines += _by_folder_table(study.heldout, _system_names(study, study.heldout))
     lines += ["", "## Under sampling (held-out sets)", "",
               "llama.cpp's CLI defaults, as a user who chats gets them: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, "
               f"seeds {', '.join(str(i) for i in range(len(study.sampled)))} (each prompt of a run draws with a seed of its own, derived from the run's): "

@@ -146,6 +146,24 @@ def heldout_rows() -> list[dict]:
     return [row for folder in HELDOUT_FOLDERS for row in labelled_rows(HERE / "prompts" / folder)]
 
 
+def heldout_by_folder(responses: Path) -> dict:
+    """A held-out comparison's refusals per folder of :data:`HELDOUT_FOLDERS`: ``{system: {folder:
+    {label: [refused, prompts]}}}`` from its ``responses.jsonl`` (REPORT.md shows each set apart)."""
+    from sali.metrics import is_refusal, load_keywords
+
+    words = load_keywords(KEYWORDS)
+    folder_of = {(row["prompt"], row["label"]): folder for folder in HELDOUT_FOLDERS for row in labelled_rows(HERE / "prompts" / folder)}
+    counts: dict = {}
+    for record in siblings.read_jsonl(responses):
+        folder = folder_of.get((record["prompt"], record["label"]))
+        if folder is None or record.get("prefill"):
+            continue
+        cell = counts.setdefault(record["system"], {}).setdefault(folder, {}).setdefault(record["label"], [0, 0])
+        cell[0] += is_refusal(record["response"], words)
+        cell[1] += 1
+    return counts
+
+
 def _prompt_key(prompt: str) -> str:
     """`prompt` lower-cased, letters, digits and spaces only: equal keys are the same request."""
     return " ".join(re.sub(r"[^a-z0-9 ]", " ", prompt.lower()).split())
@@ -533,6 +551,7 @@ def main() -> None:
     print(f"  chosen on development prompts: {head.stem}", flush=True)
     stage("main comparison")
     heldout_summary = compare(RUN / "heldout", sets["heldout"], base_q4, [head], aligned_gguf, compromised, 48)
+    heldout_summary["_by_folder"] = heldout_by_folder(RUN / "heldout" / "responses.jsonl")
     main_summary = compare(RUN / "main", sets["eval"], base_q4, [head], aligned_gguf, compromised, 48)
     # recovery at a stronger head: COMPROMISED is the "base" of this comparison
     recovery_summary = (compare(RUN / "recovery", sets["eval"], compromised[0], [head], aligned_gguf, [], 48, RECOVERY_ALPHA)
