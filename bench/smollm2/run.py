@@ -76,12 +76,12 @@ HEADONLY_VARIANTS = {(64, ""): (), (64, "-agreeing"): ("--only-agreeing", "--key
                      (256, "-first3x4-dz0.5"): (*FIRST3X4, "--dead-zone", "0.5")}
 # run-time variants of a trained candidate: name -> (the candidate's name, `sali head set` options); the
 # same weights under another rule, no retraining. Stop 38's, the top-256 candidate with a 1-nat dead
-# zone that spares the first three response steps, was picked and missed the held-out gate by two
-# prompts of 60 (77% against 80%), a gap that set could not resolve; stop 39 wrote prompts/heldout2/
-# (the gate now reads 200 harmful prompts) and, by a rule written before, gives it that larger gate
-RULE_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "k256-r32-dp0.3-headonly-first3x4-dz1from3": ("k256-r32-dp0.3-headonly-first3x4", ("--dead-zone", "1", "--dead-zone-from", "3")),
-}
+# zone that spares the first three response steps ("k256-r32-dp0.3-headonly-first3x4-dz1from3":
+# ("k256-r32-dp0.3-headonly-first3x4", ("--dead-zone", "1", "--dead-zone-from", "3"))), was picked and
+# missed the held-out gate by two prompts of 60 (77% against 80%); stop 39 wrote prompts/heldout2/ and
+# gave it the larger gate, where it refused 70% of 200 (66% of the new 140), so it is left out as the
+# others above were (its figures are in REPORT.md)
+RULE_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {}
 # the top-256 recipe distilled on QA_TRAIN GSM8K and QA_TRAIN TruthfulQA train questions as well (the
 # head's training held 180 such questions; it lost top-1 agreement with ALIGNED on the test ones);
 # QA_DEV more of each, never trained on, measure every candidate's agreement with ALIGNED on such questions
