@@ -292,6 +292,37 @@ print(repr(report._first_tokens_clause({"first_tokens": 3, "first_weight": 4.0})
     assert headonly[1:-1] in agreeing and "--only-agreeing" in agreeing and "75 alarming, 135 benign, 90 harmful" in agreeing
 
 
+def test_a_pick_that_is_the_shipped_head_is_told_apart_and_its_misses_reach_the_model_card(trained, tmp_path):
+    """run.same_head: a copy with other metadata (a calibration reference) is the same head, the same
+    weights under a dead zone are not. When the pick is the shipped head and misses a gate (stop 39:
+    the held-out set grew), REPORT.md and the model card say that the shipped head misses it."""
+    head = trained[0]
+    calibrated, zoned = tmp_path / "calibrated.npz", tmp_path / "zoned.npz"
+    script = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, "bench/smollm2")
+import run, report
+from sali.head import Head, dead_zone_meta
+head = Path({str(head)!r})
+loaded = Head.load(head)
+loaded.meta["calibration"] = {{"note": "a reference"}}
+loaded.save(Path({str(calibrated)!r}))
+loaded.meta.update(dead_zone_meta(1.0, 3))
+loaded.save(Path({str(zoned)!r}))
+print(run.same_head(head, Path({str(calibrated)!r})), run.same_head(head, Path({str(zoned)!r})), run.same_head(head, Path("missing.npz")))
+study = report.Study.__new__(report.Study)
+study.shipped_already, study.not_shipped = True, ["held-out harmful: BASE + head refuses ≥ 80% (measured 70%)"]
+print(report._misses_line(study).strip())
+study.shipped_already = False
+print(repr(report._misses_line(study)))
+"""
+    flags, misses, none = _run("-c", script).splitlines()
+    assert flags.split() == ["True", "False", "False"]
+    assert misses.startswith("- **Misses**") and "measured 70%" in misses and "stays shipped" in misses
+    assert none == "''"
+
+
 def test_report_shows_each_systems_agreement_on_the_development_questions():
     """REPORT.md's development section lists BASE, every candidate and the shipped head with their
     top-1 agreement on the development questions and whether each reaches BASE's; ALIGNED (1 by definition) is left out."""
