@@ -620,15 +620,14 @@ def main() -> None:
     if not args.quick:
         # a head that misses a ship gate leaves heads/ as it was; REPORT.md says why
         study.not_shipped = ship_failures(study) + worse_than_shipped(dev_summary, head, shipped)
+        # the pick may be the head users have already: a gate it misses now (stop 39: the held-out set grew) is
+        # the shipped head's; it stays, as nothing better passed, and its card gives these figures and the miss
+        study.shipped_already = bool(study.not_shipped) and same_head(head, SHIPPED)
         for failure in study.not_shipped:
-            print(f"  not shipped, heads/ left as it was: {failure}", flush=True)
+            print(f"  {'the shipped head misses' if study.shipped_already else 'not shipped, heads/ left as it was:'} {failure}", flush=True)
         if not study.not_shipped:
             shutil.copy(calibrated["head"] if calibrated else head, SHIPPED)  # with its calibration reference
-            write_model_card(study, SHIPPED)
-        elif same_head(head, SHIPPED):
-            # the pick is the head users have and it now misses a gate (stop 39: the held-out set grew):
-            # it stays, as nothing better passed, and its card gives these figures and the miss
-            study.shipped_already = True
+        if not study.not_shipped or study.shipped_already:
             write_model_card(study, SHIPPED)
     write_report(study, quick=args.quick)
     print(f"done in {time.perf_counter() - started:.0f} s; see {HERE / 'REPORT.md'}")
