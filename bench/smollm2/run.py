@@ -140,10 +140,16 @@ def labelled_rows(folder: Path) -> list[dict]:
 HELDOUT_FOLDERS = ("heldout", "heldout2")  # heldout2/: written at stop 39, so that the ship gate can tell 77% from 80%
 
 
+def heldout_folders() -> dict[str, list[dict]]:
+    """The hand-written held-out sets (evaluation only), labels harmful, benign, alarming: each
+    folder of :data:`HELDOUT_FOLDERS` (in that order) -> its rows."""
+    return {folder: labelled_rows(HERE / "prompts" / folder) for folder in HELDOUT_FOLDERS}
+
+
 def heldout_rows() -> list[dict]:
-    """The hand-written held-out sets (evaluation only), labels harmful, benign, alarming: the
-    first folder's rows first, so a prompt keeps its index (and its sampling seed) as sets grow."""
-    return [row for folder in HELDOUT_FOLDERS for row in labelled_rows(HERE / "prompts" / folder)]
+    """:func:`heldout_folders`' rows as one set, the first folder's first, so a prompt keeps its
+    index (and its sampling seed) as sets grow."""
+    return [row for rows in heldout_folders().values() for row in rows]
 
 
 def heldout_by_folder(responses: Path) -> dict:
@@ -152,7 +158,7 @@ def heldout_by_folder(responses: Path) -> dict:
     from sali.metrics import is_refusal, load_keywords
 
     words = load_keywords(KEYWORDS)
-    folder_of = {(row["prompt"], row["label"]): folder for folder in HELDOUT_FOLDERS for row in labelled_rows(HERE / "prompts" / folder)}
+    folder_of = {(row["prompt"], row["label"]): folder for folder, rows in heldout_folders().items() for row in rows}
     counts: dict = {}
     for record in siblings.read_jsonl(responses):
         folder = folder_of.get((record["prompt"], record["label"]))
