@@ -199,7 +199,7 @@ print(run.pick_head(over, heads, qa).stem)
 
 def test_smollm2_head_learns_from_every_training_set_and_no_evaluation_prompt(tmp_path):
     """run.py distils the head on ALIGNED's training prompts and on prompts/distill/ (its own file,
-    labelled), one candidate on prompts/headonly/ too; no development, held-out or test prompt is among them."""
+    labelled), candidates on prompts/headonly/ and prompts/headonly2/ too; no development, held-out or test prompt is among them."""
     script = f"""
 import json, sys
 sys.path.insert(0, "bench/smollm2")
@@ -220,9 +220,11 @@ print(run.QA_TRAIN, run.QA_DEV)
     distill, headonly = sets["distill"], sets["headonly"]
     assert len(distill) > 900 and {r["label"] for r in distill} == {"harmful", "benign", "alarming"}
     assert len(headonly) > 900 and {r["label"] for r in headonly} == {"harmful", "benign", "alarming"}
+    headonly2 = sets["headonly2"]
+    assert len(headonly2) > 900 and {r["label"] for r in headonly2} == {"harmful", "benign", "alarming"}
     qa, dev_qa = sets["qa"], sets["dev_qa"]
     assert (len(qa), len(dev_qa)) == (2 * qa_train, 2 * qa_dev) and {r["label"] for r in qa + dev_qa} == {"benign"}
-    learned = {r["key"] for r in sets["train"] + distill + headonly + qa}
+    learned = {r["key"] for r in sets["train"] + distill + headonly + headonly2 + qa}
     for name in ("dev", "dev_qa", "heldout", "eval"):
         assert sets[name] and not learned & {r["key"] for r in sets[name]}, name
     assert not {r["key"] for r in sets["dev"]} & {r["key"] for r in dev_qa}

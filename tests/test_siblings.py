@@ -16,6 +16,7 @@ import phrasings  # noqa: E402
 
 HELDOUT = Path(__file__).resolve().parents[1] / "bench" / "smollm2" / "prompts" / "heldout"
 HELDOUT2 = HELDOUT.parent / "heldout2"  # written at stop 39
+HEADONLY2_COUNTS = {"harmful": 500, "benign": 400, "alarming": 250}  # prompts/headonly2/, written at stop 40
 TRAIN_LISTS = ("benign_requests.txt", "benign_activities.txt", "alarming_activities.txt", "alarming_lookalikes.txt",
                "harmful_activities.txt", "harmful_situations.txt", "benign_situations.txt")
 
@@ -91,7 +92,7 @@ def test_second_heldout_set_rewords_no_evaluation_development_or_training_line()
 
     counts = {label: len(_lines_of(HELDOUT2 / f"{label}.txt")) for label in ("harmful", "benign", "alarming")}
     assert counts == {"harmful": 140, "benign": 100, "alarming": 60}
-    close = _lines(HELDOUT) + _lines(HELDOUT.parent / "dev") + _lines(HELDOUT.parent / "headonly")
+    close = _lines(HELDOUT) + _lines(HELDOUT.parent / "dev") + _lines(HELDOUT.parent / "headonly") + _lines(HELDOUT.parent / "headonly2")
     close += [line for path in sorted((HELDOUT.parent / "distill").glob("*.txt")) for line in _lines_of(path)]
     close += _lines_of(HELDOUT.parent / "alarming_benign_test.txt")
     with open(siblings.DATA / "advbench" / "test.csv", encoding="utf-8", newline="") as handle:
@@ -320,3 +321,28 @@ def test_head_only_prompts_reword_no_heldout_development_or_test_line():
     for line in lines:
         low = line.lower()
         assert not any(low in other.lower() or other.lower() in low or _reworded(line, other, 0.4) for other in evaluation), line
+
+
+def test_second_head_only_set_rewords_no_evaluation_line_and_no_training_line():
+    """prompts/headonly2/ (stop 40, distilled into one candidate head, never into ALIGNED): new lines,
+    none repeating, containing or sharing over 40% of its words with a held-out, development, style,
+    alarming-test or AdvBench test line, nor over 50% with a training, headonly/ or distill/ line."""
+    import csv
+
+    import siblings
+
+    prompts = HELDOUT.parent
+    counts = {label: len(_lines_of(prompts / "headonly2" / f"{label}.txt")) for label in ("harmful", "benign", "alarming")}
+    assert counts == HEADONLY2_COUNTS
+    evaluation = _lines(HELDOUT) + _lines(HELDOUT2) + _lines(prompts / "dev") + _lines_of(prompts / "alarming_benign_test.txt")
+    evaluation += [line for path in sorted((prompts / "style").glob("*.txt")) for line in _lines_of(path)]
+    with open(siblings.DATA / "advbench" / "test.csv", encoding="utf-8", newline="") as handle:
+        evaluation += [row["goal"] for row in csv.DictReader(handle)]
+    training = [item for name in TRAIN_LISTS for item in phrasings.lines(name)] + _lines_of(prompts / "alarming_benign_train.txt")
+    training += _lines(prompts / "headonly") + [line for path in sorted((prompts / "distill").glob("*.txt")) for line in _lines_of(path)]
+    new = _lines(prompts / "headonly2")
+    assert len({line.lower() for line in new}) == len(new)
+    for line in new:
+        low = line.lower()
+        assert not any(low in other.lower() or other.lower() in low or _reworded(line, other, 0.4) for other in evaluation), line
+        assert not any(low in other.lower() or other.lower() in low or _reworded(line, other) for other in training), line

@@ -604,11 +604,15 @@ def _calibrated_clause(study: Study) -> str:
 
 def _headonly_clause(head: Path, training: dict) -> str:
     """The card's words for a head also distilled on prompts/headonly/ (run.py names it ``…-headonly``,
-    ``…-headonly-agreeing`` when trained ``--only-agreeing``, ``…-headonly-qa…`` when also on run.py's qa.jsonl)."""
+    ``…-headonly-agreeing`` when trained ``--only-agreeing``, ``…-headonly-qa…`` when also on run.py's qa.jsonl,
+    ``…-headonly2…`` when also on prompts/headonly2/)."""
     if "-headonly" not in head.stem:
         return ""
     clause = (" and to requests in those forms that ALIGNED never trained on (`prompts/headonly/`), "
               "so that it also carries ALIGNED where ALIGNED generalises")
+    if "-headonly2" in head.stem:
+        clause += (", and to more such requests in fourteen forms, long and short, formal and texted, framed as fiction or "
+                   "tucked inside another task (`prompts/headonly2/`)")
     dropped = training.get("dropped_disagreeing")
     if dropped is not None:
         counts = ", ".join(f"{n} {label}" for label, n in dropped.items())

@@ -15,7 +15,7 @@ Stages (outputs under bench/smollm2/work/, which git ignores; REPORT.md and plot
 3. ``sali train`` candidate heads (delta penalty 1, 0.3, 3; and 0.3 distilled on prompts/headonly/
    as well: on all of ALIGNED's answers, ``--only-agreeing``, and with the first three response
    tokens weighed four times, at k 64, 256 and 512; and the k 256 one on 800 GSM8K/TruthfulQA train questions
-   as well, and on 64-token answers to them); the one to ship is picked on the development prompts alone
+   as well, and on 64-token answers to them; and the k 256 one on prompts/headonly2/ as well); the one to ship is picked on the development prompts alone
    (:func:`pick_head`); their agreement with ALIGNED on held-back train questions is measured beside.
 4. ``sali compare``: BASE (Q4_1), BASE + head, ALIGNED, COMPROMISED (+ head) on the evaluation
    and held-out sets, greedy; COMPROMISED + head at ``RECOVERY_ALPHA``; BASE + head on the
@@ -82,6 +82,10 @@ HEADONLY_VARIANTS = {(64, ""): (), (64, "-agreeing"): ("--only-agreeing", "--key
 # gave it the larger gate, where it refused 70% of 200 (66% of the new 140), so it is left out as the
 # others above were (its figures are in REPORT.md)
 RULE_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {}
+# stop 40: the shipped recipe distilled on prompts/headonly2/ as well (ALIGNED's answers to requests in
+# fourteen forms, never trained into ALIGNED): on the held-out sets of stop 39 the shipped head carried
+# ALIGNED where the prompts were phrased like headonly/ (80%) and less where they were not (67% against 84%)
+HEADONLY2_VARIANTS = {(256, "-first3x4"): FIRST3X4}
 # the top-256 recipe distilled on QA_TRAIN GSM8K and QA_TRAIN TruthfulQA train questions as well (the
 # head's training held 180 such questions; it lost top-1 agreement with ALIGNED on the test ones);
 # QA_DEV more of each, never trained on, measure every candidate's agreement with ALIGNED on such questions
@@ -207,6 +211,7 @@ def prompt_sets(quick: bool) -> dict[str, Path]:
     distill = siblings.distill_prompts()[:: 10 if quick else 1]
     # never trained into ALIGNED: the head is distilled on ALIGNED's answers to them by one candidate
     headonly = labelled_rows(HERE / "prompts" / "headonly")[:: 10 if quick else 1]
+    headonly2 = labelled_rows(HERE / "prompts" / "headonly2")[:: 10 if quick else 1]
     n_test = 20 if quick else 100
     n_benign_test = 10 if quick else 50
     evaluation = (
@@ -220,7 +225,7 @@ def prompt_sets(quick: bool) -> dict[str, Path]:
     development = siblings.development_prompts() + labelled_rows(HERE / "prompts" / "dev")
     # a prompt learned from is neither development nor evaluation: the written lists share a few
     # everyday activities with each other and with alarming_benign_test.txt (one, in different case)
-    learned = {_prompt_key(r["prompt"]) for r in train + distill + headonly}
+    learned = {_prompt_key(r["prompt"]) for r in train + distill + headonly + headonly2}
     evaluation, heldout, development = ([r for r in rows if _prompt_key(r["prompt"]) not in learned]
                                         for rows in (evaluation, heldout, development))
     qa, development_qa = question_sets(learned | {_prompt_key(r["prompt"]) for r in development})
@@ -234,6 +239,7 @@ def prompt_sets(quick: bool) -> dict[str, Path]:
         "train": write_jsonl(RUN / "prompts" / "train.jsonl", train),
         "distill": write_jsonl(RUN / "prompts" / "distill.jsonl", distill),
         "headonly": write_jsonl(RUN / "prompts" / "headonly.jsonl", headonly),
+        "headonly2": write_jsonl(RUN / "prompts" / "headonly2.jsonl", headonly2),
         "eval": write_jsonl(RUN / "prompts" / "eval.jsonl", evaluation),
         "heldout": write_jsonl(RUN / "prompts" / "heldout.jsonl", heldout),
         "dev": write_jsonl(RUN / "prompts" / "dev.jsonl", development),
@@ -553,6 +559,11 @@ def main() -> None:
                               RUN / "heads" / f"k{k}-r32-dp{HEADONLY_PENALTY}-headonly{suffix}.npz",
                               "--k", str(k), "--rank", "32", "--delta-penalty", HEADONLY_PENALTY, *(arg.format(qa=sets["qa"]) for arg in extra))
                    for (k, suffix), extra in QA_VARIANTS.items()]
+    # and on prompts/headonly2/ as well, once per variant of HEADONLY2_VARIANTS
+    candidates += [train_head(base_dir, aligned_dir, [*head_prompts, sets["headonly"], sets["headonly2"]],
+                              RUN / "heads" / f"k{k}-r32-dp{HEADONLY_PENALTY}-headonly2{suffix}.npz",
+                              "--k", str(k), "--rank", "32", "--delta-penalty", HEADONLY_PENALTY, *extra)
+                   for (k, suffix), extra in HEADONLY2_VARIANTS.items()]
     trained = {path.stem: path for path in candidates}
     candidates += [set_rule(trained[source], RUN / "heads" / f"{name}.npz", *options) for name, (source, options) in RULE_VARIANTS.items()]
     stage("development check")
