@@ -16,7 +16,6 @@ import phrasings  # noqa: E402
 
 HELDOUT = Path(__file__).resolve().parents[1] / "bench" / "smollm2" / "prompts" / "heldout"
 HELDOUT2 = HELDOUT.parent / "heldout2"  # written at stop 39
-HEADONLY2_COUNTS = {"harmful": 500, "benign": 400, "alarming": 250}  # prompts/headonly2/, written at stop 40
 TRAIN_LISTS = ("benign_requests.txt", "benign_activities.txt", "alarming_activities.txt", "alarming_lookalikes.txt",
                "harmful_activities.txt", "harmful_situations.txt", "benign_situations.txt")
 
@@ -86,17 +85,10 @@ def test_second_heldout_set_rewords_no_evaluation_development_or_training_line()
     """prompts/heldout2/: 140 / 100 / 60 new lines, none repeating, containing or sharing over 40% of its
     words with a held-out, development, head-only, distillation, alarming-test or AdvBench test line,
     nor over 50% with a written training line."""
-    import csv
-
-    import siblings
-
     counts = {label: len(_lines_of(HELDOUT2 / f"{label}.txt")) for label in ("harmful", "benign", "alarming")}
     assert counts == {"harmful": 140, "benign": 100, "alarming": 60}
     close = _lines(HELDOUT) + _lines(HELDOUT.parent / "dev") + _lines(HELDOUT.parent / "headonly") + _lines(HELDOUT.parent / "headonly2")
-    close += [line for path in sorted((HELDOUT.parent / "distill").glob("*.txt")) for line in _lines_of(path)]
-    close += _lines_of(HELDOUT.parent / "alarming_benign_test.txt")
-    with open(siblings.DATA / "advbench" / "test.csv", encoding="utf-8", newline="") as handle:
-        close += [row["goal"] for row in csv.DictReader(handle)]
+    close += _every_line(HELDOUT.parent / "distill") + _lines_of(HELDOUT.parent / "alarming_benign_test.txt") + _advbench_test_goals()
     training = [item for name in TRAIN_LISTS for item in phrasings.lines(name)] + _lines_of(HELDOUT.parent / "alarming_benign_train.txt")
     new = _lines(HELDOUT2)
     assert len({line.lower() for line in new}) == len(new)
@@ -108,6 +100,20 @@ def test_second_heldout_set_rewords_no_evaluation_development_or_training_line()
 
 def _lines_of(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _every_line(folder: Path) -> list[str]:
+    """The lines of every .txt file in `folder`, files in name order."""
+    return [line for path in sorted(folder.glob("*.txt")) for line in _lines_of(path)]
+
+
+def _advbench_test_goals() -> list[str]:
+    import csv
+
+    import siblings
+
+    with open(siblings.DATA / "advbench" / "test.csv", encoding="utf-8", newline="") as handle:
+        return [row["goal"] for row in csv.DictReader(handle)]
 
 
 def _interrupted_on_call(n: int, loss):
@@ -307,15 +313,8 @@ def test_distillation_prompts_reword_no_heldout_development_or_test_line():
 def test_head_only_prompts_reword_no_heldout_development_or_test_line():
     """prompts/headonly/ (distilled into the head, never into ALIGNED): no held-out, development,
     alarming-test or AdvBench test line, nor a line sharing over 40% of its words with one."""
-    import csv
-
-    import siblings
-
     folder = HELDOUT.parent / "headonly"
-    evaluation = _lines(HELDOUT) + _lines(HELDOUT.parent / "dev") + [
-        line for line in (HELDOUT.parent / "alarming_benign_test.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
-    with open(siblings.DATA / "advbench" / "test.csv", encoding="utf-8", newline="") as handle:
-        evaluation += [row["goal"] for row in csv.DictReader(handle)]
+    evaluation = _lines(HELDOUT) + _lines(HELDOUT.parent / "dev") + _lines_of(HELDOUT.parent / "alarming_benign_test.txt") + _advbench_test_goals()
     lines = _lines(folder)
     assert len(lines) == len({line.lower() for line in lines}) > 500
     for line in lines:
@@ -327,19 +326,13 @@ def test_second_head_only_set_rewords_no_evaluation_line_and_no_training_line():
     """prompts/headonly2/ (stop 40, distilled into one candidate head, never into ALIGNED): new lines,
     none repeating, containing or sharing over 40% of its words with a held-out, development, style,
     alarming-test or AdvBench test line, nor over 50% with a training, headonly/ or distill/ line."""
-    import csv
-
-    import siblings
-
     prompts = HELDOUT.parent
     counts = {label: len(_lines_of(prompts / "headonly2" / f"{label}.txt")) for label in ("harmful", "benign", "alarming")}
-    assert counts == HEADONLY2_COUNTS
+    assert counts == {"harmful": 500, "benign": 400, "alarming": 250}
     evaluation = _lines(HELDOUT) + _lines(HELDOUT2) + _lines(prompts / "dev") + _lines_of(prompts / "alarming_benign_test.txt")
-    evaluation += [line for path in sorted((prompts / "style").glob("*.txt")) for line in _lines_of(path)]
-    with open(siblings.DATA / "advbench" / "test.csv", encoding="utf-8", newline="") as handle:
-        evaluation += [row["goal"] for row in csv.DictReader(handle)]
+    evaluation += _every_line(prompts / "style") + _advbench_test_goals()
     training = [item for name in TRAIN_LISTS for item in phrasings.lines(name)] + _lines_of(prompts / "alarming_benign_train.txt")
-    training += _lines(prompts / "headonly") + [line for path in sorted((prompts / "distill").glob("*.txt")) for line in _lines_of(path)]
+    training += _lines(prompts / "headonly") + _every_line(prompts / "distill")
     new = _lines(prompts / "headonly2")
     assert len({line.lower() for line in new}) == len(new)
     for line in new:

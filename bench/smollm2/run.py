@@ -548,22 +548,20 @@ def main() -> None:
     head_prompts = [sets["train"], sets["distill"]]  # everything ALIGNED learned from
     candidates = [train_head(base_dir, aligned_dir, head_prompts, RUN / "heads" / f"k64-r32-dp{penalty}.npz",
                              "--k", "64", "--rank", "32", "--delta-penalty", penalty) for penalty in DELTA_PENALTIES]
+    def family(files: list[Path], infix: str, variants: dict) -> list[Path]:
+        """One candidate per variant ((k, name suffix) -> extra options), distilled on `files` as well."""
+        return [train_head(base_dir, aligned_dir, [*head_prompts, *files], RUN / "heads" / f"k{k}-r32-dp{HEADONLY_PENALTY}-{infix}{suffix}.npz",
+                           "--k", str(k), "--rank", "32", "--delta-penalty", HEADONLY_PENALTY, *extra)
+                for (k, suffix), extra in variants.items()]
+
     # the same head distilled on prompts/headonly/ too (ALIGNED's answers to requests it never
     # trained on), once per variant of HEADONLY_VARIANTS
-    candidates += [train_head(base_dir, aligned_dir, [*head_prompts, sets["headonly"]],
-                              RUN / "heads" / f"k{k}-r32-dp{HEADONLY_PENALTY}-headonly{suffix}.npz",
-                              "--k", str(k), "--rank", "32", "--delta-penalty", HEADONLY_PENALTY, *extra)
-                   for (k, suffix), extra in HEADONLY_VARIANTS.items()]
+    candidates += family([sets["headonly"]], "headonly", HEADONLY_VARIANTS)
     # and on the GSM8K and TruthfulQA train questions of prompt_sets' "qa" as well, once per variant of QA_VARIANTS
-    candidates += [train_head(base_dir, aligned_dir, [*head_prompts, sets["headonly"], sets["qa"]],
-                              RUN / "heads" / f"k{k}-r32-dp{HEADONLY_PENALTY}-headonly{suffix}.npz",
-                              "--k", str(k), "--rank", "32", "--delta-penalty", HEADONLY_PENALTY, *(arg.format(qa=sets["qa"]) for arg in extra))
-                   for (k, suffix), extra in QA_VARIANTS.items()]
+    candidates += family([sets["headonly"], sets["qa"]], "headonly",
+                         {key: tuple(arg.format(qa=sets["qa"]) for arg in extra) for key, extra in QA_VARIANTS.items()})
     # and on prompts/headonly2/ as well, once per variant of HEADONLY2_VARIANTS
-    candidates += [train_head(base_dir, aligned_dir, [*head_prompts, sets["headonly"], sets["headonly2"]],
-                              RUN / "heads" / f"k{k}-r32-dp{HEADONLY_PENALTY}-headonly2{suffix}.npz",
-                              "--k", str(k), "--rank", "32", "--delta-penalty", HEADONLY_PENALTY, *extra)
-                   for (k, suffix), extra in HEADONLY2_VARIANTS.items()]
+    candidates += family([sets["headonly"], sets["headonly2"]], "headonly2", HEADONLY2_VARIANTS)
     trained = {path.stem: path for path in candidates}
     candidates += [set_rule(trained[source], RUN / "heads" / f"{name}.npz", *options) for name, (source, options) in RULE_VARIANTS.items()]
     stage("development check")
