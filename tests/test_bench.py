@@ -10,6 +10,9 @@ import pytest
 
 from conftest import ROOT, THREADS
 
+from sali.compare.summary import prompts_digest
+from sali.prompts import read_prompts
+
 
 def _run(*args: str, timeout: int = 300) -> str:
     done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -199,7 +202,8 @@ print(run.pick_head(over, heads, qa).stem)
 
 def test_smollm2_head_learns_from_every_training_set_and_no_evaluation_prompt(tmp_path):
     """run.py distils the head on ALIGNED's training prompts and on prompts/distill/ (its own file,
-    labelled), candidates on prompts/headonly/ and prompts/headonly2/ too; no development, held-out or test prompt is among them."""
+    labelled), candidates on prompts/headonly/ (and prompts/headonly2/ when HEADONLY2_VARIANTS names one);
+    no development, held-out or test prompt is among them, nor among headonly2's."""
     script = f"""
 import json, sys
 sys.path.insert(0, "bench/smollm2")
@@ -373,13 +377,15 @@ print(json.dumps([run.worse_than_shipped(new, head, (dev("base+shipped-abc", 0.6
 def test_a_comparison_is_made_again_when_a_head_or_a_prompt_was_added_since_its_summary(tmp_path):
     """run.py's stages resume from their outputs, but a candidate, a pick or a prompt set that changed
     since must not be read from a summary without it: compare() calls sali compare again exactly then
-    (its response cache keeps the answers it has). Sampled records are generated again when their
-    prompts are not the file's (stop 39: the held-out set grew)."""
+    (its response cache keeps the answers it has), a reworded line of the same count included (the
+    summary's prompts_sha256). Sampled records are generated again when their prompts are not the
+    file's (stop 39: the held-out set grew)."""
     out = tmp_path / "dev"
     out.mkdir()
     prompts = tmp_path / "dev.jsonl"
     prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
-    (out / "summary.json").write_text(json.dumps({"systems": {"base": {}, "base+k64-r32-dp1": {}}, "prompts": 2}))
+    digest = prompts_digest(read_prompts(prompts))
+    (out / "summary.json").write_text(json.dumps({"systems": {"base": {}, "base+k64-r32-dp1": {}}, "prompts": 2, "prompts_sha256": digest}))
     records = tmp_path / "sampled.jsonl"
     records.write_text('{"prompt": "a", "seed": 1, "response": "x"}\n{"prompt": "b", "seed": 2, "response": "y"}\n')
     script = f"""

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 from conftest import read_jsonl, run_sali
+
+from sali.compare.summary import prompts_digest
+from sali.prompts import read_prompts
 
 @pytest.fixture(scope="module")
 def compared(pair, trained, tmp_path_factory):
@@ -60,6 +64,13 @@ def test_outputs_written_and_consistent(compared):
     systems = list(summary["systems"])
     assert len(responses) == summary["prompts"] * len(systems)
     assert {r["system"] for r in responses} == set(systems)
+    # the summary names the prompts it is of by content: the same file gives the same digest, a
+    # reworded line (same count) another
+    heldout = compared["folder"] / "heldout.jsonl"
+    assert summary["prompts_sha256"] == prompts_digest(read_prompts(heldout))
+    reworded = read_prompts(heldout)
+    reworded[0] = replace(reworded[0], text=reworded[0].text + " please")
+    assert prompts_digest(reworded) != summary["prompts_sha256"]
     # summary.md holds the same table as summary.json
     table = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(systems)

@@ -15,7 +15,7 @@ Stages (outputs under bench/smollm2/work/, which git ignores; REPORT.md and plot
 3. ``sali train`` candidate heads (delta penalty 1, 0.3, 3; and 0.3 distilled on prompts/headonly/
    as well: on all of ALIGNED's answers, ``--only-agreeing``, and with the first three response
    tokens weighed four times, at k 64, 256 and 512; and the k 256 one on 800 GSM8K/TruthfulQA train questions
-   as well, and on 64-token answers to them; and the k 256 one on prompts/headonly2/ as well); the one to ship is picked on the development prompts alone
+   as well, and on 64-token answers to them); the one to ship is picked on the development prompts alone
    (:func:`pick_head`); their agreement with ALIGNED on held-back train questions is measured beside.
 4. ``sali compare``: BASE (Q4_1), BASE + head, ALIGNED, COMPROMISED (+ head) on the evaluation
    and held-out sets, greedy; COMPROMISED + head at ``RECOVERY_ALPHA``; BASE + head on the
@@ -46,6 +46,8 @@ sys.path.insert(0, str(HERE))
 
 import siblings  # noqa: E402
 from bench.common import smollm2_gguf  # noqa: E402
+from sali.compare.summary import prompts_digest  # noqa: E402
+from sali.prompts import read_prompts  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 WORK = siblings.WORK
@@ -84,8 +86,12 @@ HEADONLY_VARIANTS = {(64, ""): (), (64, "-agreeing"): ("--only-agreeing", "--key
 RULE_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {}
 # stop 40: the shipped recipe distilled on prompts/headonly2/ as well (ALIGNED's answers to requests in
 # fourteen forms, never trained into ALIGNED): on the held-out sets of stop 39 the shipped head carried
-# ALIGNED where the prompts were phrased like headonly/ (80%) and less where they were not (67% against 84%)
-HEADONLY2_VARIANTS = {(256, "-first3x4"): FIRST3X4}
+# ALIGNED where the prompts were phrased like headonly/ (80%) and less where they were not (67% against 84%).
+# Its candidate ("k256-r32-dp0.3-headonly2-first3x4") was picked on development prompts (refusing 77%
+# harmful, 14% benign, 19% alarming; score 44.3 against the shipped head's 39.1) and missed the held-out
+# ship gate (72% of 200 against 80%; the shipped head 71%, ALIGNED 84%), so it is left out as the others
+# above were (its figures are in stop 40's REPORT.md)
+HEADONLY2_VARIANTS: dict[tuple[int, str], tuple[str, ...]] = {}
 # the top-256 recipe distilled on QA_TRAIN GSM8K and QA_TRAIN TruthfulQA train questions as well (the
 # head's training held 180 such questions; it lost top-1 agreement with ALIGNED on the test ones);
 # QA_DEV more of each, never trained on, measure every candidate's agreement with ALIGNED on such questions
@@ -300,8 +306,9 @@ def compare(out: Path, prompts: Path, base_q4: Path, heads: list[Path], aligned:
     done = out / "summary.json"
     summary = json.loads(done.read_text()) if done.is_file() else {}
     systems = summary.get("systems", {})
-    # a summary of another prompt list (a set that grew) is made again; the response cache keeps the answers it has
-    stale = summary.get("prompts") != len(siblings.read_jsonl(prompts))
+    # a summary of another prompt list (a set that grew, or a line reworded) is made again; the response
+    # cache keeps the answers it has
+    stale = summary.get("prompts_sha256") != prompts_digest(read_prompts(prompts))
     if stale or not all(_has_head(systems, head) for head in heads):
         args = ["compare", "--base", str(base_q4), "-P", str(prompts), "-o", str(out),
                 "-n", str(max_tokens), "-t", str(siblings.THREADS), "--keywords", str(KEYWORDS), "--cache", str(cache or WORK / "compare-cache"),

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Callable
 
 import numpy as np
@@ -36,6 +38,7 @@ def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[st
         "shares": _shares(rows, aligned),
         "labels": labels,
         "prompts": len(plan.prompts),
+        "prompts_sha256": prompts_digest(plan.prompts),
         "forced_only": forced_only,
         "by_position": {name: f.get("by_position", {}) for name, f in forced.items()},
         "kl_top_k": KL_TOP_K if forced else None,
@@ -44,6 +47,16 @@ def summarize(plan: Plan, results: dict[str, dict[str, Result]], forced: dict[st
         "answer_match": plan.answer_match,
         "sampling": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.sampling).items()},
     }
+
+
+def prompts_digest(prompts: list[Prompt]) -> str:
+    """The sha256 (hex) of a prompt list's content: each prompt's text, label and answer as one JSON
+    line, in order. Equal for the same prompts whatever file format held them; a reworded line,
+    a changed label or a reordering changes it (a count alone would not)."""
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(json.dumps([prompt.text, prompt.label, prompt.answer], ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def _answer_figures(plan: Plan, system, results: dict[str, dict[str, Result]], aligned, labels: list[str]) -> dict[str, Any]:
