@@ -8,17 +8,18 @@ along the base's own greedy response (steps 0 .. S-1; a response that ends early
 token). Classifiers of the prompt's label (``--positive`` against every other label) are fitted on
 the ``--train`` files and scored on each ``--eval`` file, for each k and S:
 
-* linear: a weighted sum of per-token weights (each step's tokens their own), about what a head's
-  change to one logit against another can express;
-* mlp: one hidden layer of 512 over the same embeddings, a ceiling for a shallow function.
+* linear (``--hidden 0``): a weighted sum of per-token weights (each step's tokens their own), about
+  what a head's change to one logit against another can express;
+* mlp-N (``--hidden N``): one ReLU layer of N over the same embeddings; 512 is a ceiling for a
+  shallow function, 32 about what a rank-32 head with a nonlinearity between its factors could hold.
 
-Both are bench/topk_signal.py's, with early stopping on 10% of the training prompts. Printed per
+All are bench/topk_signal.py's, with early stopping on 10% of the training prompts. Printed per
 eval file, k, S and classifier: the AUC; **caught**, the share of positives flagged at the
 threshold that flags 10% of the validation split's others (a figure a shipped rule could have);
 and **ceiling**, the most positives any threshold flags while the file's own benign and alarming
 prompts stay within ``--limit`` (an oracle, chosen on the file: an upper bound, not a figure to ship
 on). The base's top k are read once per prompt and cached (``--cache``), so a rerun or an
-interrupted read resumes.
+interrupted read resumes, and a later run asking for fewer tokens or steps reuses a larger read.
 
     python bench/gate_ceiling.py --base BASE.gguf --train train.jsonl --eval heldout.jsonl --k 64 256 --steps 1 3
     python bench/gate_ceiling.py --smoke --base tiny.gguf --train train.jsonl --eval heldout.jsonl   # the test suite's run
@@ -60,13 +61,28 @@ def labelled(path: Path) -> list[tuple[str, str]]:
     return [(p.text, p.label) for p in rows]
 
 
-def cache_file(cache: Path, model_path: Path, texts: list[str], k: int, steps: int) -> Path:
-    """Where the top k of these prompts under this GGUF (its name, size and first MiB) are kept."""
+def cache_key(model_path: Path, texts: list[str]) -> str:
+    """What a read of these prompts under this GGUF (its name, size and first MiB) is kept under."""
     digest = hashlib.sha256()
     with open(model_path, "rb") as fh:
         digest.update(fh.read(1 << 20))
-    digest.update(json.dumps([model_path.name, model_path.stat().st_size, k, steps, "chat", texts]).encode())
-    return cache / f"{digest.hexdigest()[:16]}.npz"
+    digest.update(json.dumps([model_path.name, model_path.stat().st_size, "chat", texts]).encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_read(cache: Path, key: str, k: int, steps: int) -> Path | None:
+    """A finished read in `cache` of at least `k` tokens and `steps` steps (the smallest such), or None."""
+    found = []
+    for path in cache.glob(f"{key}-k*-s*.npz"):
+        if path.name.endswith(".partial.npz"):
+            continue
+        try:
+            stored_k, stored_steps = (int(part[1:]) for part in path.stem.split("-")[1:3])
+        except ValueError:
+            continue
+        if stored_k >= k and stored_steps >= steps:
+            found.append((stored_k * stored_steps, path))
+    return min(found)[1] if found else None
 
 
 def _save(path: Path, **arrays) -> None:
@@ -91,10 +107,12 @@ def read_top_k(model_path: Path, texts: list[str], k: int, steps: int, threads: 
     model = Model(model_path, n_threads=threads, n_ctx=2048)
     if k > model.n_vocab:
         raise SaliError(f"--k {k} is more than {model_path.name}'s {model.n_vocab} tokens")
-    done_path = cache_file(cache, model_path, texts, k, steps)
-    if done_path.is_file():
-        with np.load(done_path, allow_pickle=False) as stored:
-            return stored["ids"], stored["lp"], model.n_vocab
+    key = cache_key(model_path, texts)
+    found = cached_read(cache, key, k, steps)
+    if found is not None:  # a read as deep and as wide or more: its first steps and top k are this one
+        with np.load(found, allow_pickle=False) as stored:
+            return stored["ids"][:, :steps, :k], stored["lp"][:, :steps, :k], model.n_vocab
+    done_path = cache / f"{key}-k{k}-s{steps}.npz"
     partial_path = done_path.with_suffix(".partial.npz")
     ids = np.zeros((len(texts), steps, k), np.int32)
     lp = np.full((len(texts), steps, k), -1e9, np.float32)
@@ -207,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", type=Path, action="append", required=True, help="a labelled prompt file to score (repeatable)")
     parser.add_argument("--k", type=int, nargs="+", default=[64, 256], help="top-k sizes (default 64 256)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 3], help="response steps read (default 1 3)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[0, 512],
+                        help="classifier widths: 0 for linear, N for one ReLU layer of N (default 0 512)")
     parser.add_argument("--positive", default="harmful", help="the label to tell from the others (default harmful)")
     parser.add_argument("--limit", type=parse_limit, action="append",
                         help="LABEL=SHARE: the most of LABEL the ceiling's threshold may flag (default benign=0.1, alarming=0.2)")
@@ -218,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     limits = dict(args.limit) if args.limit else dict(DEFAULT_LIMITS)
     epochs = 3 if args.smoke else args.epochs
-    if min(args.k) < 1 or min(args.steps) < 1:
-        parser.error("--k and --steps must be at least 1")
+    if min(args.k) < 1 or min(args.steps) < 1 or min(args.hidden) < 0:
+        parser.error("--k and --steps must be at least 1, --hidden at least 0")
     try:
         if not args.base.is_file():
             raise SaliError(f"model not found: {args.base}")
@@ -245,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in args.k:
             for steps in args.steps:
                 flat_ids, weights = features(ids, lp, k, steps, vocab)
-                for classifier, hidden in (("linear", 0), ("mlp", 512)):
+                for hidden in args.hidden:
+                    classifier = f"mlp-{hidden}" if hidden else "linear"
                     for result in evaluate(flat_ids, weights, labels_arr, args.positive, len(train_rows), ranges,
                                            steps * vocab, hidden, epochs, limits):
                         results.append({"eval": result["eval"], "k": k, "steps": steps, "classifier": classifier,

@@ -460,7 +460,7 @@ def test_gate_ceiling_smoke_reads_the_base_once_and_scores_every_file(pair, tmp_
     first.write_text("\n".join(heldout[::2]) + "\n")
     second.write_text("\n".join(heldout[1::2]) + "\n")
     args = ["bench/gate_ceiling.py", "--smoke", "--base", str(pair.base_gguf), "--train", str(pair.train_prompts),
-            "--eval", str(first), "--eval", str(second), "--k", "4", "16", "--steps", "1", "2",
+            "--eval", str(first), "--eval", str(second), "--k", "4", "16", "--steps", "1", "2", "--hidden", "0", "8",
             "--threads", THREADS, "--cache", str(tmp_path / "cache")]
 
     def run(out: str) -> subprocess.CompletedProcess:
@@ -473,7 +473,7 @@ def test_gate_ceiling_smoke_reads_the_base_once_and_scores_every_file(pair, tmp_
     rows = [line.split() for line in done.stdout.splitlines() if line.split()[:1] in (["first.jsonl"], ["second.jsonl"])]
     assert len(rows) == 2 * 2 * 2 * 2, done.stdout
     for name, k, steps, classifier, auc, caught, ceiling in rows:
-        assert k in ("4", "16") and steps in ("1", "2") and classifier in ("linear", "mlp")
+        assert k in ("4", "16") and steps in ("1", "2") and classifier in ("linear", "mlp-8")
         assert 0.0 <= float(auc) <= 1.0 and 0 <= int(caught.rstrip("%")) <= 100 and 0 <= int(ceiling.rstrip("%")) <= 100
     record = json.loads((tmp_path / "one.json").read_text())
     assert len(record["results"]) == len(rows) and record["train_prompts"] == len(pair.train_prompts.read_text().splitlines())
@@ -483,6 +483,13 @@ def test_gate_ceiling_smoke_reads_the_base_once_and_scores_every_file(pair, tmp_
     again = run("two.json")
     assert "reading the top" not in again.stderr, again.stderr
     assert json.loads((tmp_path / "two.json").read_text()) == record
+    # fewer tokens and steps: the larger read is reused, and its figures are those of the full run
+    smaller = subprocess.run([sys.executable, *args[: args.index("--k")], "--k", "4", "--steps", "1", "--hidden", "0",
+                              *args[args.index("--threads"):], "--out", str(tmp_path / "three.json")],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert smaller.returncode == 0 and "reading the top" not in smaller.stderr, smaller.stderr
+    wanted = [r for r in record["results"] if (r["k"], r["steps"], r["classifier"]) == (4, 1, "linear")]
+    assert json.loads((tmp_path / "three.json").read_text())["results"] == wanted
     unlabelled = tmp_path / "unlabelled.jsonl"
     unlabelled.write_text('{"prompt": "no label here"}\n')
     done = subprocess.run([sys.executable, *args[:-4], "--eval", str(unlabelled)], capture_output=True, text=True, timeout=300, cwd=ROOT)
