@@ -42,6 +42,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from sali.atomic import atomic_path  # noqa: E402
 from sali.errors import SaliError  # noqa: E402
+from sali.head import top_k_ids  # noqa: E402
+from sali.metrics import log_softmax_rows  # noqa: E402
 from sali.prompts import read_prompts  # noqa: E402
 from topk_signal import FALSE_ALARMS, auc_and_catch, fit, renormalised  # noqa: E402
 
@@ -96,7 +98,8 @@ def read_top_k(model_path: Path, texts: list[str], k: int, steps: int, threads: 
 
     Returns ``(ids (n, steps, k) int32, log-probs (n, steps, k) float32`` over the whole vocabulary,
     sorted high to low``, n_vocab)``. Read in llama.cpp, the text as one user turn in the model's chat
-    template; cached in `cache` (a partial read is saved every minute and resumed).
+    template; cached in `cache` (a partial read is saved every minute and resumed; a cached read
+    is returned without loading the model).
     """
     from rich.console import Console
 
@@ -104,14 +107,14 @@ def read_top_k(model_path: Path, texts: list[str], k: int, steps: int, threads: 
     from sali.progress import progress
     from sali.runtime import Model
 
-    model = Model(model_path, n_threads=threads, n_ctx=2048)
-    if k > model.n_vocab:
-        raise SaliError(f"--k {k} is more than {model_path.name}'s {model.n_vocab} tokens")
     key = cache_key(model_path, texts)
     found = cached_read(cache, key, k, steps)
     if found is not None:  # a read as deep and as wide or more: its first steps and top k are this one
         with np.load(found, allow_pickle=False) as stored:
-            return stored["ids"][:, :steps, :k], stored["lp"][:, :steps, :k], model.n_vocab
+            return stored["ids"][:, :steps, :k], stored["lp"][:, :steps, :k], int(stored["n_vocab"])
+    model = Model(model_path, n_threads=threads, n_ctx=2048)
+    if k > model.n_vocab:
+        raise SaliError(f"--k {k} is more than {model_path.name}'s {model.n_vocab} tokens")
     done_path = cache / f"{key}-k{k}-s{steps}.npz"
     partial_path = done_path.with_suffix(".partial.npz")
     ids = np.zeros((len(texts), steps, k), np.int32)
@@ -136,7 +139,7 @@ def read_top_k(model_path: Path, texts: list[str], k: int, steps: int, threads: 
             if row > start:
                 _save(partial_path, ids=ids, lp=lp, done=np.int64(row))  # row itself may be half read
             raise
-    _save(done_path, ids=ids, lp=lp)
+    _save(done_path, ids=ids, lp=lp, n_vocab=np.int64(model.n_vocab))
     partial_path.unlink(missing_ok=True)
     return ids, lp, model.n_vocab
 
@@ -146,11 +149,10 @@ def _read_one(model, prompt: str, ids: np.ndarray, lp: np.ndarray) -> None:
     steps, k = ids.shape
     logits = model.prefill(model.tokenize(prompt))
     for step in range(steps):
-        values = np.asarray(logits, dtype=np.float64)
-        log_z = values.max() + np.log(np.exp(values - values.max()).sum())
-        top = np.argpartition(-values, k - 1)[:k]
-        top = top[np.argsort(-values[top], kind="stable")]
-        ids[step], lp[step] = top, values[top] - log_z
+        log_probs = log_softmax_rows(logits)
+        top = top_k_ids(log_probs, k)
+        top = top[np.lexsort((top, -log_probs[top]))]  # high to low, ties by id
+        ids[step], lp[step] = top, log_probs[top]
         chosen = int(top[0])
         if model.is_end(chosen):
             # the answer ended: the later steps see only its end token
@@ -182,14 +184,19 @@ def ceiling(scores: np.ndarray, labels: np.ndarray, positive: str, limits: dict[
     return best
 
 
+def validation_split(train_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(validation rows, fitting rows)`` of the first `train_n` rows: a seeded random VALIDATION share."""
+    order = np.random.default_rng(SEED).permutation(train_n)
+    n_val = max(1, round(VALIDATION * train_n))
+    return order[:n_val], order[n_val:]
+
+
 def evaluate(flat_ids, weights, labels, positive: str, train_n: int, eval_ranges: dict[str, tuple[int, int]],
              vocab_size: int, hidden: int, epochs: int, limits: dict[str, float]) -> list[dict]:
     """Fit one classifier on the first `train_n` rows (a random VALIDATION share held for early
     stopping and the threshold) and score each eval file's rows ``(start, stop)``: one result each."""
     y = (labels == positive).astype(np.float32)
-    order = np.random.default_rng(SEED).permutation(train_n)
-    n_val = max(1, round(VALIDATION * train_n))
-    val_rows, train_rows = order[:n_val], order[n_val:]
+    val_rows, train_rows = validation_split(train_n)
     score = fit(flat_ids, weights, y, train_rows, val_rows, vocab_size, hidden, epochs, SEED)
     val_scores = score(val_rows)
     others = val_scores[y[val_rows] == 0]
@@ -273,16 +280,14 @@ def main(argv: list[str] | None = None) -> int:
                                         **{key: value for key, value in result.items() if key != "eval"}})
                         print(f"{result['eval']:<24} {k:>4} {steps:>5}  {classifier:<10} {result['auc']:6.3f}  "
                               f"{result['caught']:>6.0%}  {result['ceiling']:>7.0%}", flush=True)
-        n_val = max(1, round(VALIDATION * len(train_rows)))
+        n_val = len(validation_split(len(train_rows))[0])
         limit_text = ", ".join(f"{label} <= {share:.0%}" for label, share in limits.items())
         print(f"fitted on {len(train_rows) - n_val} prompts, stopped on {n_val}; caught: at {FALSE_ALARMS:.0%} of the "
               f"validation others flagged; ceiling: the best threshold on the file itself with {limit_text}")
         counts = {}
         for name, (start, stop) in ranges.items():
-            found, tally = labels_arr[start:stop], {}
-            for label in sorted(set(found)):
-                tally[label] = int((found == label).sum())
-            counts[name] = tally
+            names, numbers = np.unique(labels_arr[start:stop], return_counts=True)
+            counts[name] = tally = {str(label): int(n) for label, n in zip(names, numbers)}
             print(f"  {name}: " + ", ".join(f"{n} {label}" for label, n in tally.items()))
         if args.out:
             record = {"base": args.base.name, "positive": args.positive, "limits": limits, "counts": counts,
