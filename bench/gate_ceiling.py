@@ -32,6 +32,7 @@ import hashlib
 import json
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +111,11 @@ def read_top_k(model_path: Path, texts: list[str], k: int, steps: int, threads: 
     key = cache_key(model_path, texts)
     found = cached_read(cache, key, k, steps)
     if found is not None:  # a read as deep and as wide or more: its first steps and top k are this one
-        with np.load(found, allow_pickle=False) as stored:
-            return stored["ids"][:, :steps, :k], stored["lp"][:, :steps, :k], int(stored["n_vocab"])
+        try:
+            with np.load(found, allow_pickle=False) as stored:
+                return stored["ids"][:, :steps, :k], stored["lp"][:, :steps, :k], int(stored["n_vocab"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # damaged, or from before reads kept n_vocab
+            print(f"warning: {found.name} in the cache is unreadable ({exc.__class__.__name__}); reading again", file=sys.stderr)
     model = Model(model_path, n_threads=threads, n_ctx=2048)
     if k > model.n_vocab:
         raise SaliError(f"--k {k} is more than {model_path.name}'s {model.n_vocab} tokens")

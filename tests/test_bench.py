@@ -490,6 +490,12 @@ def test_gate_ceiling_smoke_reads_the_base_once_and_scores_every_file(pair, tmp_
     assert smaller.returncode == 0 and "reading the top" not in smaller.stderr, smaller.stderr
     wanted = [r for r in record["results"] if (r["k"], r["steps"], r["classifier"]) == (4, 1, "linear")]
     assert json.loads((tmp_path / "three.json").read_text())["results"] == wanted
+    # a damaged read in the cache is read again with a warning, never a traceback
+    for stored in (tmp_path / "cache").glob("*.npz"):
+        stored.write_bytes(stored.read_bytes()[:100])
+    damaged = run("four.json")
+    assert "unreadable" in damaged.stderr and "reading the top 16" in damaged.stderr, damaged.stderr
+    assert json.loads((tmp_path / "four.json").read_text()) == record
     unlabelled = tmp_path / "unlabelled.jsonl"
     unlabelled.write_text('{"prompt": "no label here"}\n')
     done = subprocess.run([sys.executable, *args[:-4], "--eval", str(unlabelled)], capture_output=True, text=True, timeout=300, cwd=ROOT)
