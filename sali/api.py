@@ -300,6 +300,7 @@ class Sali:
         sampling: Sampling | None = None,
         prefill: str | Sequence[int] | None = None,
         explain: bool = False,
+        reuse_cache: bool = False,
         **settings: Any,
     ) -> Completion | Stream:
         """Reply to a conversation (role/content dicts, ending with a user turn), formatted as
@@ -312,11 +313,17 @@ class Sali:
         ``text``/``tokens`` hold only that continuation (``prefill`` the forced text, ``response``
         both). `explain`: fill ``completion.explained`` per generated token (what the head did).
 
+        The prompt is read afresh, so a reply never depends on what the handle generated before.
+        `reuse_cache=True` (for a conversation that continues the previous call's, as `sali chat`
+        does after its first turn) evaluates only what the KV cache does not already hold: faster
+        on long conversations, but llama.cpp's kernels round differently by batch shape, so the
+        logits may differ slightly from a fresh read (``completion.cached_tokens`` counts the reuse).
+
         Returns the :class:`Completion`, or with ``stream=True`` a :class:`Stream` of text
         pieces whose ``completion`` is filled in as it goes. `cancel` stops it from another thread.
         """
         return self._run(self.prompt(messages, head), head, alpha, stream, cancel, sampling, settings,
-                         prefill=prefill, explain=explain)
+                         prefill=prefill, explain=explain, reuse_cache=reuse_cache)
 
     def generate(
         self,
@@ -353,7 +360,8 @@ class Sali:
         return ids
 
     def _run(self, text: str, head: Any, alpha: float | None, stream: bool, cancel, sampling, settings,
-             raw: bool = False, prefill: str | Sequence[int] | None = None, explain: bool = False) -> Completion | Stream:
+             raw: bool = False, prefill: str | Sequence[int] | None = None, explain: bool = False,
+             reuse_cache: bool = False) -> Completion | Stream:
         from sali.session import default_stops
 
         chosen = self.choose(head)
@@ -362,7 +370,8 @@ class Sali:
         strength = self.alpha if alpha is None else alpha
         forced = self.prefill_tokens(prefill) if prefill is not None else ()
         heads, strength = chosen.runtime(strength) if chosen else (None, 0.0)
-        out = self.model.stream(text, plan, heads, strength, cancel, prefill=forced, explain=explain)
+        out = self.model.stream(text, plan, heads, strength, cancel, prefill=forced, explain=explain,
+                                reuse_cache=reuse_cache)
         if isinstance(prefill, str):
             out.completion.prefill = prefill  # verbatim, as given
         return out if stream else out.finish()

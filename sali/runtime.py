@@ -119,6 +119,7 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "length"
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the KV cache (only a chat continuing its conversation)
     seconds: float = 0.0  # wall time from the start of the prompt's evaluation to the end
     first_token_seconds: float | None = None  # time to the first generated token
     head_calls: int = 0
@@ -627,18 +628,27 @@ class Model:
             self._logits_view = (address, np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)))
         return self._logits_view[1]
 
-    def _prefill(self, tokens: Sequence[int]) -> None:
-        """Evaluate `tokens`, reusing the KV cache for the prefix already evaluated."""
+    def _prefill(self, tokens: Sequence[int], reuse_cache: bool = False) -> int:
+        """Evaluate `tokens`; returns how many of them were taken from the KV cache instead.
+
+        By default the prompt is read afresh, so its logits are bit-identical to a new
+        context's whatever was read before: llama.cpp's kernels round differently by batch
+        shape (a remainder decoded alone, or quantised weights repacked in groups of rows), and
+        a reused prefix moved next-token logits by up to a whole logit on SmolLM2 Q4_K_M.
+        `reuse_cache` (a chat continuing its own conversation) keeps the prefix the cache shares
+        with `tokens` and evaluates only the rest.
+        """
         llm = self.llm
-        cached = llm.input_ids[: llm.n_tokens]
         common = 0
-        limit = min(len(cached), len(tokens))
-        while common < limit and cached[common] == tokens[common]:
-            common += 1
-        if common == len(tokens):
-            common -= 1  # the last prompt token must be decoded again to get fresh logits
-        llm.n_tokens = common
+        if reuse_cache:
+            cached = llm.input_ids[: llm.n_tokens]
+            limit = min(len(cached), len(tokens))
+            while common < limit and cached[common] == tokens[common]:
+                common += 1
+            common = min(common, len(tokens) - 1)  # the last prompt token is decoded again for fresh logits
+        llm.n_tokens = common  # eval() drops the cache from here on
         llm.eval(list(tokens[common:]))
+        return common
 
     @contextlib.contextmanager
     def _turn(self) -> Iterator[None]:
@@ -688,6 +698,8 @@ class Model:
         probe: Callable[[np.ndarray], None] | None = None,
         stats: HeadSampler | None = None,
         explain: list[Explained] | None = None,
+        reuse_cache: bool = False,
+        on_prompt: Callable[[int], None] | None = None,
     ) -> Iterator[int]:
         """Yield sampled token ids until an end-of-generation token, `max_tokens` or the context
         end; the generator's return value is the finish reason (``eos``, ``length``, ``context``).
@@ -696,6 +708,8 @@ class Model:
         penalties → top-k → top-p → min-p → temperature → sampling (or greedy). `head` is a
         :class:`Head` or heads in combination (:class:`sali.combine.Combined`). With `explain` a
         list, an :class:`Explained` is appended to it for every token before the token is yielded.
+        The prompt is read afresh unless `reuse_cache` (see :meth:`_prefill`); `on_prompt` is then
+        called with the number of prompt tokens taken from the KV cache.
         """
         if not prompt_tokens:
             raise SaliError("the prompt is empty")
@@ -732,7 +746,9 @@ class Model:
                     chain.add_temp(sampling.temperature)
                     chain.add_dist(sampling.seed)
                 with ctrl_c:
-                    self._prefill(prompt_tokens)
+                    reused = self._prefill(prompt_tokens, reuse_cache)
+                if on_prompt is not None:
+                    on_prompt(reused)
                 if not _CONTRACT["checked"]:
                     with ctrl_c:  # its probe reports any exception, a Ctrl-C included, as a broken contract
                         _check_sampler_contract(self)
@@ -804,6 +820,7 @@ class Model:
         *,
         prefill: Sequence[int] = (),
         explain: bool = False,
+        reuse_cache: bool = False,
     ) -> Stream:
         """Generate from a formatted prompt string (or its token ids), honouring stop strings.
 
@@ -812,20 +829,24 @@ class Model:
         `prefill`: token ids forced after the prompt (the response begins with them; they count
         as prompt tokens, and the completion's text and tokens are what follows). `explain`:
         fill ``completion.explained`` (:class:`Explained` per token; costs extra work per token).
+        `reuse_cache`: keep the prefix the KV cache shares with this prompt (a chat continuing its
+        conversation; ``completion.cached_tokens`` says how many) instead of reading it afresh.
         """
         tokens = (self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)) + list(prefill)
         done = Completion(prompt_tokens=len(tokens), explained=[] if explain else None)
         if prefill:
             done.prefill = self.detokenize(prefill)
-        return Stream(self._pieces(tokens, sampling, head, alpha, cancel, done), done)
+        return Stream(self._pieces(tokens, sampling, head, alpha, cancel, done, reuse_cache), done)
 
-    def _pieces(self, tokens, sampling: Sampling, head, alpha, cancel, done: Completion) -> Iterator[str]:
+    def _pieces(self, tokens, sampling: Sampling, head, alpha, cancel, done: Completion,
+                reuse_cache: bool = False) -> Iterator[str]:
         hook = self.sampler(head, alpha, done.explained is not None)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         holdback = max((len(s) for s in sampling.stop), default=1) - 1
         pending = ""
         start = time.perf_counter()
-        source = self.sample_tokens(tokens, sampling, head, alpha, stats=hook, explain=done.explained)
+        source = self.sample_tokens(tokens, sampling, head, alpha, stats=hook, explain=done.explained,
+                                    reuse_cache=reuse_cache, on_prompt=lambda n: setattr(done, "cached_tokens", n))
         try:
             while True:
                 if cancel is not None and cancel.is_set():

@@ -120,9 +120,12 @@ class Session:
         return ([{"role": "system", "content": self.system}] if self.system else []) + messages
 
     def stream(self, messages: list[dict[str, str]]) -> Stream:
-        """The reply to `messages` (after the system message) as a :class:`Stream`."""
+        """The reply to `messages` (after the system message) as a :class:`Stream`. A first turn
+        is read afresh (so after ``/reset`` the same question gets the same answer); a later turn
+        reuses the KV cache its conversation left."""
         return self.engine.chat(self.full(messages), alpha=self.alpha if self.head_on else 0.0, stream=True,
-                                sampling=self.sampling, prefill=self.prefill, explain=self.explain)
+                                sampling=self.sampling, prefill=self.prefill, explain=self.explain,
+                                reuse_cache=len(messages) > 1)
 
     def describe(self) -> str:
         return self.engine.describe(alpha=self.alpha, head_on=self.head_on)

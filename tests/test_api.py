@@ -54,6 +54,25 @@ def test_stream_yields_the_text_and_its_completion(handle):
         handle.generate(PROMPT, head="nope")
 
 
+def test_only_a_continued_chat_turn_reuses_the_cache(handle):
+    """A call reads its prompt afresh (the same conversation asked again gets the same reply,
+    whatever came between); a chat's later turn reuses what its conversation left in the cache."""
+    from sali.session import Session
+
+    first = [{"role": "user", "content": PROMPT}]
+    one = handle.chat(first, max_tokens=8)
+    assert one.cached_tokens == 0
+    follow = first + [{"role": "assistant", "content": one.text}, {"role": "user", "content": "And then?"}]
+    two = handle.chat(follow, max_tokens=8, reuse_cache=True)
+    assert one.prompt_tokens <= two.cached_tokens < two.prompt_tokens
+    again = handle.chat(first, max_tokens=8)
+    assert again.cached_tokens == 0 and again.tokens == one.tokens
+
+    session = Session(engine=handle, sampling=Sampling(max_tokens=8))
+    assert session.stream(first).finish().cached_tokens == 0
+    assert session.stream(follow).finish().cached_tokens > 0
+
+
 def test_a_second_open_generation_in_one_thread_is_refused_not_deadlocked(handle):
     first = handle.generate(PROMPT, stream=True, max_tokens=8)
     next(first)

@@ -25,6 +25,14 @@ def test_decode_overhead_smoke(tiny):
     assert "ratio head/plain: median" in out and "head call: median" in out
 
 
+def test_prompt_reuse_smoke_finds_the_difference_a_fresh_read_avoids(tiny):
+    out = _run("bench/prompt_reuse.py", "--smoke", "--model", str(tiny.f32))
+    rows = {line[44:59].strip(): line[59:].split() for line in out.splitlines() if line.startswith("tiny-f32.gguf")}
+    assert set(rows) == {"again", "after previous"}
+    differ, runs, largest = int(rows["again"][0]), int(rows["again"][2]), float(rows["again"][3])
+    assert runs == 3 and 0 < differ <= runs and largest > 0  # a last token decoded alone rounds differently
+
+
 def test_extract_speed_smoke(tiny):
     out = _run("bench/extract_speed.py", "--smoke", "--model", str(tiny.hf_dir))
     assert "median speed-up:" in out and "head file, V=" in out

@@ -134,12 +134,33 @@ def test_stop_strings_and_finish_reasons(tiny_model):
     assert cut.text == full.text[: full.text.index(stop)]
 
 
-def test_kv_prefix_reuse_gives_same_result_as_fresh_model(tiny, tiny_model):
-    """Multi-turn chat reuses the evaluated prefix; the result must not depend on history."""
+def test_a_prompt_reads_the_same_whatever_the_context_read_before(tiny, tiny_model):
+    """A prompt is read afresh: its logits are bit-identical to a new context's, right after
+    its own answer (with the cache reused, its last token alone is decoded again, and llama.cpp
+    rounds a one-token batch differently) and after a prompt sharing its beginning."""
+    prompt = prompt_ids(tiny_model, "The cat sat on the warm window")
+    fresh_model = Model(tiny.f32, n_threads=1, n_ctx=512)
+    want = fresh_model.prefill(prompt).copy()
+    fresh_model.close()
+
+    answered = tiny_model.complete(prompt, GREEDY)
+    assert answered.cached_tokens == 0
+    again = tiny_model.complete(prompt, GREEDY)
+    assert again.tokens == answered.tokens and again.cached_tokens == 0
+    np.testing.assert_array_equal(tiny_model.prefill(prompt), want)
+    tiny_model.prefill(prompt_ids(tiny_model, "The cat sat on the cold floor and"))
+    np.testing.assert_array_equal(tiny_model.prefill(prompt), want)
+
+
+def test_a_continued_conversation_reuses_the_cache(tiny, tiny_model):
+    """`reuse_cache` (a chat's later turns) evaluates only what the cache lacks, with the
+    fresh model's answer."""
     first = prompt_ids(tiny_model, "The cat sat on the warm window")
     second = prompt_ids(tiny_model, "The cat sat on the cold floor and")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
     tiny_model.complete(first, GREEDY)
-    warm = tiny_model.complete(second, GREEDY)
+    warm = tiny_model.stream(second, GREEDY, reuse_cache=True).finish()
+    assert warm.cached_tokens == shared > 0
     fresh_model = Model(tiny.f32, n_threads=1, n_ctx=512)
     fresh = fresh_model.complete(second, GREEDY)
     fresh_model.close()
