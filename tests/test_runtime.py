@@ -134,22 +134,40 @@ def test_stop_strings_and_finish_reasons(tiny_model):
     assert cut.text == full.text[: full.text.index(stop)]
 
 
-def test_a_prompt_reads_the_same_whatever_the_context_read_before(tiny, tiny_model):
-    """A prompt is read afresh: its logits are bit-identical to a new context's, right after
-    its own answer (with the cache reused, its last token alone is decoded again, and llama.cpp
-    rounds a one-token batch differently) and after a prompt sharing its beginning."""
-    prompt = prompt_ids(tiny_model, "The cat sat on the warm window")
+@pytest.mark.parametrize("read_chunk", [256, 4])
+def test_a_prompt_reads_the_same_whatever_the_context_read_before(tiny, tiny_model, monkeypatch, read_chunk):
+    """A prompt's logits are bit-identical to a new context's right after its own answer (a
+    cache reused as it stands would decode its last token alone, which llama.cpp rounds
+    differently) and after a prompt sharing its opening; whole read batches of that opening
+    (4 tokens here) are kept, not read again."""
+    monkeypatch.setattr(Model, "read_chunk", read_chunk)
+    prompt = prompt_ids(tiny_model, "The cat sat on the warm window by the door")
+    other = prompt_ids(tiny_model, "The cat sat on the warm window and the cold floor")
+    shared = next(i for i, (a, b) in enumerate(zip(prompt, other)) if a != b)
     fresh_model = Model(tiny.f32, n_threads=1, n_ctx=512)
     want = fresh_model.prefill(prompt).copy()
+    answered = fresh_model.complete(prompt, GREEDY)
+    continued = prompt + answered.tokens[:10]  # e.g. a request holding an earlier reply
+    want_continued = fresh_model.prefill(continued).copy()
     fresh_model.close()
 
-    answered = tiny_model.complete(prompt, GREEDY)
-    assert answered.cached_tokens == 0
+    assert tiny_model.complete(prompt, GREEDY).tokens == answered.tokens
+    # the cache now holds the answer's tokens decoded one at a time: they are read again
+    np.testing.assert_array_equal(tiny_model.prefill(continued), want_continued)
+    tiny_model.complete(prompt, GREEDY)
+    assert tiny_model.stream(continued, GREEDY).finish().cached_tokens == len(prompt) // read_chunk * read_chunk
+    tiny_model.complete(prompt, GREEDY)
     again = tiny_model.complete(prompt, GREEDY)
-    assert again.tokens == answered.tokens and again.cached_tokens == 0
+    assert again.tokens == answered.tokens
+    assert again.cached_tokens == (len(prompt) - 1) // read_chunk * read_chunk
     np.testing.assert_array_equal(tiny_model.prefill(prompt), want)
-    tiny_model.prefill(prompt_ids(tiny_model, "The cat sat on the cold floor and"))
+    tiny_model.complete(other, GREEDY)
+    after_other = tiny_model.complete(prompt, GREEDY)
+    assert after_other.tokens == answered.tokens and after_other.cached_tokens == shared // read_chunk * read_chunk
+    tiny_model.prefill(other)
     np.testing.assert_array_equal(tiny_model.prefill(prompt), want)
+    if read_chunk == 4:
+        assert shared >= 4  # the test reuses something
 
 
 def test_a_continued_conversation_reuses_the_cache(tiny, tiny_model):
