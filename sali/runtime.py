@@ -142,9 +142,10 @@ class Completion:
 
     @property
     def usage(self) -> dict[str, int]:
-        """Token counts as OpenAI reports them."""
+        """Token counts as OpenAI reports them (cached: prompt tokens kept from the KV cache)."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens),
-                "total_tokens": self.prompt_tokens + len(self.tokens)}
+                "total_tokens": self.prompt_tokens + len(self.tokens),
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 @dataclass

@@ -36,7 +36,8 @@ def test_load_names_heads_and_generate_equals_chat(handle):
     assert done.text == same.text and done.tokens == same.tokens
     assert done.finish_reason in ("length", "eos") and done.prompt_tokens > 5
     assert done.usage == {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.tokens),
-                          "total_tokens": done.prompt_tokens + len(done.tokens)}
+                          "total_tokens": done.prompt_tokens + len(done.tokens),
+                          "prompt_tokens_details": {"cached_tokens": 0}}
     assert done.first_token_seconds is not None and 0 < done.first_token_seconds <= done.seconds
     plain = handle.generate(PROMPT, head=None, max_tokens=12)
     assert plain.tokens != done.tokens  # the default head (the first loaded) is on

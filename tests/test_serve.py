@@ -119,6 +119,28 @@ def test_greedy_chat_equals_sali_generate(client, tiny, heads):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
+def test_a_long_shared_system_message_is_read_once_and_never_changes_an_answer(client):
+    """Requests sharing a long opening keep its whole 256-token read batches (reported as
+    OpenAI's cached_tokens), with the answer a fresh read gives."""
+    system = " ".join(["The baker walked to the market and bought bread for the city."] * 12)
+
+    def ask(question: str):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        return client.chat.completions.create(model="tiny-f32+steer", messages=messages, max_tokens=6, temperature=0)
+
+    first = ask(PROMPT)
+    assert 256 < first.usage.prompt_tokens < 500
+    again = ask(PROMPT)
+    assert again.usage.prompt_tokens_details.cached_tokens == 256
+    assert again.choices[0].message.content == first.choices[0].message.content
+    other = ask("A story about the river")
+    assert other.usage.prompt_tokens_details.cached_tokens == 256
+    chat(client, "tiny-f32", max_tokens=2)  # another opening: the cache no longer holds the system message
+    fresh = ask("A story about the river")
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert fresh.choices[0].message.content == other.choices[0].message.content
+
+
 def test_alpha_zero_equals_plain_model_and_the_head_changes_text(client):
     plain = chat(client, "tiny-f32", max_tokens=16, temperature=0).choices[0].message.content
     zero = chat(client, "tiny-f32+steer", max_tokens=16, temperature=0, extra_body={"alpha": 0}).choices[0].message.content
