@@ -936,7 +936,12 @@ class Model:
                     pointer = self._llama_cpp.llama_get_logits_ith(llm._ctx.ctx, i)
                     out[position - first] = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
         # the KV cache now holds this sequence, not what input_ids says: make the next call re-evaluate
-        llm.n_tokens = 0
+        self.forget_cache()
+
+    def forget_cache(self) -> None:
+        """Make the next prompt be read whole, keeping nothing of what the KV cache holds."""
+        self.llm.n_tokens = 0
+        self._whole_batches = 0
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
